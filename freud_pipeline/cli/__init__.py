@@ -1,0 +1,110 @@
+"""The `freud` command: transcribe, list hooks, run the demo pipeline, serve the app, query the feature index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from freud_pipeline.errors import FreudError
+
+
+def _transcribe(args) -> int:
+    import whisper
+
+    from freud_pipeline.audio.decode import load_audio
+    from freud_pipeline.whisper.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    audio = load_audio(args.audio)
+    result = whisper.transcribe(model, audio, fp16=model.device.type == "cuda", language="en" if not model.is_multilingual else None)
+    print(result["text"].strip())
+    return 0
+
+
+def _hooks(args) -> int:
+    from freud_pipeline.whisper.hooks import hook_points
+    from freud_pipeline.whisper.models import load_model
+
+    model = load_model(args.model)
+    points = hook_points(model)
+    if args.json:
+        print(json.dumps({name: list(shape) for name, shape in points.items()}, indent=1))
+    else:
+        print(f"{model.freud_name}: {len(points)} hook points (shape per 30 s window: frames x width)")
+        for name, shape in points.items():
+            print(f"  {name:<28} {shape[0]} x {shape[1]}")
+    return 0
+
+
+def _demo(args) -> int:
+    from freud_pipeline.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def _app(args) -> int:
+    from dash_app import main as app_main
+
+    return app_main(["--host", args.host, "--port", str(args.port)] + (["--data-dir", args.data_dir] if args.data_dir else []))
+
+
+def _stop(args) -> int:
+    from freud_pipeline.cli.services import stop_services
+
+    stop_services()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freud", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("transcribe", help="print Whisper's transcript of an audio file")
+    p.add_argument("audio")
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_transcribe)
+
+    p = sub.add_parser("hooks", help="list hook points and their shapes")
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_hooks)
+
+    p = sub.add_parser("demo", help="materialise the whole pipeline on the embedded data, then serve the UIs")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dagster-port", type=int, default=3000)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--app-port", type=int, default=8050)
+    p.add_argument("--no-serve", action="store_true", help="materialise only")
+    p.add_argument("--small", action="store_true", help="a small subset (quick look, ~2 minutes)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("app", help="serve the Dash app in the foreground")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=_app)
+
+    p = sub.add_parser("stop", help="stop the UIs started by `freud demo`")
+    p.set_defaults(func=_stop)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except FreudError as exc:
+        print(f"freud: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"freud: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dagster layer: thin assets, checks, resources, schedules and sensors over the domain library."""

@@ -1,0 +1,127 @@
+"""Dataset assets: each writes a manifest (and alignments where it can) and returns their locations."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from freud_pipeline.audio import datasets
+from freud_pipeline.defs.resources import FreudStorage
+
+GROUP = "datasets"
+
+
+def _describe(build: datasets.DatasetBuild) -> dict:
+    return {
+        "manifest_path": str(build.manifest_path),
+        "alignments_path": str(build.alignments_path) if build.alignments_path else None,
+    }
+
+
+def _metadata(build: datasets.DatasetBuild) -> dict:
+    manifest = datasets.load_manifest(build.manifest_path)
+    return {
+        "n_clips": build.n_clips,
+        "total_minutes": round(build.total_seconds / 60, 2),
+        "splits": dg.MetadataValue.json(manifest["split"].value_counts().to_dict()),
+        "skipped": dg.MetadataValue.json([{"file": str(f), "reason": r} for f, r in build.skipped][:200]),
+        "n_skipped": len(build.skipped),
+        "manifest": dg.MetadataValue.path(str(build.manifest_path)),
+        "preview": dg.MetadataValue.md(manifest.head(10).to_markdown(index=False) if len(manifest) else "(empty)"),
+    }
+
+
+class AsteriskConfig(dg.Config):
+    limit: int | None = None  # first N speech prompts only (None = all 551)
+    align: bool = True  # forced alignment with pocketsphinx
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, description="Real recorded prompts (Debian asterisk-core-sounds), "
+          "speech only, normalised transcripts, forced word/phone alignments.")
+def asterisk_prompts(context: dg.AssetExecutionContext, config: AsteriskConfig, storage: FreudStorage) -> dict:
+    build = datasets.build_asterisk_prompts(
+        storage.path("datasets", "asterisk_prompts"), limit=config.limit, align=config.align, data_root=storage.root
+    )
+    context.add_output_metadata(_metadata(build))
+    return _describe(build)
+
+
+class FestivalConfig(dg.Config):
+    n_sentences: int = 60
+    seed: int = 0
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, description="Synthetic English speech from Festival with exact "
+          "phone and word timings.")
+def festival_speech(context: dg.AssetExecutionContext, config: FestivalConfig, storage: FreudStorage) -> dict:
+    build = datasets.build_festival_speech(
+        storage.path("datasets", "festival_speech"), n_sentences=config.n_sentences, seed=config.seed,
+        data_root=storage.root,
+    )
+    context.add_output_metadata(_metadata(build))
+    return _describe(build)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, description="The embedded default corpus: Asterisk prompts + "
+          "Festival speech, split deterministically into train/dev/test.")
+def default_corpus(
+    context: dg.AssetExecutionContext, storage: FreudStorage, asterisk_prompts: dict, festival_speech: dict
+) -> dict:
+    build = datasets.combine(
+        [datasets.DatasetBuild.from_paths(**asterisk_prompts), datasets.DatasetBuild.from_paths(**festival_speech)],
+        storage.path("datasets", "default_corpus"), name="default_corpus",
+    )
+    context.add_output_metadata(_metadata(build))
+    return _describe(build)
+
+
+# --- Corpora downloaded from the internet: not part of the default job (they fail fast offline). ---
+
+
+class LibriSpeechConfig(dg.Config):
+    split: str = "test-other"  # any of the seven standard splits
+    download: bool = True
+
+
+@dg.asset(group_name="external_datasets", kinds={"parquet"}, description="LibriSpeech (openslr 12), one split.")
+def librispeech(context: dg.AssetExecutionContext, config: LibriSpeechConfig, storage: FreudStorage) -> dict:
+    build = datasets.build_librispeech(
+        storage.path("datasets", "librispeech"), split=config.split, download=config.download, data_root=storage.root
+    )
+    context.add_output_metadata(_metadata(build))
+    return _describe(build)
+
+
+class DownloadConfig(dg.Config):
+    download: bool = True
+
+
+@dg.asset(group_name="external_datasets", kinds={"parquet"}, description="ESC-50 environmental sounds.")
+def esc50(context: dg.AssetExecutionContext, config: DownloadConfig, storage: FreudStorage) -> dict:
+    build = datasets.build_esc50(storage.path("datasets", "esc50"), download=config.download, data_root=storage.root)
+    context.add_output_metadata(_metadata(build))
+    return _describe(build)
+
+
+class AudioSetConfig(dg.Config):
+    subset: str = "balanced_train"  # or "eval"
+    download: bool = True
+
+
+@dg.asset(group_name="external_datasets", kinds={"parquet"}, description="AudioSet balanced train or eval.")
+def audioset(context: dg.AssetExecutionContext, config: AudioSetConfig, storage: FreudStorage) -> dict:
+    build = datasets.build_audioset(
+        storage.path("datasets", "audioset"), subset=config.subset, download=config.download, data_root=storage.root
+    )
+    context.add_output_metadata(_metadata(build))
+    return _describe(build)
+
+
+class AudioFolderConfig(dg.Config):
+    folder: str  # any local folder; transcripts from sidecar .txt files
+
+
+@dg.asset(group_name="external_datasets", kinds={"parquet"}, description="Any local folder of audio files.")
+def audio_folder(context: dg.AssetExecutionContext, config: AudioFolderConfig, storage: FreudStorage) -> dict:
+    build = datasets.build_audio_folder(config.folder, storage.path("datasets", "audio_folder"), data_root=storage.root)
+    context.add_output_metadata(_metadata(build))
+    return _describe(build)

@@ -1,0 +1,76 @@
+"""Feature index assets: top examples, statistics and labels of MLP neurons and SAE features in LanceDB."""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import dagster as dg
+import pandas as pd
+
+from freud_pipeline.activations import ActivationReader
+from freud_pipeline.audio.datasets import load_manifest
+from freud_pipeline.defs.resources import FreudStorage
+from freud_pipeline.features.build import build_feature_set, sae_latent_clips
+
+GROUP = "features"
+
+
+class NeuronIndexConfig(dg.Config):
+    hook: str = "encoder.blocks.2.mlp.1"
+    top_k: int = 32
+
+
+def _corpus(default_corpus: dict) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    manifest = load_manifest(default_corpus["manifest_path"])
+    alignments = default_corpus.get("alignments_path")
+    return manifest, (pd.read_parquet(alignments) if alignments else None)
+
+
+def _readers(activations: dict) -> list[ActivationReader]:
+    return [ActivationReader(path) for path in activations["splits"].values()]
+
+
+def _summary_metadata(summary: dict) -> dict:
+    return {k: (dg.MetadataValue.json(v) if isinstance(v, (dict, list)) else v) for k, v in summary.items()
+            if isinstance(v, (int, float, str, dict, list))}
+
+
+@dg.asset(group_name=GROUP, kinds={"lancedb"}, pool="lancedb_writer",
+          description="Every MLP neuron's top positive and negative clips, statistics and phone/word labels.")
+def neuron_feature_index(
+    context: dg.AssetExecutionContext, config: NeuronIndexConfig, storage: FreudStorage,
+    activations: dict, default_corpus: dict,
+) -> dict:
+    manifest, alignments = _corpus(default_corpus)
+    readers = _readers(activations)
+    set_id = f"{activations['model']}/{config.hook}"
+    summary = build_feature_set(
+        chain.from_iterable(r.iter_clips(config.hook, dtype="float32") for r in readers),
+        set_id=set_id, model=activations["model"], hook=config.hook, kind="neuron",
+        manifest_df=manifest, alignments_df=alignments, index_uri=storage.index_uri, top_k=config.top_k,
+    )
+    context.add_output_metadata(_summary_metadata(summary))
+    return {"set_id": set_id, "index_uri": storage.index_uri}
+
+
+@dg.asset(group_name=GROUP, kinds={"lancedb"}, pool="lancedb_writer",
+          description="Every SAE feature's top clips, statistics, labels and decoder direction.")
+def sae_feature_index(
+    context: dg.AssetExecutionContext, storage: FreudStorage, activations: dict, default_corpus: dict,
+    topk_sae: dict,
+) -> dict:
+    from freud_pipeline.sae.checkpoint import load_checkpoint
+
+    manifest, alignments = _corpus(default_corpus)
+    sae = load_checkpoint(topk_sae["checkpoint_dir"])
+    readers = _readers(activations)
+    set_id = f"{topk_sae['model']}/{topk_sae['hook']}/sae-{topk_sae['architecture']}-{topk_sae['run_id'][:8]}"
+    clips = chain.from_iterable(r.iter_clips(topk_sae["hook"], dtype="float32") for r in readers)
+    summary = build_feature_set(
+        sae_latent_clips(clips, sae), set_id=set_id, model=topk_sae["model"], hook=topk_sae["hook"], kind="sae",
+        manifest_df=manifest, alignments_df=alignments, index_uri=storage.index_uri,
+        sae_run_id=topk_sae["run_id"], sae_checkpoint=topk_sae["checkpoint_dir"],
+        decoder=sae.W_dec.detach().float().cpu().numpy() if hasattr(sae, "W_dec") else None,
+    )
+    context.add_output_metadata(_summary_metadata(summary))
+    return {"set_id": set_id, "index_uri": storage.index_uri}

@@ -1,0 +1,73 @@
+"""The sparse autoencoder asset: trained on the train split's shards, evaluated on dev, logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+
+from freud_pipeline.activations import ActivationReader
+from freud_pipeline.defs.resources import FreudStorage
+from freud_pipeline.sae.train import TrainConfig, train_sae
+
+EXPERIMENT = "freud-sae"
+
+
+class SaeAssetConfig(dg.Config):
+    architecture: str = "topk"
+    hook: str = "encoder.blocks.2"
+    expansion_factor: int = 8
+    k: int = 32
+    lr: float = 5e-4
+    steps: int = 1500
+    batch_size: int = 1024
+    seed: int = 0
+    device: str = "auto"
+
+
+def ensure_experiment(storage: FreudStorage, name: str = EXPERIMENT) -> str:
+    """Create the experiment with artifacts under the data directory, not the current working directory."""
+    mlflow.set_tracking_uri(storage.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(name, artifact_location=(storage.path("mlartifacts") / name).as_uri())
+
+
+@dg.asset(group_name="sae", kinds={"pytorch", "mlflow"}, pool="model",
+          description="A sparse autoencoder on the residual stream, its run and checkpoint in MLflow.")
+def topk_sae(
+    context: dg.AssetExecutionContext, config: SaeAssetConfig, storage: FreudStorage, activations: dict
+) -> dict:
+    ensure_experiment(storage)
+    train = ActivationReader(activations["splits"]["train"])
+    dev = ActivationReader(activations["splits"]["dev"])
+    cfg = TrainConfig(
+        architecture=config.architecture, hook=config.hook, expansion_factor=config.expansion_factor, k=config.k,
+        lr=config.lr, steps=config.steps, batch_size=config.batch_size, seed=config.seed, device=config.device,
+    )
+    out_dir = storage.path("sae", f"{activations['model']}-{config.hook}-{config.architecture}")
+    result = train_sae(
+        train, cfg, out_dir=out_dir, mlflow_tracking_uri=storage.tracking_uri, experiment=EXPERIMENT,
+        eval_source=dev,
+        tags={
+            "dagster_run_id": context.run_id,
+            "dagster_asset_key": context.asset_key.to_user_string(),
+            "whisper_model": activations["model"],
+            "hook": config.hook,
+            "dataset_version": train.manifest.get("input_fingerprint", ""),
+        },
+    )
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    context.add_output_metadata({
+        "mlflow_run_id": result.run_id,
+        "mlflow_run": dg.MetadataValue.url(f"http://127.0.0.1:5000/#/experiments/"
+                                           f"{mlflow.get_experiment_by_name(EXPERIMENT).experiment_id}/runs/{result.run_id}"),
+        "checkpoint": dg.MetadataValue.path(str(result.checkpoint_dir)),
+        **{f"metric/{k}": v for k, v in metrics.items()},
+    })
+    return {
+        "checkpoint_dir": str(result.checkpoint_dir), "run_id": result.run_id, "hook": config.hook,
+        "model": activations["model"], "architecture": config.architecture, "metrics": metrics,
+    }

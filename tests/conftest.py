@@ -1,0 +1,43 @@
+"""Shared fixtures: one real tiny.en (the offline bundle) per session and a per-session data directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ASTERISK = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+TEST_OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_data_dir(tmp_path_factory) -> Path:
+    """Everything the tests write goes to a temporary data directory, except the converted model cache,
+    which is shared so the offline bundle is converted once per machine."""
+    data = tmp_path_factory.mktemp("freud-data")
+    repo_models = Path(__file__).resolve().parents[1] / "data" / "models"
+    repo_models.mkdir(parents=True, exist_ok=True)
+    os.environ["FREUD_DATA_DIR"] = str(data)
+    os.environ["FREUD_MODEL_DIR"] = str(repo_models)
+    os.environ["FREUD_OFFLINE"] = "1"  # never try the network in tests
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_en():
+    from freud_pipeline.whisper.models import load_model
+
+    return load_model("tiny.en", device="cpu")
+
+
+def asterisk_audio(name: str) -> np.ndarray:
+    """A real recorded Asterisk prompt as 16 kHz float32."""
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "g722", "-i", str(ASTERISK / f"{name}.g722"), "-ar", "16000", "-ac", "1",
+         "-f", "f32le", "-"], check=True, capture_output=True,
+    ).stdout
+    return np.frombuffer(raw, dtype=np.float32).copy()
