@@ -1,17 +1,22 @@
-"""Collect Whisper encoder activations for a dataset manifest into Arrow shards.
+"""Compute Whisper encoder activations for a manifest: into Arrow shards, or streamed without disk.
 
 Audio is decoded in background threads while the encoder runs, windows are batched, the encoder stops after
-the deepest block a hook needs, and only real frames are stored. Re-running with the same spec and input
-does nothing; a killed run resumes where its last complete shard ended.
+the deepest block a hook needs, and only real frames leave this module. Window modes:
+- `padded` (default, faithful): each clip in its own 30 s window padded with silence, as Whisper runs it;
+  clips longer than 30 s run as consecutive windows and keep their frame offsets.
+- `trimmed`: the encoder runs on the clip's own length (positional embedding sliced). Much faster on short
+  clips, but attention no longer sees the padding Whisper was trained with: fidelity is measured, not assumed.
+- `packed`: several short clips share one 30 s window. Also faster; also measured.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -26,6 +31,7 @@ from freud_pipeline.audio.decode import load_audio
 from freud_pipeline.errors import AudioError
 from freud_pipeline.settings import data_dir
 from freud_pipeline.whisper.hooks import (
+    SAMPLES_PER_FRAME,
     WINDOW_FRAMES,
     EncoderCapture,
     hook_width,
@@ -34,27 +40,38 @@ from freud_pipeline.whisper.hooks import (
     split_windows,
 )
 from freud_pipeline.whisper.models import load_model, resolve_device
+from whisper.audio import N_SAMPLES
 
 log = logging.getLogger(__name__)
+
+ClipActivations = tuple[str, np.ndarray, dict[str, np.ndarray]]  # clip_id, frame positions, {hook: [n, width]}
+
+
+@dataclass
+class Segment:
+    """Where one clip's frames sit inside an encoder window."""
+
+    clip_id: str
+    first_frame: int  # position of the clip's first frame within the clip (window index * 1500)
+    window_offset: int  # first encoder position of this piece inside the window
+    n_frames: int
+    last: bool  # the clip's final piece
 
 
 @dataclass
 class Window:
-    clip_id: str
-    index: int  # window number within the clip; frame positions are offset by index * 1500
     mel: torch.Tensor
-    n_frames: int
-    last: bool
+    segments: list[Segment] = field(default_factory=list)
 
 
 def input_fingerprint(manifest: pd.DataFrame) -> str:
     """Changes whenever the clips (ids, files, durations) change."""
     cols = [c for c in ("clip_id", "path", "duration_s") if c in manifest.columns]
-    payload = manifest[cols].to_csv(index=False).encode()
-    return hashlib.sha256(payload).hexdigest()[:16]
+    return hashlib.sha256(manifest[cols].to_csv(index=False).encode()).hexdigest()[:16]
 
 
-def _windows(audio: np.ndarray, clip_id: str, n_mels: int, mode: str) -> list[Window]:
+def clip_windows(audio: np.ndarray, clip_id: str, n_mels: int, mode: str) -> list[Window]:
+    """A clip's own windows (padded or trimmed)."""
     pieces = split_windows(audio)
     windows = []
     for i, piece in enumerate(pieces):
@@ -64,20 +81,110 @@ def _windows(audio: np.ndarray, clip_id: str, n_mels: int, mode: str) -> list[Wi
             mel = torch.nn.functional.pad(mel, (0, 2 * frames - mel.shape[1]))
         else:
             mel = log_mel(piece, n_mels)
-        windows.append(Window(clip_id, i, mel, frames, i == len(pieces) - 1))
+        windows.append(Window(mel, [Segment(clip_id, i * WINDOW_FRAMES, 0, frames, i == len(pieces) - 1)]))
     return windows
+
+
+def packed_windows(clips: Iterable[tuple[str, np.ndarray]], n_mels: int) -> Iterator[Window]:
+    """Pack consecutive short clips into shared 30 s windows, each clip starting on a frame boundary."""
+    pending: list[tuple[str, np.ndarray]] = []
+    used = 0
+
+    def emit() -> Window:
+        audio = np.zeros(N_SAMPLES, dtype=np.float32)
+        window, offset = Window(mel=None), 0
+        for clip_id, clip in pending:
+            audio[offset * SAMPLES_PER_FRAME : offset * SAMPLES_PER_FRAME + len(clip)] = clip
+            frames = n_real_frames(len(clip))
+            window.segments.append(Segment(clip_id, 0, offset, frames, True))
+            offset += frames
+        window.mel = log_mel(audio, n_mels)
+        return window
+
+    for clip_id, audio in clips:
+        frames = n_real_frames(len(audio))
+        if len(audio) > N_SAMPLES:  # long clips are not packable: their own padded windows
+            yield from clip_windows(audio, clip_id, n_mels, "padded")
+            continue
+        if used + frames > WINDOW_FRAMES:
+            yield emit()
+            pending, used = [], 0
+        pending.append((clip_id, audio))
+        used += frames
+    if pending:
+        yield emit()
 
 
 def _batches(windows: Iterable[Window], batch_size: int, mode: str) -> Iterator[list[Window]]:
     batch: list[Window] = []
     for window in windows:
-        # Trimmed windows only batch with windows of the same length (no padding re-enters the encoder).
-        if batch and (len(batch) == batch_size or (mode == "trimmed" and batch[0].n_frames != window.n_frames)):
+        # Trimmed windows batch only with windows of the same length: no padding may re-enter the encoder.
+        if batch and (len(batch) == batch_size or (mode == "trimmed" and batch[0].mel.shape != window.mel.shape)):
             yield batch
             batch = []
         batch.append(window)
     if batch:
         yield batch
+
+
+def iter_clip_activations(
+    rows: pd.DataFrame,
+    capture: EncoderCapture,
+    *,
+    window_mode: str = "padded",
+    batch_size: int = 8,
+    data_root: Path | None = None,
+    decode_workers: int = 2,
+    skipped: list | None = None,
+) -> Iterator[ClipActivations]:
+    """(clip_id, frames, {hook: float32 [frames, width]}) per clip, in manifest order; bad audio is skipped."""
+    data_root = Path(data_root or data_dir())
+    n_mels = capture.model.dims.n_mels
+    skipped = skipped if skipped is not None else []
+
+    def decode(row) -> tuple[str, np.ndarray | None]:
+        try:
+            return row.clip_id, load_audio(data_root / row.path)
+        except (AudioError, FileNotFoundError) as exc:
+            skipped.append({"clip_id": row.clip_id, "reason": str(exc)})
+            return row.clip_id, None
+
+    def decoded() -> Iterator[tuple[str, np.ndarray]]:
+        with ThreadPoolExecutor(decode_workers) as pool:
+            # map() keeps order and runs ahead of the encoder, so decoding overlaps compute.
+            for clip_id, audio in pool.map(decode, rows.itertuples(index=False)):
+                if audio is not None:
+                    yield clip_id, audio
+
+    if window_mode == "packed":
+        windows = packed_windows(decoded(), n_mels)
+    else:
+        windows = (w for clip_id, audio in decoded() for w in clip_windows(audio, clip_id, n_mels, window_mode))
+
+    param = next(capture.model.parameters())
+    pending: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
+    for batch in _batches(windows, batch_size, window_mode):
+        mels = torch.stack([w.mel for w in batch]).to(param.device, param.dtype)
+        captured = {h: t.float().cpu().numpy() for h, t in capture.capture(mels).items()}
+        for i, window in enumerate(batch):
+            for seg in window.segments:
+                span = slice(seg.window_offset, seg.window_offset + seg.n_frames)
+                frames = np.arange(seg.n_frames, dtype=np.int32) + seg.first_frame
+                pending.setdefault(seg.clip_id, []).append((frames, {h: a[i, span] for h, a in captured.items()}))
+                if seg.last:
+                    parts = pending.pop(seg.clip_id)
+                    yield (
+                        seg.clip_id,
+                        np.concatenate([f for f, _ in parts]),
+                        {h: np.concatenate([a[h] for _, a in parts]) for h in capture.hooks},
+                    )
+
+
+def prepare_capture(model: str, hooks: list[str], device: str = "auto") -> EncoderCapture:
+    whisper_model = load_model(model, device=resolve_device(device))
+    if whisper_model.device.type == "cuda":
+        whisper_model = whisper_model.half()  # fp16 on CUDA; CPU stays fp32
+    return EncoderCapture(whisper_model, hooks)
 
 
 def collect_activations(
@@ -97,19 +204,13 @@ def collect_activations(
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
     """Write activations of `hooks` for the manifest's clips; returns the shard manifest (with skipped clips)."""
-    if window_mode == "packed":
-        raise NotImplementedError("packed window mode is not available yet; use 'padded' or 'trimmed'")
-    data_root = Path(data_root or data_dir())
     rows = manifest.head(collect_max) if collect_max else manifest
-    whisper_model = load_model(model, device=resolve_device(device))
-    if whisper_model.device.type == "cuda":
-        whisper_model = whisper_model.half()
-    capture = EncoderCapture(whisper_model, hooks)
+    capture = prepare_capture(model, hooks, device)
     spec = ShardSpec(
-        model=whisper_model.freud_name,
-        model_sha256=whisper_model.freud_checkpoint.sha256,
+        model=capture.model.freud_name,
+        model_sha256=capture.model.freud_checkpoint.sha256,
         hooks=tuple(capture.hooks),
-        widths=tuple(hook_width(whisper_model, h) for h in capture.hooks),
+        widths=tuple(hook_width(capture.model, h) for h in capture.hooks),
         dtype=dtype,
         window_mode=window_mode,
         source="whisper",
@@ -117,59 +218,27 @@ def collect_activations(
     fingerprint = input_fingerprint(rows)
     if is_complete(out_dir, spec, fingerprint):
         log.info("activations in %s are up to date: nothing to do", out_dir)
-        import json
-
         return json.loads((Path(out_dir) / MANIFEST).read_text()) | {"reused": True}
 
     writer = ShardWriter(out_dir, spec, frames_per_shard=frames_per_shard, input_fingerprint=fingerprint)
     todo = rows[~rows["clip_id"].isin(writer.done)]
     skipped: list[dict] = []
-    n_mels = whisper_model.dims.n_mels
-
-    def decode(row) -> list[Window]:
-        try:
-            audio = load_audio(data_root / row.path)
-        except (AudioError, FileNotFoundError) as exc:
-            skipped.append({"clip_id": row.clip_id, "reason": str(exc)})
-            return []
-        return _windows(audio, row.clip_id, n_mels, window_mode)
-
-    def all_windows() -> Iterator[Window]:
-        with ThreadPoolExecutor(decode_workers) as pool:
-            # map() keeps order and runs ahead of the encoder: decoding overlaps compute.
-            for windows in pool.map(decode, todo.itertuples(index=False)):
-                yield from windows
-
-    pending: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
-    started, audio_seconds, clips_done = time.perf_counter(), 0.0, 0
+    started, audio_seconds, done = time.perf_counter(), 0.0, 0
     bar = tqdm(total=len(todo), unit="clip", desc=f"collect {Path(out_dir).name}", mininterval=2.0)
-    param = next(whisper_model.parameters())
-    for batch in _batches(all_windows(), batch_size, window_mode):
-        mels = torch.stack([w.mel for w in batch]).to(param.device, param.dtype)
-        captured = capture.capture(mels)
-        for i, window in enumerate(batch):
-            frames = np.arange(window.n_frames, dtype=np.int32) + window.index * WINDOW_FRAMES
-            acts = {h: captured[h][i, : window.n_frames].float().cpu().numpy() for h in capture.hooks}
-            pending.setdefault(window.clip_id, []).append((frames, acts))
-            if window.last:
-                parts = pending.pop(window.clip_id)
-                writer.add(
-                    window.clip_id,
-                    np.concatenate([f for f, _ in parts]),
-                    {h: np.concatenate([a[h] for _, a in parts]) for h in capture.hooks},
-                )
-                clips_done += 1
-                audio_seconds += sum(len(f) for f, _ in parts) * 0.02
-                bar.update(1)
-                if on_progress:
-                    on_progress(clips_done, len(todo), audio_seconds / max(time.perf_counter() - started, 1e-9))
+    clips = iter_clip_activations(todo, capture, window_mode=window_mode, batch_size=batch_size,
+                                  data_root=data_root, decode_workers=decode_workers, skipped=skipped)
+    for clip_id, frames, acts in clips:
+        writer.add(clip_id, frames, acts)
+        done += 1
+        audio_seconds += len(frames) * 0.02
+        bar.update(1)
+        if on_progress:
+            on_progress(done, len(todo), audio_seconds / max(time.perf_counter() - started, 1e-9))
     bar.close()
     elapsed = time.perf_counter() - started
-    return writer.close(
-        extra_metadata={
-            "skipped": skipped,
-            "elapsed_s": round(elapsed, 2),
-            "audio_seconds_per_s": round(audio_seconds / max(elapsed, 1e-9), 2),
-            "reused": False,
-        }
-    )
+    return writer.close(extra_metadata={
+        "skipped": skipped,
+        "elapsed_s": round(elapsed, 2),
+        "audio_seconds_per_s": round(audio_seconds / max(elapsed, 1e-9), 2),
+        "reused": False,
+    })
