@@ -200,7 +200,7 @@ def collect_activations(
     collect_max: int | None = None,
     data_root: Path | None = None,
     decode_workers: int = 2,
-    frames_per_shard: int = 50_000,
+    frames_per_shard: int = 20_000,
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
     """Write activations of `hooks` for the manifest's clips; returns the shard manifest (with skipped clips)."""

@@ -38,7 +38,7 @@ class ShardWriter:
     shards continue the numbering. A different spec (other model, hooks, dtype, mode or input) starts afresh.
     """
 
-    def __init__(self, directory: Path, spec: ShardSpec, frames_per_shard: int = 50_000, input_fingerprint: str = ""):
+    def __init__(self, directory: Path, spec: ShardSpec, frames_per_shard: int = 20_000, input_fingerprint: str = ""):
         self.directory = Path(directory)
         self.spec = spec
         self.schema = spec.schema()
@@ -76,6 +76,9 @@ class ShardWriter:
             acts = activations[hook]
             if acts.shape != (len(frames), width):
                 raise ValueError(f"{clip_id}: {hook} has shape {acts.shape}, expected ({len(frames)}, {width})")
+        # Held in the stored dtype: the buffer (one shard) is the writer's whole memory footprint.
+        np_dtype = np.dtype(self.spec.dtype)
+        activations = {h: activations[h].astype(np_dtype, copy=False) for h in self.spec.hooks}
         self._buffer.append((clip_id, frames, activations))
         self._buffered_frames += len(frames)
         if self._buffered_frames >= self.frames_per_shard:
