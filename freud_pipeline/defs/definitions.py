@@ -8,16 +8,21 @@ from freud_pipeline import settings
 from freud_pipeline.defs import activations, datasets, features, sae
 from freud_pipeline.defs.resources import FreudStorage
 
-DEFAULT_ASSETS = [
-    datasets.asterisk_prompts, datasets.festival_speech, datasets.default_corpus,
-    activations.activations, sae.topk_sae, features.neuron_feature_index, features.sae_feature_index,
-]
+CORPUS_ASSETS = [datasets.asterisk_prompts, datasets.festival_speech, datasets.default_corpus]
+ACTIVATION_ASSETS = [activations.activations]
+INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, features.sae_feature_index]
+DEFAULT_ASSETS = CORPUS_ASSETS + ACTIVATION_ASSETS + INDEX_ASSETS
 EXTERNAL_ASSETS = [datasets.librispeech, datasets.esc50, datasets.audioset, datasets.audio_folder]
 
-demo_job = dg.define_asset_job(
-    "demo_job", selection=dg.AssetSelection.assets(*DEFAULT_ASSETS),
-    description="The whole default graph on the embedded data: corpus -> activations -> SAE -> feature index.",
-)
+# Partitioned and unpartitioned assets cannot share a job, so the default graph runs as three stages.
+corpus_job = dg.define_asset_job("corpus_job", selection=dg.AssetSelection.assets(*CORPUS_ASSETS),
+                                 description="Build the embedded default corpus (manifests and alignments).")
+activations_job = dg.define_asset_job("activations_job", selection=dg.AssetSelection.assets(*ACTIVATION_ASSETS),
+                                      partitions_def=activations.split_partitions,
+                                      description="Collect activations of one split (a partition).")
+index_job = dg.define_asset_job("index_job", selection=dg.AssetSelection.assets(*INDEX_ASSETS),
+                                description="Train the SAE and build the feature index.")
+STAGES = [(corpus_job, None), (activations_job, activations.SPLITS), (index_job, None)]
 
 
 def resources() -> dict:
@@ -32,4 +37,25 @@ def resources() -> dict:
     }
 
 
-defs = dg.Definitions(assets=DEFAULT_ASSETS + EXTERNAL_ASSETS, jobs=[demo_job], resources=resources())
+defs = dg.Definitions(
+    assets=DEFAULT_ASSETS + EXTERNAL_ASSETS,
+    jobs=[corpus_job, activations_job, index_job],
+    resources=resources(),
+)
+
+
+def materialize_default(run_config: dict | None = None, instance: dg.DagsterInstance | None = None,
+                        definitions: dg.Definitions = defs) -> list[dg.ExecuteInProcessResult]:
+    """Materialise the whole default graph, stage by stage (every split of the activations)."""
+    run_config = run_config or {}
+    results = []
+    for job, partitions in STAGES:
+        job_def = definitions.get_job_def(job.name)
+        ops = {k: v for k, v in run_config.get("ops", {}).items() if job_def.graph.has_node_named(k)}
+        for partition in partitions or [None]:
+            result = job_def.execute_in_process(run_config={"ops": ops}, instance=instance, partition_key=partition,
+                                                raise_on_error=False)
+            results.append(result)
+            if not result.success:
+                return results
+    return results

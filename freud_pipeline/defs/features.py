@@ -9,6 +9,7 @@ import pandas as pd
 
 from freud_pipeline.activations import ActivationReader
 from freud_pipeline.audio.datasets import load_manifest
+from freud_pipeline.defs.activations import split_dirs
 from freud_pipeline.defs.resources import FreudStorage
 from freud_pipeline.features.build import build_feature_set, sae_latent_clips
 
@@ -27,7 +28,7 @@ def _corpus(default_corpus: dict) -> tuple[pd.DataFrame, pd.DataFrame | None]:
 
 
 def _readers(activations: dict) -> list[ActivationReader]:
-    return [ActivationReader(path) for path in activations["splits"].values()]
+    return [ActivationReader(path) for path in split_dirs(activations).values()]
 
 
 def _summary_metadata(summary: dict) -> dict:
@@ -43,10 +44,11 @@ def neuron_feature_index(
 ) -> dict:
     manifest, alignments = _corpus(default_corpus)
     readers = _readers(activations)
-    set_id = f"{activations['model']}/{config.hook}"
+    model = next(iter(activations.values()))["model"]
+    set_id = f"{model}/{config.hook}"
     summary = build_feature_set(
         chain.from_iterable(r.iter_clips(config.hook, dtype="float32") for r in readers),
-        set_id=set_id, model=activations["model"], hook=config.hook, kind="neuron",
+        set_id=set_id, model=model, hook=config.hook, kind="neuron",
         manifest_df=manifest, alignments_df=alignments, index_uri=storage.index_uri, top_k=config.top_k,
     )
     context.add_output_metadata(_summary_metadata(summary))

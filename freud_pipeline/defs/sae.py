@@ -8,6 +8,7 @@ import dagster as dg
 import mlflow
 
 from freud_pipeline.activations import ActivationReader
+from freud_pipeline.defs.activations import split_dirs
 from freud_pipeline.defs.resources import FreudStorage
 from freud_pipeline.sae.train import TrainConfig, train_sae
 
@@ -41,20 +42,21 @@ def topk_sae(
     context: dg.AssetExecutionContext, config: SaeAssetConfig, storage: FreudStorage, activations: dict
 ) -> dict:
     ensure_experiment(storage)
-    train = ActivationReader(activations["splits"]["train"])
-    dev = ActivationReader(activations["splits"]["dev"])
+    dirs = split_dirs(activations)
+    model = activations["train"]["model"]
+    train, dev = ActivationReader(dirs["train"]), ActivationReader(dirs["dev"])
     cfg = TrainConfig(
         architecture=config.architecture, hook=config.hook, expansion_factor=config.expansion_factor, k=config.k,
         lr=config.lr, steps=config.steps, batch_size=config.batch_size, seed=config.seed, device=config.device,
     )
-    out_dir = storage.path("sae", f"{activations['model']}-{config.hook}-{config.architecture}")
+    out_dir = storage.path("sae", f"{model}-{config.hook}-{config.architecture}")
     result = train_sae(
         train, cfg, out_dir=out_dir, mlflow_tracking_uri=storage.tracking_uri, experiment=EXPERIMENT,
         eval_source=dev,
         tags={
             "dagster_run_id": context.run_id,
             "dagster_asset_key": context.asset_key.to_user_string(),
-            "whisper_model": activations["model"],
+            "whisper_model": model,
             "hook": config.hook,
             "dataset_version": train.manifest.get("input_fingerprint", ""),
         },
@@ -69,5 +71,5 @@ def topk_sae(
     })
     return {
         "checkpoint_dir": str(result.checkpoint_dir), "run_id": result.run_id, "hook": config.hook,
-        "model": activations["model"], "architecture": config.architecture, "metrics": metrics,
+        "model": model, "architecture": config.architecture, "metrics": metrics,
     }
