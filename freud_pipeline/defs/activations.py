@@ -1,6 +1,5 @@
 """Activation shards of the default corpus: one partition (and one shard directory) per split."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,6 +1,5 @@
 """Dataset assets: each writes a manifest (and alignments where it can) and returns their locations."""
 
-from __future__ import annotations
 
 import dagster as dg
 

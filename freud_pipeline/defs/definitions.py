@@ -1,6 +1,5 @@
 """The Dagster code location: every asset, resource and job of the FREUD pipeline."""
 
-from __future__ import annotations
 
 import dagster as dg
 

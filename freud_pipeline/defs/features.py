@@ -1,6 +1,5 @@
 """Feature index assets: top examples, statistics and labels of MLP neurons and SAE features in LanceDB."""
 
-from __future__ import annotations
 
 from itertools import chain
 

@@ -1,6 +1,5 @@
 """Where assets read and write. Paths come from configuration or the environment, never from source edits."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

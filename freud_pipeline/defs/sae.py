@@ -1,6 +1,5 @@
 """The sparse autoencoder asset: trained on the train split's shards, evaluated on dev, logged to MLflow."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

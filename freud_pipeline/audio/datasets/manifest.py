@@ -51,6 +51,18 @@ class DatasetBuild:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out of the manifest
     unaligned: list[tuple[str, str]] = field(default_factory=list)  # (clip_id, reason): in the manifest, no alignment
 
+    @classmethod
+    def from_paths(cls, manifest_path: str | Path, alignments_path: str | Path | None = None, name: str | None = None):
+        """Describe an existing build from its files (skip reasons are not stored, so `skipped` is empty)."""
+        manifest = load_manifest(manifest_path)
+        return cls(
+            name=name or Path(manifest_path).parent.name,
+            manifest_path=Path(manifest_path),
+            alignments_path=Path(alignments_path) if alignments_path else None,
+            n_clips=len(manifest),
+            total_seconds=float(manifest["duration_s"].sum()),
+        )
+
 
 def assign_split(key: str) -> str:
     """Deterministic ~80/10/10 train/dev/test split from a stable hash of `key` (a clip id, or a group id)."""
