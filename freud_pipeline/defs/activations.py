@@ -1,14 +1,11 @@
-"""Activation shards of the default corpus: one partition (and one shard directory) per split."""
-
+"""Activation shard assets, one per dataset, partitioned by split: each partition is one shard directory."""
 
 import dagster as dg
 
 from freud_pipeline.activations.collect import collect_activations
 from freud_pipeline.audio.datasets import load_manifest
+from freud_pipeline.defs.partitions import SPLITS, audioset_partitions, librispeech_partitions, split_partitions
 from freud_pipeline.defs.resources import FreudStorage
-
-SPLITS = ("train", "dev", "test")
-split_partitions = dg.StaticPartitionsDefinition(list(SPLITS))
 
 
 class ActivationsConfig(dg.Config):
@@ -18,24 +15,22 @@ class ActivationsConfig(dg.Config):
     window_mode: str = "padded"  # faithful: each clip in its own padded 30 s window, as Whisper runs it
     batch_size: int = 8
     device: str = "auto"
-    collect_max: int | None = None  # first N clips of the split only
+    collect_max: int | None = None  # first N clips of the partition only (the original's collect_max)
 
 
-@dg.asset(group_name="activations", kinds={"arrow", "pytorch"}, pool="model", partitions_def=split_partitions,
-          description="Whisper encoder activations (real frames only) of one split as Arrow IPC shards.")
-def activations(
-    context: dg.AssetExecutionContext, config: ActivationsConfig, storage: FreudStorage, default_corpus: dict
-) -> dict:
-    split = context.partition_key
-    manifest = load_manifest(default_corpus["manifest_path"])
-    rows = manifest[manifest["split"] == split]
-    directory = storage.path("activations", config.model, "default_corpus", split)
+def collect_partition(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: FreudStorage,
+                      dataset: str, manifest_path: str, split_column_filter: bool) -> dict:
+    """Collect one partition. `split_column_filter`: the dataset is unpartitioned, keep rows of this split."""
+    partition = context.partition_key
+    manifest = load_manifest(manifest_path)
+    rows = manifest[manifest["split"] == partition] if split_column_filter else manifest
+    directory = storage.path("activations", config.model.replace("/", "_"), dataset, partition)
     result = collect_activations(
         rows, directory, model=config.model, hooks=config.hooks, dtype=config.dtype,
         window_mode=config.window_mode, batch_size=config.batch_size, device=config.device,
         collect_max=config.collect_max, data_root=storage.root,
         on_progress=lambda done, total, speed: (done % 25 == 0 or done == total)
-        and context.log.info(f"{split}: {done}/{total} clips, {speed:.1f} audio-s/s"),
+        and context.log.info(f"{dataset}/{partition}: {done}/{total} clips, {speed:.1f} audio-s/s"),
     )
     context.add_output_metadata({
         "n_clips": result["n_clips"],
@@ -43,6 +38,7 @@ def activations(
         "mb": round(result["bytes"] / 1e6, 2),
         "audio_seconds_per_s": result.get("audio_seconds_per_s", 0.0),
         "reused": result.get("reused", False),
+        "n_skipped": len(result.get("skipped", [])),
         "skipped": dg.MetadataValue.json(result.get("skipped", [])[:100]),
         "model": config.model,
         "hooks": dg.MetadataValue.json(list(config.hooks)),
@@ -50,7 +46,33 @@ def activations(
         "window_mode": config.window_mode,
         "directory": dg.MetadataValue.path(str(directory)),
     })
-    return {"split": split, "directory": str(directory), "model": config.model, "hooks": list(config.hooks)}
+    return {"dataset": dataset, "split": partition, "directory": str(directory), "model": config.model,
+            "hooks": list(config.hooks)}
+
+
+def activations_asset(name: str, dataset: str, partitions: dg.PartitionsDefinition, same_partitions: bool):
+    """An activations asset over `dataset`; `same_partitions` when the dataset asset is partitioned alike."""
+
+    @dg.asset(name=name, group_name="activations", kinds={"arrow", "pytorch"}, pool="model",
+              partitions_def=partitions, ins={"dataset": dg.AssetIn(dataset)},
+              description=f"Whisper encoder activations (real frames only) of {dataset}, one split per partition, "
+                          "as Arrow IPC shards.")
+    def _asset(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: FreudStorage,
+               dataset: dict) -> dict:
+        return collect_partition(context, config, storage, dataset_name, dataset["manifest_path"],
+                                 split_column_filter=not same_partitions)
+
+    dataset_name = dataset
+
+    return _asset
+
+
+activations = activations_asset("activations", "default_corpus", split_partitions, same_partitions=False)
+librispeech_activations = activations_asset("librispeech_activations", "librispeech", librispeech_partitions, True)
+audioset_activations = activations_asset("audioset_activations", "audioset", audioset_partitions, True)
+esc50_activations = activations_asset("esc50_activations", "esc50", split_partitions, False)
+audio_folder_activations = activations_asset("audio_folder_activations", "audio_folder", split_partitions, False)
+EXTERNAL_ACTIVATIONS = [librispeech_activations, audioset_activations, esc50_activations, audio_folder_activations]
 
 
 def split_dirs(activations: dict) -> dict[str, str]:

@@ -4,6 +4,7 @@
 import dagster as dg
 
 from freud_pipeline.audio import datasets
+from freud_pipeline.defs.partitions import audioset_partitions, librispeech_partitions
 from freud_pipeline.defs.resources import FreudStorage
 
 GROUP = "datasets"
@@ -76,40 +77,38 @@ def default_corpus(
 # --- Corpora downloaded from the internet: not part of the default job (they fail fast offline). ---
 
 
-class LibriSpeechConfig(dg.Config):
-    split: str = "test-other"  # any of the seven standard splits
-    download: bool = True
+class DownloadConfig(dg.Config):
+    download: bool = True  # False: only index a tree already extracted under data/corpora/<name>
+    limit: int | None = None  # first N clips only
 
 
-@dg.asset(group_name="external_datasets", kinds={"parquet"}, description="LibriSpeech (openslr 12), one split.")
-def librispeech(context: dg.AssetExecutionContext, config: LibriSpeechConfig, storage: FreudStorage) -> dict:
+@dg.asset(group_name="external_datasets", kinds={"parquet"}, partitions_def=librispeech_partitions,
+          description="LibriSpeech (openslr 12): one partition per standard split; downloaded, resumable, verified.")
+def librispeech(context: dg.AssetExecutionContext, config: DownloadConfig, storage: FreudStorage) -> dict:
+    split = context.partition_key
     build = datasets.build_librispeech(
-        storage.path("datasets", "librispeech"), split=config.split, download=config.download, data_root=storage.root
+        storage.path("datasets", "librispeech", split), split=split, download=config.download, limit=config.limit,
+        data_root=storage.root,
     )
     context.add_output_metadata(_metadata(build))
     return _describe(build)
 
 
-class DownloadConfig(dg.Config):
-    download: bool = True
-
-
 @dg.asset(group_name="external_datasets", kinds={"parquet"}, description="ESC-50 environmental sounds.")
 def esc50(context: dg.AssetExecutionContext, config: DownloadConfig, storage: FreudStorage) -> dict:
-    build = datasets.build_esc50(storage.path("datasets", "esc50"), download=config.download, data_root=storage.root)
+    build = datasets.build_esc50(storage.path("datasets", "esc50"), download=config.download, limit=config.limit,
+                                 data_root=storage.root)
     context.add_output_metadata(_metadata(build))
     return _describe(build)
 
 
-class AudioSetConfig(dg.Config):
-    subset: str = "balanced_train"  # or "eval"
-    download: bool = True
-
-
-@dg.asset(group_name="external_datasets", kinds={"parquet"}, description="AudioSet balanced train or eval.")
-def audioset(context: dg.AssetExecutionContext, config: AudioSetConfig, storage: FreudStorage) -> dict:
+@dg.asset(group_name="external_datasets", kinds={"parquet"}, partitions_def=audioset_partitions,
+          description="AudioSet balanced train or eval (a partition each), as the original used.")
+def audioset(context: dg.AssetExecutionContext, config: DownloadConfig, storage: FreudStorage) -> dict:
+    subset = context.partition_key
     build = datasets.build_audioset(
-        storage.path("datasets", "audioset"), subset=config.subset, download=config.download, data_root=storage.root
+        storage.path("datasets", "audioset", subset), subset=subset, download=config.download, limit=config.limit,
+        data_root=storage.root,
     )
     context.add_output_metadata(_metadata(build))
     return _describe(build)

@@ -5,23 +5,25 @@ import dagster as dg
 
 from freud_pipeline import settings
 from freud_pipeline.defs import activations, datasets, features, sae
+from freud_pipeline.defs.partitions import SPLITS, split_partitions
 from freud_pipeline.defs.resources import FreudStorage
 
 CORPUS_ASSETS = [datasets.asterisk_prompts, datasets.festival_speech, datasets.default_corpus]
 ACTIVATION_ASSETS = [activations.activations]
 INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, features.sae_feature_index]
 DEFAULT_ASSETS = CORPUS_ASSETS + ACTIVATION_ASSETS + INDEX_ASSETS
-EXTERNAL_ASSETS = [datasets.librispeech, datasets.esc50, datasets.audioset, datasets.audio_folder]
+EXTERNAL_ASSETS = [datasets.librispeech, datasets.esc50, datasets.audioset, datasets.audio_folder,
+                   *activations.EXTERNAL_ACTIVATIONS]
 
 # Partitioned and unpartitioned assets cannot share a job, so the default graph runs as three stages.
 corpus_job = dg.define_asset_job("corpus_job", selection=dg.AssetSelection.assets(*CORPUS_ASSETS),
                                  description="Build the embedded default corpus (manifests and alignments).")
 activations_job = dg.define_asset_job("activations_job", selection=dg.AssetSelection.assets(*ACTIVATION_ASSETS),
-                                      partitions_def=activations.split_partitions,
+                                      partitions_def=split_partitions,
                                       description="Collect activations of one split (a partition).")
 index_job = dg.define_asset_job("index_job", selection=dg.AssetSelection.assets(*INDEX_ASSETS),
                                 description="Train the SAE and build the feature index.")
-STAGES = [(corpus_job, None), (activations_job, activations.SPLITS), (index_job, None)]
+STAGES = [(corpus_job, None), (activations_job, SPLITS), (index_job, None)]
 
 
 def resources() -> dict:
