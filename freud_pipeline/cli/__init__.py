@@ -44,6 +44,22 @@ def _demo(args) -> int:
     return run_demo(args)
 
 
+def _collect(args) -> int:
+    import dagster as dg
+
+    from freud_pipeline.cli.services import dagster_home
+    from freud_pipeline.defs.definitions import defs
+    from freud_pipeline.defs.runner import load_run_file, materialize_asset
+
+    run = load_run_file(args.config)
+    dagster_home()
+    with dg.DagsterInstance.get() as instance:
+        result = materialize_asset(defs, run["asset"], run.get("partition"), run.get("config"), instance)
+    print(f"{run['asset']}{'/' + run['partition'] if run.get('partition') else ''}: "
+          f"{'materialised' if result.success else 'FAILED'} (run {result.run_id})")
+    return 0 if result.success else 1
+
+
 def _app(args) -> int:
     from dash_app import main as app_main
 
@@ -81,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="materialise only")
     p.add_argument("--small", action="store_true", help="a small subset (quick look, ~2 minutes)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("collect", help="materialise an asset from a config file (configs/features/*.yaml)")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=_collect)
 
     p = sub.add_parser("app", help="serve the Dash app in the foreground")
     p.add_argument("--host", default="127.0.0.1")

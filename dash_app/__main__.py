@@ -1,0 +1,3 @@
+from dash_app import main
+
+raise SystemExit(main())

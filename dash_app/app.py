@@ -1,0 +1,126 @@
+"""The FREUD feature browser: a multi-page Dash app over a FeatureIndex.
+
+Pages (dcc.Location routing, top nav): `/search` (feature search; the URL holds its state) and `/upload`
+(upload or record a clip and see its top features). `/audio/<clip_id>` serves a manifest clip's audio as WAV,
+looked up by id only (404 for unknown ids); no file path ever appears in a URL.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import dash
+from dash import Input, Output, State, dcc, html
+from flask import abort, request, send_file
+
+from dash_app.data import ClipNotFound, IndexAccess, IndexUnavailable
+from dash_app.pages import search, upload
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+NAV = (("/search", "Feature search"), ("/upload", "Upload audio"))
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _nav() -> html.Nav:
+    return html.Nav(
+        [
+            dcc.Link([html.Span("FREUD", className="brand-name"),
+                      html.Span(" feature browser", className="brand-sub")], href="/", className="brand"),
+            html.Div([dcc.Link(text, href=href, className="nav-link", id=f"nav-{href.strip('/')}")
+                      for href, text in NAV], className="nav-links"),
+        ],
+        className="topnav",
+    )
+
+
+def _not_found(pathname: str) -> html.Div:
+    return html.Div(
+        [html.H2("Page not found"),
+         html.P([f"No page at {pathname}. Go to ", dcc.Link("feature search", href="/search"), " or ",
+                 dcc.Link("upload audio", href="/upload"), "."])],
+        id="not-found-page",
+    )
+
+
+def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, max_upload_mb: float = 50,
+               max_upload_seconds: float = 60.0, title: str = "FREUD") -> dash.Dash:
+    """Build the app. `index` is a FeatureIndex (or anything with its query API); None opens the one under
+    `data_dir` (or the configured FREUD data directory) lazily, so the app starts before the pipeline has run."""
+    access = IndexAccess(index, data_dir)
+    app = dash.Dash(
+        __name__,
+        title=title,
+        assets_folder=str(ASSETS),
+        suppress_callback_exceptions=True,
+        update_title=None,
+    )
+    # Bound the request body: uploads travel base64-encoded (4/3) inside a JSON callback request.
+    app.server.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024 * 4 / 3) + 4 * 1024 * 1024
+    app.freud_access = access  # for tests and extensions
+
+    app.layout = html.Div(
+        [
+            dcc.Location(id="url", refresh=False),
+            _nav(),
+            html.Main(id="page-content", className="page"),
+            dcc.Interval(id="playhead-interval", interval=100),
+            dcc.Store(id="playhead-sink"),
+        ],
+        className="app",
+    )
+
+    @app.callback(Output("page-content", "children"), Input("url", "pathname"), State("url", "search"))
+    def route(pathname, search_string):
+        path = (pathname or "/").rstrip("/") or "/"
+        if path in ("/", search.PATH):
+            return search.layout(access, search_string)
+        if path == upload.PATH:
+            return upload.layout(access, max_upload_mb, max_upload_seconds, search_string)
+        return _not_found(pathname)
+
+    @app.callback(
+        Output("nav-search", "className"),
+        Output("nav-upload", "className"),
+        Input("url", "pathname"),
+    )
+    def highlight_nav(pathname):
+        path = (pathname or "/").rstrip("/") or "/"
+        return ("nav-link active" if path in ("/", "/search") else "nav-link",
+                "nav-link active" if path == "/upload" else "nav-link")
+
+    search.register(app, access)
+    upload.register(app, access, max_upload_mb=max_upload_mb, max_upload_seconds=max_upload_seconds)
+
+    # Playheads: read each player's currentTime and move its figure's line (no server round trip).
+    app.clientside_callback(
+        "function(n) { return window.freud ? window.freud.playheads(n) : window.dash_clientside.no_update; }",
+        Output("playhead-sink", "data"),
+        Input("playhead-interval", "n_intervals"),
+    )
+
+    _register_audio_route(app, access)
+    return app
+
+
+def _register_audio_route(app: dash.Dash, access: IndexAccess) -> None:
+    @app.server.route("/audio/<path:clip_id>")
+    def clip_audio(clip_id: str):
+        """A manifest clip's audio as 16-bit WAV, by id only; ?download=1 makes it an attachment."""
+        try:
+            data = access.clip_wav(clip_id)
+        except (ClipNotFound, IndexUnavailable):
+            abort(404)
+        except FileNotFoundError:
+            abort(404)
+        download = request.args.get("download") in ("1", "true", "yes")
+        name = (_SAFE_NAME.sub("_", clip_id).strip("._") or "clip") + ".wav"
+        response = send_file(io.BytesIO(data), mimetype="audio/wav", as_attachment=download, download_name=name,
+                             conditional=True, max_age=3600)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response

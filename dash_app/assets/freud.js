@@ -1,0 +1,136 @@
+/* FREUD feature browser: browser-side helpers (no server round trips).
+ *
+ * - playheads(): called by a clientside callback on an interval. For every <audio class="freud-audio"
+ *   data-graph="ID" data-readout="ID">, moves shape 0 (the playhead line) of the Plotly figure in #ID to the
+ *   player's currentTime, and writes "time / duration · activation under the playhead" into the readout.
+ *   A click on a figure seeks its player.
+ * - record(n): start/stop a MediaRecorder recording; the webm is put (base64 data URL) into the dcc.Store
+ *   "record-data" with dash_clientside.set_props, where a server callback decodes it with ffmpeg.
+ * - upload size check: the file input of #upload-wrap is checked against data-max-bytes before dcc.Upload
+ *   reads it, so a file over the limit gets a message next to the control instead of silence.
+ */
+(function () {
+    "use strict";
+    var FRAME_SECONDS = 0.02;
+    var recorder = null;
+    var chunks = [];
+
+    function plotOf(graphId) {
+        var el = document.getElementById(graphId);
+        if (!el) { return null; }
+        var gd = el.classList.contains("js-plotly-plot") ? el : el.querySelector(".js-plotly-plot");
+        return gd && gd._fullLayout ? gd : null;
+    }
+
+    function traceValueAt(gd, t) {
+        // The activation line is the first scatter trace on the secondary y axis.
+        var data = gd.data || [];
+        for (var i = 0; i < data.length; i++) {
+            var d = data[i];
+            if (d.type === "scatter" && d.yaxis === "y2" && d.mode === "lines" && d.y && d.y.length) {
+                var j = Math.min(d.y.length - 1, Math.max(0, Math.floor(t / FRAME_SECONDS)));
+                return {name: d.name || "activation", value: Number(d.y[j])};
+            }
+        }
+        return null;
+    }
+
+    function attachSeek(gd, audio) {
+        if (gd.__freudSeek === audio) { return; }
+        gd.__freudSeek = audio;
+        if (typeof gd.on !== "function") { return; }
+        gd.on("plotly_click", function (ev) {
+            var player = gd.__freudSeek;
+            if (!player || !ev || !ev.points || !ev.points.length) { return; }
+            var x = Number(ev.points[0].x);
+            if (isFinite(x)) {
+                try { player.currentTime = Math.max(0, x); } catch (e) { /* not seekable yet */ }
+            }
+        });
+    }
+
+    function playheads() {
+        var players = document.querySelectorAll("audio.freud-audio[data-graph]");
+        for (var i = 0; i < players.length; i++) {
+            var audio = players[i];
+            var gd = plotOf(audio.getAttribute("data-graph"));
+            if (!gd) { continue; }
+            attachSeek(gd, audio);
+            var t = audio.currentTime || 0;
+            if (gd.__freudT !== t && window.Plotly && gd.layout && gd.layout.shapes && gd.layout.shapes.length) {
+                gd.__freudT = t;
+                window.Plotly.relayout(gd, {"shapes[0].x0": t, "shapes[0].x1": t});
+            }
+            var readout = document.getElementById(audio.getAttribute("data-readout"));
+            if (readout) {
+                var duration = isFinite(audio.duration) ? audio.duration : null;
+                var hit = traceValueAt(gd, t);
+                var text = t.toFixed(2) + (duration !== null ? " / " + duration.toFixed(2) : "") + " s";
+                if (hit) { text += " · " + hit.name + " " + hit.value.toFixed(3); }
+                if (readout.textContent !== text) { readout.textContent = text; }
+            }
+        }
+        return window.dash_clientside.no_update;
+    }
+
+    function setRecordData(dataUrl, mime) {
+        window.dash_clientside.set_props("record-data", {
+            data: {contents: dataUrl, filename: "recording." + (mime.indexOf("ogg") >= 0 ? "ogg" : "webm"),
+                   recorded_at: Date.now()}
+        });
+    }
+
+    function record(n) {
+        var idle = ["● Record", ""];
+        if (recorder && recorder.state === "recording") {
+            recorder.stop();
+            return ["● Record", "Processing the recording…"];
+        }
+        if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || typeof MediaRecorder === "undefined") {
+            return ["● Record", "Recording needs a browser with MediaRecorder and a secure page (https or localhost)."];
+        }
+        return navigator.mediaDevices.getUserMedia({audio: true}).then(function (stream) {
+            var mime = ["audio/webm;codecs=opus", "audio/webm", "audio/ogg;codecs=opus"].find(function (m) {
+                return MediaRecorder.isTypeSupported(m);
+            }) || "";
+            recorder = mime ? new MediaRecorder(stream, {mimeType: mime}) : new MediaRecorder(stream);
+            chunks = [];
+            recorder.ondataavailable = function (ev) { if (ev.data && ev.data.size) { chunks.push(ev.data); } };
+            recorder.onstop = function () {
+                stream.getTracks().forEach(function (track) { track.stop(); });
+                var type = recorder.mimeType || mime || "audio/webm";
+                var blob = new Blob(chunks, {type: type});
+                var reader = new FileReader();
+                reader.onload = function () { setRecordData(reader.result, type); };
+                reader.readAsDataURL(blob);
+            };
+            recorder.start();
+            return ["■ Stop", "Recording… press Stop to analyse it."];
+        }).catch(function (err) {
+            return [idle[0], "The microphone cannot be used: " + (err && err.message ? err.message : err)];
+        });
+    }
+
+    // Reject over-size files with a message (dcc.Upload's max_size alone drops them silently).
+    function checkUploadSize(ev) {
+        var target = ev.target;
+        var wrap = target && target.closest ? target.closest("#upload-wrap") : null;
+        if (!wrap) { return; }
+        var files = (ev.dataTransfer && ev.dataTransfer.files) || target.files;
+        var limit = Number(wrap.getAttribute("data-max-bytes"));
+        if (!files || !files.length || !limit) { return; }
+        var file = files[0];
+        if (file.size > limit) {
+            var mb = (file.size / 1048576).toFixed(1);
+            window.dash_clientside.set_props("upload-error", {
+                children: file.name + " is " + mb + " MB; the limit is " + wrap.getAttribute("data-max-mb") + " MB."
+            });
+        } else {
+            window.dash_clientside.set_props("upload-error", {children: ""});
+        }
+    }
+    document.addEventListener("change", checkUploadSize, true);
+    document.addEventListener("drop", checkUploadSize, true);
+
+    window.freud = {playheads: playheads, record: record};
+})();

@@ -1,0 +1,197 @@
+"""Small layout pieces shared by the pages."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dash import dcc, html
+
+from dash_app.data import EMPTY_INDEX_HINT, audio_url, search_href
+
+
+def notice(text: Any, kind: str = "info", **kwargs) -> html.Div:
+    return html.Div(text, className=f"notice notice-{kind}", **kwargs)
+
+
+def empty_index_notice(message: str | None = None) -> html.Div:
+    return notice(
+        [html.Strong("No features to show. "), html.Span(message or EMPTY_INDEX_HINT)],
+        "warning",
+        id="empty-index-notice",
+    )
+
+
+def no_sae_notice() -> html.Div:
+    return notice(
+        "Only neuron sets (raw Whisper activations) are indexed: no sparse-autoencoder set yet. "
+        "Train an SAE and index its latents to add one.",
+        "info",
+        id="no-sae-notice",
+    )
+
+
+def field_error(id_: str) -> html.Div:
+    return html.Div(id=id_, className="field-error", role="alert")
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _scalars(d: dict, skip: set[str]) -> list[tuple[str, Any]]:
+    out = []
+    for key, value in d.items():
+        if key in skip or value is None:
+            continue
+        if isinstance(value, (int, float, str, bool)):
+            out.append((key, value))
+        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy scalar
+            out.append((key, value.item()))
+    return out
+
+
+_CARD_SKIP = {"set_id", "index", "label", "labels", "label_score", "label_scores", "scores", "density", "stats",
+              "trace", "histogram", "examples", "key", "build_id", "label_kind", "label_precision", "label_recall",
+              "label_f1", "word_label", "word_precision", "quantiles", "quantile_levels", "hist_counts", "hist_edges",
+              "kind"}
+
+
+def _num(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, similar: list) -> html.Div:
+    """Label and its scores, density, stats, similar features (links)."""
+    label = feature.get("label")
+    score_bits = []
+    for key, name in (("label_precision", "precision"), ("label_recall", "recall"), ("label_f1", "F1")):
+        if _num(feature.get(key)) is not None:
+            score_bits.append(f"{name} {_num(feature.get(key)):.2f}")
+    for key in ("label_score", "label_scores", "scores"):
+        value = feature.get(key)
+        if isinstance(value, dict):
+            score_bits += [f"{k} {fmt(v)}" for k, v in value.items() if isinstance(v, (int, float))]
+        elif isinstance(value, (int, float)):
+            score_bits.append(f"{key.replace('_', ' ')} {fmt(value)}")
+    labels = feature.get("labels")
+    stats = dict(feature.get("stats") or {}) if isinstance(feature.get("stats"), dict) else {}
+    rows = [(k, v) for k, v in _scalars(feature, _CARD_SKIP) + _scalars(stats, set())
+            if not (isinstance(v, float) and math.isnan(v))]
+    quantiles = stats.get("quantiles", feature.get("quantiles"))
+    if isinstance(quantiles, (list, tuple)):
+        levels = feature.get("quantile_levels") or (0.5, 0.9, 0.99)
+        quantiles = dict(zip(levels, quantiles)) if len(levels) == len(quantiles) else {}
+    if isinstance(quantiles, dict):
+        rows += [(f"frame quantile {float(q):g}", _num(v)) for q, v in quantiles.items() if _num(v) is not None]
+    density = feature.get("density", stats.get("density"))
+    head = [
+        html.H3([f"Feature {index}", html.Span(f" · {set_label}", className="muted")], className="card-title"),
+        html.Div(
+            [html.Span("label: ", className="muted"),
+             html.Strong(str(label) if label else "none yet", id="feature-label"),
+             html.Span(f"  ({', '.join(score_bits)})" if score_bits else "", className="muted")],
+            className="card-line",
+        ),
+    ]
+    if feature.get("label_kind") and label:
+        head[-1].children.insert(1, html.Span(f"{feature['label_kind']} ", className="muted"))
+    word = feature.get("word_label")
+    if word:
+        precision = _num(feature.get("word_precision"))
+        head.append(html.Div([html.Span("word: ", className="muted"), html.Strong(str(word)),
+                              html.Span(f"  (precision {precision:.2f})" if precision is not None else "",
+                                        className="muted")], className="card-line"))
+    if isinstance(labels, list) and labels:
+        head.append(html.Div([html.Span("other labels: ", className="muted"),
+                              ", ".join(_label_text(x) for x in labels[:8])], className="card-line"))
+    if density is not None:
+        head.append(html.Div([html.Span("density: ", className="muted"),
+                              html.Strong(_density_text(density))], className="card-line"))
+    table = html.Table(
+        [html.Tbody([html.Tr([html.Th(k.replace("_", " ")), html.Td(fmt(v))]) for k, v in rows if k != "density"])],
+        className="stats-table",
+    )
+    links = []
+    for item in similar or []:
+        j, sim, lab = _similar_item(item)
+        if j is None:
+            continue
+        text = f"{j}" + (f" ({sim:.2f})" if sim is not None else "") + (f" {lab}" if lab else "")
+        links.append(dcc.Link(text, href=search_href(set_id, j), className="chip", id=f"similar-{j}"))
+    similar_block = html.Div(
+        [html.Span("similar features: ", className="muted"), *(links or [html.Span("none", className="muted")])],
+        className="card-line similar", id="similar-features",
+    )
+    return html.Div([*head, table, similar_block], className="card feature-card", id="feature-card")
+
+
+def _label_text(x: Any) -> str:
+    if isinstance(x, dict):
+        name = x.get("label") or x.get("name") or "?"
+        score = next((x[k] for k in ("score", "f1", "precision", "auc") if isinstance(x.get(k), (int, float))), None)
+        return f"{name} ({score:.2f})" if score is not None else str(name)
+    return str(x)
+
+
+def _density_text(density: Any) -> str:
+    try:
+        d = float(density)
+    except (TypeError, ValueError):
+        return str(density)
+    return f"{d:.3%} of frames" if d <= 1 else fmt(d)
+
+
+def _similar_item(item: Any) -> tuple[int | None, float | None, str | None]:
+    if isinstance(item, (int,)) or (hasattr(item, "item") and not isinstance(item, dict)):
+        return int(item), None, None
+    if isinstance(item, (tuple, list)) and item:
+        return int(item[0]), (float(item[1]) if len(item) > 1 else None), None
+    if isinstance(item, dict):
+        j = next((item[k] for k in ("index", "feature", "feature_index") if item.get(k) is not None), None)
+        sim = next((item[k] for k in ("similarity", "cosine", "score") if item.get(k) is not None), None)
+        return (int(j) if j is not None else None), (float(sim) if sim is not None else None), item.get("label")
+    return None, None, None
+
+
+def transcript_view(text: str | None, words: list[dict] | None = None, peak_time_s: float | None = None,
+                    window_s: float = 0.06) -> html.Div:
+    """The transcript; with word alignments, the words under the peak are highlighted."""
+    if words and peak_time_s is not None:
+        spans = []
+        for w in words:
+            start, end = float(w.get("start_s", 0)), float(w.get("end_s", 0))
+            hit = start - window_s <= peak_time_s <= end + window_s
+            spans += [html.Mark(w.get("label", "")) if hit else html.Span(w.get("label", "")), " "]
+        return html.Div(spans, className="transcript")
+    return html.Div(text or "(no transcript)", className="transcript" + ("" if text else " muted"))
+
+
+def audio_player(src: str, graph_id: str, readout_id: str, *, player_id: str | None = None) -> html.Audio:
+    """An HTML5 player tied to a clip figure: assets/freud.js draws its playhead and fills the readout."""
+    return html.Audio(
+        src=src,
+        controls=True,
+        preload="metadata",
+        id=player_id or f"{graph_id}-audio",
+        className="freud-audio",
+        **{"data-graph": graph_id, "data-readout": readout_id},
+    )
+
+
+def download_link(clip_id: str) -> html.A:
+    return html.A("download WAV", href=audio_url(clip_id, download=True), className="download", download="")

@@ -1,0 +1,366 @@
+"""The app's only data access: a FeatureIndex (freud_pipeline.features query API) plus clip audio by id.
+
+Everything the pages show comes through `IndexAccess`, which
+- opens the index lazily (so the app starts, and says what to do, before the pipeline has run),
+- turns the index's answers into the few plain shapes the pages use,
+- decodes a clip's audio from the manifest (index.clip(clip_id)) and caches its log-mel and WAV bytes.
+No file path ever comes from a request: audio is looked up by clip id only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import wave
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, quote, urlencode
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+MEL_HOP_SECONDS = 0.01  # Whisper's log-mel: 100 frames per second
+FRAME_SECONDS = 0.02  # one encoder position (activation trace value) = 20 ms
+MAX_RESULTS = 200
+DEFAULT_RESULTS = 20
+DEFAULT_TOP_FEATURES = 32
+
+EMPTY_INDEX_HINT = (
+    "The feature index is empty. Run `make demo`, or materialise the pipeline's feature assets in Dagster first, "
+    "then reload this page."
+)
+
+
+class IndexUnavailable(RuntimeError):
+    """The feature index cannot be opened (not built yet, or the features package is missing)."""
+
+
+class ClipNotFound(KeyError):
+    """No clip with this id in the manifest."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# URL state of the search page
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchState:
+    """What /search?set=...&index=...&n=20&min=&max=&abs=0 holds. Values are raw (strings) until validated."""
+
+    set_id: str | None = None
+    index: str | None = None
+    n: str | None = None
+    min: str | None = None
+    max: str | None = None
+    absolute: bool = False
+    negative: bool = False
+
+    @classmethod
+    def from_search(cls, search: str | None) -> "SearchState":
+        params = parse_qs((search or "").lstrip("?"), keep_blank_values=True)
+
+        def one(key: str) -> str | None:
+            values = params.get(key)
+            value = values[-1].strip() if values else None
+            return value or None
+
+        return cls(
+            set_id=one("set"),
+            index=one("index"),
+            n=one("n"),
+            min=one("min"),
+            max=one("max"),
+            absolute=(one("abs") or "0").lower() in ("1", "true", "yes", "on"),
+            negative=(one("neg") or "0").lower() in ("1", "true", "yes", "on"),
+        )
+
+    def to_search(self) -> str:
+        params: list[tuple[str, str]] = []
+        if self.set_id is not None:
+            params.append(("set", str(self.set_id)))
+        if self.index not in (None, ""):
+            params.append(("index", str(self.index)))
+        params.append(("n", str(self.n or DEFAULT_RESULTS)))
+        if self.min not in (None, ""):
+            params.append(("min", str(self.min)))
+        if self.max not in (None, ""):
+            params.append(("max", str(self.max)))
+        params.append(("abs", "1" if self.absolute else "0"))
+        if self.negative:
+            params.append(("neg", "1"))
+        return "?" + urlencode(params, quote_via=quote)
+
+
+def search_href(set_id: str, index: int, **extra: Any) -> str:
+    state = SearchState(set_id=set_id, index=str(index), n=str(extra.get("n") or DEFAULT_RESULTS))
+    return "/search" + state.to_search()
+
+
+@dataclass
+class Validated:
+    """A search request checked against the index; `errors` maps a control name to its message."""
+
+    set_info: dict | None = None
+    index: int | None = None
+    n: int = DEFAULT_RESULTS
+    min_value: float | None = None
+    max_value: float | None = None
+    absolute: bool = False
+    negative: bool = False
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_float(text: Any) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not finite")
+    return value
+
+
+def validate_search(state: SearchState, sets: list[dict]) -> Validated:
+    out = Validated(absolute=state.absolute, negative=state.negative)
+    by_id = {str(s["set_id"]): s for s in sets}
+    if state.set_id is None:
+        out.set_info = default_set(sets)
+    elif str(state.set_id) in by_id:
+        out.set_info = by_id[str(state.set_id)]
+    else:
+        out.errors["set"] = f"Unknown feature set {state.set_id!r}; choose one from the list."
+    n_features = int(out.set_info["n_features"]) if out.set_info else None
+
+    if state.index not in (None, ""):
+        try:
+            value = float(state.index)
+            if not value.is_integer():
+                raise ValueError
+            out.index = int(value)
+        except (TypeError, ValueError):
+            out.errors["index"] = f"Feature index must be a whole number, not {state.index!r}."
+        else:
+            if n_features is not None and not 0 <= out.index < n_features:
+                out.errors["index"] = f"Feature index {out.index} is out of range: this set has features 0 to {n_features - 1}."
+                out.index = None
+    if state.n not in (None, ""):
+        try:
+            value = float(state.n)
+            if not value.is_integer() or not 1 <= value <= MAX_RESULTS:
+                raise ValueError
+            out.n = int(value)
+        except (TypeError, ValueError):
+            out.errors["n"] = f"Max results must be a whole number from 1 to {MAX_RESULTS}, not {state.n!r}."
+    for key in ("min", "max"):
+        raw = getattr(state, key)
+        if raw in (None, ""):
+            continue
+        try:
+            setattr(out, f"{key}_value", _parse_float(raw))
+        except (TypeError, ValueError):
+            out.errors[key] = f"{'Min' if key == 'min' else 'Max'} activation must be a number, not {raw!r}."
+    if state.absolute and state.negative:
+        out.errors["abs"] = "Choose one ranking: absolute value, or most negative."
+    elif state.negative and out.set_info is not None and out.set_info.get("kind") == "sae":
+        out.errors["abs"] = "SAE latents are never negative: there are no most-negative clips to show."
+    if out.min_value is not None and out.max_value is not None and out.min_value > out.max_value:
+        out.errors["min"] = f"Min activation ({out.min_value:g}) is above max activation ({out.max_value:g})."
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feature sets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def default_set(sets: list[dict]) -> dict | None:
+    """The set a bare /search opens: the newest SAE set if any, else the first neuron set."""
+    if not sets:
+        return None
+    saes = [s for s in sets if s.get("kind") == "sae"]
+    if saes:
+        return max(saes, key=lambda s: str(s.get("created_at") or ""))
+    return sets[0]
+
+
+def set_label(s: dict) -> str:
+    kind = s.get("kind")
+    n = s.get("n_features")
+    what = f"SAE, {n} latents" if kind == "sae" else f"neurons, {n}"
+    run = s.get("sae_run_id")
+    if kind == "sae" and run:
+        what += f", run {str(run)[:8]}"
+    return f"{s.get('model', '?')} · {s.get('hook', '?')} · {what}"
+
+
+def set_options(sets: list[dict]) -> list[dict]:
+    return [{"label": set_label(s), "value": str(s["set_id"])} for s in sets]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Audio helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def wav_bytes(audio: np.ndarray, sr: int = SAMPLE_RATE) -> bytes:
+    """16-bit PCM mono WAV in memory (every browser plays it)."""
+    pcm = (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sr)
+        out.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def clip_log_mel(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
+    """Whisper's log-mel [n_mels, frames] of a clip, cropped to its real length (100 frames/s).
+
+    Clips up to 30 s are padded like Whisper runs them (so values match what the model saw), then cropped.
+    """
+    from freud_pipeline.whisper.hooks import log_mel
+
+    n_samples = len(audio)
+    mel = log_mel(audio, n_mels, pad=n_samples <= 30 * SAMPLE_RATE)
+    frames = max(1, min(mel.shape[-1], math.ceil(n_samples / (MEL_HOP_SECONDS * SAMPLE_RATE))))
+    return mel[:, :frames].cpu().numpy().astype(np.float32)
+
+
+class _LRU:
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key, make: Callable[[], Any]):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+
+@dataclass
+class ClipAudio:
+    clip_id: str
+    audio: np.ndarray
+    mel: np.ndarray  # [n_mels, frames] at 100 frames/s
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Access to the index
+# --------------------------------------------------------------------------------------------------------------
+
+
+class IndexAccess:
+    """Lazily opened FeatureIndex plus clip audio caches. Thread-safe enough for Flask's threaded server."""
+
+    def __init__(self, index: Any | None = None, data_dir: str | Path | None = None, n_mels: int = 80):
+        self._index = index
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
+        self.n_mels = n_mels
+        self._lock = threading.Lock()
+        self._clips = _LRU(128)
+        self._wavs = _LRU(64)
+
+    # -- the index ------------------------------------------------------------------------------------------
+    @property
+    def index(self):
+        with self._lock:
+            if self._index is None:
+                self._index = self._open()
+            return self._index
+
+    def _open(self):
+        try:
+            from freud_pipeline.features import FeatureIndex
+        except ImportError as exc:  # the features package is not installed/built yet
+            raise IndexUnavailable(f"The features package cannot be imported ({exc}). {EMPTY_INDEX_HINT}") from exc
+        uri = None
+        if self.data_dir is not None:
+            uri = str(self.data_dir / "lancedb")
+        try:
+            return FeatureIndex(uri) if uri else FeatureIndex()
+        except Exception as exc:  # noqa: BLE001 - anything here means "not built yet" to the user
+            raise IndexUnavailable(f"The feature index cannot be opened ({exc}). {EMPTY_INDEX_HINT}") from exc
+
+    def sets(self) -> list[dict]:
+        try:
+            sets = list(self.index.sets())
+        except IndexUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise IndexUnavailable(f"The feature index cannot be read ({exc}). {EMPTY_INDEX_HINT}") from exc
+        for s in sets:
+            s["set_id"] = str(s["set_id"])
+        return sets
+
+    def status(self) -> tuple[list[dict], str | None]:
+        """(sets, message): message says why there is nothing to show, or None."""
+        try:
+            sets = self.sets()
+        except IndexUnavailable as exc:
+            return [], str(exc)
+        if not sets:
+            return [], EMPTY_INDEX_HINT
+        return sets, None
+
+    # -- clips ----------------------------------------------------------------------------------------------
+    def clip_row(self, clip_id: str) -> dict:
+        try:
+            row = self.index.clip(clip_id)
+        except (KeyError, LookupError, ValueError) as exc:
+            raise ClipNotFound(clip_id) from exc
+        if not row:
+            raise ClipNotFound(clip_id)
+        return dict(row)
+
+    def clip_path(self, row: dict) -> Path:
+        """The clip's audio file: the manifest `path` (relative to the data directory this app was given), else
+        the index's resolved `audio_path`."""
+        raw = row.get("path")
+        if raw and not Path(raw).is_absolute() and self.data_dir is not None:
+            return self.data_dir / raw
+        for key in ("audio_path", "abs_path", "absolute_path", "path"):
+            value = row.get(key)
+            if value:
+                path = Path(value)
+                if not path.is_absolute():
+                    from freud_pipeline.settings import data_dir
+
+                    path = data_dir() / path
+                return path
+        raise ClipNotFound(row.get("clip_id", "?"))
+
+    def clip_audio(self, clip_id: str) -> ClipAudio:
+        def make() -> ClipAudio:
+            from freud_pipeline.audio.decode import load_audio
+
+            path = self.clip_path(self.clip_row(clip_id))
+            if not path.is_file():
+                raise ClipNotFound(clip_id)
+            audio = load_audio(path, max_seconds=None)
+            return ClipAudio(clip_id, audio, clip_log_mel(audio, self.n_mels))
+
+        return self._clips.get_or_make(clip_id, make)
+
+    def clip_wav(self, clip_id: str) -> bytes:
+        return self._wavs.get_or_make(clip_id, lambda: wav_bytes(self.clip_audio(clip_id).audio))
+
+
+def audio_url(clip_id: str, download: bool = False) -> str:
+    return f"/audio/{quote(str(clip_id), safe='')}" + ("?download=1" if download else "")

@@ -1,0 +1,445 @@
+"""Feature search: /search?set=...&index=...&n=20&min=&max=&abs=0 (the URL holds the whole state)."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
+
+from dash_app.components import (
+    audio_player,
+    download_link,
+    empty_index_notice,
+    feature_card,
+    field_error,
+    fmt,
+    no_sae_notice,
+    notice,
+    transcript_view,
+)
+from dash_app.data import (
+    DEFAULT_RESULTS,
+    search_href,
+    MAX_RESULTS,
+    ClipNotFound,
+    IndexAccess,
+    IndexUnavailable,
+    SearchState,
+    audio_url,
+    set_label,
+    set_options,
+    validate_search,
+)
+from dash_app.figures import clip_figure, histogram_figure
+from dash_app.pages.upload import clip_href
+
+log = logging.getLogger(__name__)
+
+PATH = "/search"
+
+
+def is_search_path(pathname: str | None) -> bool:
+    return ((pathname or "/").rstrip("/") or "/") in ("/", PATH)
+CONTROLS = ("set", "index", "n", "min", "max", "abs")
+
+
+def layout(access: IndexAccess, search: str | None) -> html.Div:
+    sets, message = access.status()
+    if message:
+        return html.Div([html.H2("Feature search"), empty_index_notice(message)], id="search-page-empty")
+    state = SearchState.from_search(search)
+    checked = validate_search(state, sets)
+    chosen = checked.set_info or sets[0]
+    notes = [] if any(s.get("kind") == "sae" for s in sets) else [no_sae_notice()]
+    controls = html.Div(
+        [
+            html.Div(
+                [
+                    html.Label("Feature set", htmlFor="search-set"),
+                    dcc.Dropdown(id="search-set", options=set_options(sets), value=str(chosen["set_id"]),
+                                 clearable=False, className="set-dropdown"),
+                    field_error("search-set-error"),
+                ],
+                className="control control-wide",
+            ),
+            html.Div(
+                [
+                    html.Label("Feature index", htmlFor="search-index"),
+                    dcc.Input(id="search-index", type="text", inputMode="numeric", value=state.index or "",
+                              placeholder=f"0 to {int(chosen['n_features']) - 1}", debounce=False, autoComplete="off"),
+                    field_error("search-index-error"),
+                ],
+                className="control control-index",
+            ),
+            html.Div(
+                [
+                    html.Label("Max results", htmlFor="search-n"),
+                    dcc.Input(id="search-n", type="text", inputMode="numeric", value=state.n or str(DEFAULT_RESULTS),
+                              autoComplete="off"),
+                    field_error("search-n-error"),
+                ],
+                className="control control-narrow",
+            ),
+            html.Div(
+                [
+                    html.Label("Min activation", htmlFor="search-min"),
+                    dcc.Input(id="search-min", type="text", inputMode="decimal", value=state.min or "",
+                              placeholder="none", autoComplete="off"),
+                    field_error("search-min-error"),
+                ],
+                className="control control-narrow",
+            ),
+            html.Div(
+                [
+                    html.Label("Max activation", htmlFor="search-max"),
+                    dcc.Input(id="search-max", type="text", inputMode="decimal", value=state.max or "",
+                              placeholder="none", autoComplete="off"),
+                    field_error("search-max-error"),
+                ],
+                className="control control-narrow",
+            ),
+            html.Div(className="controls-break"),
+            html.Div(
+                [
+                    dcc.Checklist(id="search-abs",
+                                  options=[{"label": " Use absolute value", "value": "abs"},
+                                           {"label": " Most negative clips", "value": "neg"}],
+                                  value=(["abs"] if state.absolute else []) + (["neg"] if state.negative else []),
+                                  className="abs-check", inline=True),
+                    html.Div("Filters and ranking use each clip's peak (of |a| with absolute value; its minimum "
+                             "for most negative).", className="hint"),
+                    field_error("search-abs-error"),
+                ],
+                className="control control-auto",
+            ),
+            html.Div(
+                [
+                    html.Button("Search", id="search-go", n_clicks=0, className="primary"),
+                    html.Button("Random feature", id="search-random", n_clicks=0, className="secondary"),
+                ],
+                className="control control-buttons",
+            ),
+        ],
+        className="controls",
+    )
+    by_label = html.Details(
+        [
+            html.Summary("Find features by label (e.g. a phone: sh, m, aa)"),
+            html.Div(
+                [
+                    dcc.Input(id="label-query", type="text", placeholder="label", debounce=False, autoComplete="off"),
+                    html.Button("Find", id="label-go", n_clicks=0, className="secondary"),
+                    html.Div(id="label-results", className="label-results"),
+                ],
+                className="label-row",
+            ),
+        ],
+        className="by-label",
+    )
+    return html.Div(
+        [
+            html.H2("Feature search"),
+            *notes,
+            controls,
+            by_label,
+            dcc.Loading(
+                html.Div(
+                    [html.Div(id="search-summary"), html.Div(id="search-results")],
+                    id="search-output",
+                ),
+                type="default",
+                delay_show=150,
+            ),
+        ],
+        id="search-page",
+    )
+
+
+def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | None,
+                 value_range: tuple[float, float] | None, set_id: str, value_name: str = "peak") -> html.Div:
+    clip_id = str(ex["clip_id"])
+    graph_id, readout_id = f"clip-graph-{i}", f"clip-readout-{i}"
+    trace = ex.get("trace") or []
+    peak_value = ex.get("value")
+    peak_time = ex.get("peak_time_s")
+    lo = min(trace) if len(trace) else None
+    hi = max(trace) if len(trace) else None
+    header = html.Div(
+        [
+            html.Span(f"#{ex.get('rank', i + 1)}", className="rank"),
+            html.Span(clip_id, className="clip-id"),
+            html.Span([f"{value_name} ", html.Strong(fmt(float(peak_value)) if peak_value is not None else "–"),
+                       f" at {float(peak_time):.2f} s" if peak_time is not None else ""], className="peak"),
+            html.Span(f"trace max {fmt(float(hi))} · min {fmt(float(lo))}" if hi is not None else "", className="muted"),
+        ],
+        className="result-header",
+    )
+    words = None
+    try:
+        clip = access.clip_audio(clip_id)
+        row = access.clip_row(clip_id)
+        words = row.get("words") if isinstance(row.get("words"), list) else None
+        # the peak of |a| for absolute searches; value is the signed peak the index reports
+        # frames, for long clips whose stored trace is a window around the peak
+        offset = int(ex.get("trace_offset_frame", ex.get("trace_offset")) or 0)
+        figure = clip_figure(clip.mel, trace, peak_time_s=peak_time,
+                             peak_value=_signed_at(trace, peak_time, peak_value, offset),
+                             shade_scale=shade_scale, trace_offset_frames=offset, value_range=value_range)
+        graph = dcc.Graph(id=graph_id, figure=figure, config={"displayModeBar": False, "responsive": True},
+                          className="clip-graph")
+        player = html.Div(
+            [
+                audio_player(audio_url(clip_id), graph_id, readout_id),
+                html.Span(id=readout_id, className="readout"),
+                download_link(clip_id),
+                dcc.Link("top features of this clip →", href=clip_href(clip_id, set_id), className="download"),
+            ],
+            className="player-row",
+        )
+    except ClipNotFound:
+        graph = notice(f"The audio of clip {clip_id} is not available (its file is missing).", "warning")
+        player = html.Div()
+    except Exception as exc:  # noqa: BLE001 - one broken clip must not hide the others
+        log.exception("cannot show clip %s", clip_id)
+        graph = notice(f"Clip {clip_id} cannot be shown: {exc}", "error")
+        player = html.Div()
+    return html.Div(
+        [header, transcript_view(ex.get("transcript"), words, peak_time), graph, player],
+        className="result card",
+        id=f"result-{i}",
+    )
+
+
+def _signed_at(trace, peak_time, fallback, offset: int = 0):
+    """The trace value at the peak time (the marker sits on the line even for |a| searches)."""
+    if peak_time is None or not len(trace):
+        return fallback
+    j = min(len(trace) - 1, max(0, int(float(peak_time) / 0.02) - offset))
+    return float(trace[j])
+
+
+def render(access: IndexAccess, search: str | None):
+    """(summary, results, errors dict) for a URL search string."""
+    try:
+        sets, message = access.status()
+    except IndexUnavailable as exc:
+        return empty_index_notice(str(exc)), None, {}
+    if message:
+        return empty_index_notice(message), None, {}
+    state = SearchState.from_search(search)
+    checked = validate_search(state, sets)
+    if checked.errors or checked.set_info is None:
+        return None, None, checked.errors
+    set_id = str(checked.set_info["set_id"])
+    label = set_label(checked.set_info)
+    if checked.index is None:
+        return notice(f"Enter a feature index from 0 to {int(checked.set_info['n_features']) - 1} and press Search "
+                      "(or Enter), or try a random feature.", "info", id="search-hint"), None, {}
+    index = checked.index
+    index_api = access.index
+    try:
+        feature = index_api.feature(set_id, index) or {}
+        hist = index_api.feature_histogram(set_id, index) or {}
+        try:
+            similar = index_api.similar_features(set_id, index, n=10) or []
+        except Exception:  # noqa: BLE001 - similar features are a bonus
+            log.exception("similar_features failed")
+            similar = []
+        extra = {"negative": True} if checked.negative else {}
+        examples = index_api.top_examples(set_id, index, n=checked.n, min_value=checked.min_value,
+                                          max_value=checked.max_value, absolute=checked.absolute, **extra)
+    except KeyError as exc:  # FeatureSetError is a KeyError
+        return None, None, {"set": str(exc) if str(exc) else f"Unknown feature set {set_id!r}."}
+    except IndexError as exc:  # FeatureIndexError
+        return None, None, {"index": str(exc)}
+
+    summary = html.Div(
+        [
+            feature_card(dict(feature), set_id=set_id, index=index, set_label=label, similar=similar),
+            html.Div(
+                dcc.Graph(id="search-histogram",
+                          figure=histogram_figure(hist, index=index, min_value=checked.min_value,
+                                                  max_value=checked.max_value),
+                          config={"displayModeBar": False}),
+                className="card histogram-card",
+            ),
+        ],
+        className="summary-row",
+    )
+    filters = []
+    if checked.min_value is not None:
+        filters.append(f"value ≥ {checked.min_value:g}")
+    if checked.max_value is not None:
+        filters.append(f"value ≤ {checked.max_value:g}")
+    ranking = ("peak |activation|" if checked.absolute else
+               "most negative activation" if checked.negative else "peak activation")
+    if not examples:
+        results = notice("No clip matches: " + (", ".join(filters) if filters else "the index has no examples")
+                         + ". Widen the min/max range.", "info", id="search-no-results")
+        return summary, results, {}
+    count = html.Div(
+        f"{len(examples)} clip{'s' if len(examples) != 1 else ''} ranked by {ranking}"
+        + (f" ({', '.join(filters)})" if filters else "")
+        + (f"; fewer than the {checked.n} asked for match among the stored top examples"
+           if len(examples) < checked.n else ""),
+        className="muted results-count", id="results-count",
+    )
+    # One shading scale and one activation axis for the page (from all traces shown), so clips compare at a glance.
+    values = [float(v) for ex in examples for v in (ex.get("trace") or [])]
+    lo, hi = (min(values), max(values)) if values else (0.0, 0.0)
+    scale = max(abs(lo), abs(hi)) or None
+    value_name = "|peak|" if checked.absolute else "min" if checked.negative else "peak"
+    items = [_result_item(access, i, dict(ex), scale, (lo, hi), set_id, value_name) for i, ex in enumerate(examples)]
+    return summary, html.Div([count, *items], className="results"), {}
+
+
+def label_matches(access: IndexAccess, set_id: str, label: str):
+    """Links to the features of a set whose label matches (FeatureIndex.features_by_label)."""
+    label = (label or "").strip()
+    if not label:
+        return html.Span("Type a label first.", className="field-error")
+    try:
+        found = list(access.index.features_by_label(str(set_id), label) or [])
+    except KeyError as exc:
+        return html.Span(str(exc), className="field-error")
+    except Exception as exc:  # noqa: BLE001
+        log.exception("features_by_label failed")
+        return html.Span(f"Label search failed: {exc}", className="field-error")
+    if not found:
+        return html.Span(f"No feature of this set is labelled {label!r}.", className="muted")
+    chips = []
+    for item in found[:200]:
+        if isinstance(item, dict):
+            j = next((item[k] for k in ("index", "feature", "feature_index") if item.get(k) is not None), None)
+            score = next((item[k] for k in ("label_f1", "word_precision", "score", "f1", "precision")
+                          if item.get(k) is not None), None)
+            name = item.get("label")
+        else:
+            j, score, name = item, None, None
+        if j is None:
+            continue
+        text = f"{int(j)}" + (f" {name}" if name and name != label else "") + (f" ({float(score):.2f})" if score is not None else "")
+        chips.append(dcc.Link(text, href=search_href(str(set_id), int(j)), className="chip"))
+    return html.Div([html.Span(f"{len(found)} feature{'s' if len(found) != 1 else ''}: ", className="muted"), *chips])
+
+
+def register(app, access: IndexAccess) -> None:
+    @app.callback(
+        Output("label-results", "children"),
+        Input("label-go", "n_clicks"),
+        Input("label-query", "n_submit"),
+        State("label-query", "value"),
+        State("search-set", "value"),
+        prevent_initial_call=True,
+    )
+    def find_by_label(_clicks, _submit, label, set_id):
+        return label_matches(access, set_id, label)
+
+    error_outputs = [Output(f"search-{c}-error", "children", allow_duplicate=True) for c in CONTROLS]
+
+    @app.callback(
+        Output("url", "search", allow_duplicate=True),
+        *error_outputs,
+        Input("search-go", "n_clicks"),
+        Input("search-random", "n_clicks"),
+        Input("search-index", "n_submit"),
+        Input("search-n", "n_submit"),
+        Input("search-min", "n_submit"),
+        Input("search-max", "n_submit"),
+        State("search-set", "value"),
+        State("search-index", "value"),
+        State("search-n", "value"),
+        State("search-min", "value"),
+        State("search-max", "value"),
+        State("search-abs", "value"),
+        prevent_initial_call=True,
+    )
+    def submit(_go, _random, _s1, _s2, _s3, _s4, set_id, index, n, min_v, max_v, absolute):
+        sets, message = access.status()
+        if message:
+            return no_update, *([""] * len(CONTROLS))
+        if ctx.triggered_id == "search-random":
+            info = next((s for s in sets if str(s["set_id"]) == str(set_id)), None)
+            if info is not None:
+                index = str(random.randrange(int(info["n_features"])))
+        state = SearchState(set_id=set_id, index=(str(index).strip() if index not in (None, "") else None),
+                            n=(str(n).strip() or None) if n is not None else None,
+                            min=(str(min_v).strip() or None) if min_v is not None else None,
+                            max=(str(max_v).strip() or None) if max_v is not None else None,
+                            absolute="abs" in (absolute or []), negative="neg" in (absolute or []))
+        checked = validate_search(state, sets)
+        if state.index is None and "index" not in checked.errors:
+            checked.errors["index"] = "Enter a feature index."
+        errors = [checked.errors.get(c, "") for c in CONTROLS]
+        if checked.errors:
+            return no_update, *errors
+        return state.to_search(), *errors
+
+    @app.callback(
+        *[Output(f"search-{c}-error", "children", allow_duplicate=True) for c in CONTROLS],
+        Input("search-set", "value"),
+        Input("search-index", "value"),
+        Input("search-n", "value"),
+        Input("search-min", "value"),
+        Input("search-max", "value"),
+        Input("search-abs", "value"),
+        prevent_initial_call=True,
+    )
+    def clear_errors(*_):
+        """Any edit of the controls clears the messages of the previous action."""
+        return [""] * len(CONTROLS)
+
+    @app.callback(
+        Output("search-index", "placeholder"),
+        Input("search-set", "value"),
+        prevent_initial_call=True,
+    )
+    def index_range(set_id):
+        sets, _ = access.status()
+        info = next((s for s in sets if str(s["set_id"]) == str(set_id)), None)
+        return f"0 to {int(info['n_features']) - 1}" if info else ""
+
+    @app.callback(
+        Output("search-set", "value"),
+        Output("search-index", "value"),
+        Output("search-n", "value"),
+        Output("search-min", "value"),
+        Output("search-max", "value"),
+        Output("search-abs", "value"),
+        Input("url", "search"),
+        State("url", "pathname"),
+        State("search-set", "value"),
+        prevent_initial_call=True,
+    )
+    def controls_from_url(search, pathname, current_set):
+        """Back/forward and links (similar features) change the URL: show its state in the controls."""
+        if not is_search_path(pathname):
+            return (no_update,) * 6
+        state = SearchState.from_search(search)
+        return (
+            state.set_id or current_set,
+            state.index or "",
+            state.n or str(DEFAULT_RESULTS),
+            state.min or "",
+            state.max or "",
+            (["abs"] if state.absolute else []) + (["neg"] if state.negative else []),
+        )
+
+    @app.callback(
+        Output("search-summary", "children"),
+        Output("search-results", "children"),
+        *[Output(f"search-{c}-error", "children", allow_duplicate=True) for c in CONTROLS],
+        Input("url", "search"),
+        Input("search-page", "id"),
+        State("url", "pathname"),
+        prevent_initial_call="initial_duplicate",
+    )
+    def results(search, _page, pathname):
+        if not is_search_path(pathname):
+            return (no_update,) * (2 + len(CONTROLS))
+        summary, items, errors = render(access, search)
+        return summary, items, *[errors.get(c, "") for c in CONTROLS]
+
+
+__all__ = ["PATH", "layout", "register", "render", "MAX_RESULTS"]

@@ -1,0 +1,369 @@
+"""Upload or record a clip: its spectrogram and its top features (bars); a bar click overlays that feature."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from urllib.parse import parse_qs, quote
+
+from dash import Input, Output, Patch, State, ctx, dcc, html, no_update
+
+from dash_app.components import empty_index_notice, field_error, fmt, no_sae_notice
+from dash_app.data import (
+    DEFAULT_TOP_FEATURES,
+    SAMPLE_RATE,
+    ClipNotFound,
+    IndexAccess,
+    IndexUnavailable,
+    audio_url,
+    clip_log_mel,
+    default_set,
+    search_href,
+    set_label,
+    set_options,
+    wav_bytes,
+)
+from dash_app.figures import LINE, PEAK, SHADING, clip_figure, padded_range, top_features_figure, trace_parts
+
+log = logging.getLogger(__name__)
+
+PATH = "/upload"
+MAX_TOP_FEATURES = 200
+HIDDEN = {"display": "none"}
+SHOWN = {"display": "block"}
+
+
+def clip_request(search: str | None) -> dict | None:
+    """/upload?clip=<clip_id>[&set=...]: analyse a clip of the dataset instead of an upload."""
+    params = parse_qs((search or "").lstrip("?"))
+    clip_id = (params.get("clip") or [None])[-1]
+    return {"clip_id": clip_id} if clip_id else None
+
+
+def clip_href(clip_id: str, set_id: str | None = None) -> str:
+    return f"{PATH}?clip={quote(str(clip_id), safe='')}" + (f"&set={quote(str(set_id), safe='')}" if set_id else "")
+
+
+def layout(access: IndexAccess, max_upload_mb: float, max_upload_seconds: float, search: str | None = None) -> html.Div:
+    sets, message = access.status()
+    if message:
+        return html.Div([html.H2("Upload audio"), empty_index_notice(message)], id="upload-page-empty")
+    wanted = (parse_qs((search or "").lstrip("?")).get("set") or [None])[-1]
+    chosen = next((s for s in sets if str(s["set_id"]) == wanted), None) or default_set(sets)
+    notes = [] if any(s.get("kind") == "sae" for s in sets) else [no_sae_notice()]
+    limit_bytes = int(max_upload_mb * 1024 * 1024)
+    return html.Div(
+        [
+            html.H2("Upload audio"),
+            *notes,
+            html.Div(
+                [
+                    html.Div(
+                        [
+                            html.Label("Audio file or recording"),
+                            html.Div(
+                                [
+                                    html.Div(
+                                        dcc.Upload(
+                                            id="upload-audio",
+                                            children=html.Div(["Drop an audio file here or ", html.A("choose one")]),
+                                            multiple=False,
+                                            max_size=limit_bytes,
+                                            className="upload-zone",
+                                            className_reject="upload-zone upload-reject",
+                                        ),
+                                        id="upload-wrap",
+                                        **{"data-max-bytes": str(limit_bytes), "data-max-mb": f"{max_upload_mb:g}"},
+                                    ),
+                                    html.Button("● Record", id="record-button", n_clicks=0, className="secondary record"),
+                                ],
+                                className="upload-row",
+                            ),
+                            html.Div(
+                                f"Any format ffmpeg reads (WAV, FLAC, MP3, OGG, WebM, M4A ...), up to "
+                                f"{max_upload_mb:g} MB and {max_upload_seconds:g} s.",
+                                className="hint",
+                            ),
+                            html.Div(id="record-status", className="hint"),
+                            field_error("upload-error"),
+                        ],
+                        className="control control-wide",
+                    ),
+                    html.Div(
+                        [
+                            html.Label("Feature set", htmlFor="upload-set"),
+                            dcc.Dropdown(id="upload-set", options=set_options(sets), value=str(chosen["set_id"]),
+                                         clearable=False, className="set-dropdown"),
+                        ],
+                        className="control control-wide",
+                    ),
+                    html.Div(
+                        [
+                            html.Label("Top features", htmlFor="upload-topn"),
+                            dcc.Input(id="upload-topn", type="text", inputMode="numeric",
+                                      value=str(DEFAULT_TOP_FEATURES), debounce=True, autoComplete="off"),
+                            field_error("upload-topn-error"),
+                        ],
+                        className="control control-narrow",
+                    ),
+                ],
+                className="controls",
+            ),
+            html.Details(
+                [
+                    html.Summary("…or analyse a clip of the dataset (find it by its words)"),
+                    html.Div(
+                        [
+                            dcc.Input(id="clip-query", type="text", placeholder="words of the transcript",
+                                      autoComplete="off"),
+                            html.Button("Find clips", id="clip-go", n_clicks=0, className="secondary"),
+                            html.Div(id="clip-results", className="label-results"),
+                        ],
+                        className="label-row",
+                    ),
+                ],
+                className="by-label",
+            ),
+            dcc.Store(id="upload-clip", data=clip_request(search)),
+            dcc.Store(id="record-data"),
+            dcc.Store(id="upload-features"),
+            dcc.Store(id="upload-source"),
+            dcc.Loading(
+                html.Div(
+                    [
+                        html.Div(id="upload-summary", className="muted"),
+                        dcc.Graph(id="upload-graph", config={"displayModeBar": False, "responsive": True},
+                                  className="clip-graph"),
+                        html.Div(
+                            [
+                                html.Audio(id="upload-player", controls=True, className="freud-audio",
+                                           **{"data-graph": "upload-graph", "data-readout": "upload-readout"}),
+                                html.Span(id="upload-readout", className="readout"),
+                            ],
+                            className="player-row",
+                        ),
+                        html.Div(id="upload-feature-link", className="card-line"),
+                        dcc.Graph(id="upload-bars", config={"displayModeBar": False}),
+                    ],
+                    id="upload-result",
+                    style=HIDDEN,
+                    className="card",
+                ),
+                type="default",
+                delay_show=150,
+            ),
+        ],
+        id="upload-page",
+    )
+
+
+def _decode_contents(contents: str) -> bytes:
+    header, _, data = contents.partition(",")
+    if ";base64" not in header:
+        raise ValueError("unexpected upload encoding")
+    return base64.b64decode(data)
+
+
+def _feature_link(set_id: str, feature: dict) -> list:
+    index = int(feature["index"])
+    label = feature.get("label")
+    return [
+        html.Span("showing feature ", className="muted"),
+        html.Strong(str(index)),
+        html.Span(f" ({label})" if label else ""),
+        html.Span(f" · max {fmt(float(feature.get('value') or 0.0))} at {float(feature.get('peak_time_s') or 0):.2f} s",
+                  className="muted"),
+        " · ",
+        dcc.Link("open in feature search →", href=search_href(set_id, index), id="upload-search-link"),
+    ]
+
+
+def _patch_overlay(patch: Patch, feature: dict, n_mels: int) -> None:
+    parts = trace_parts(feature.get("trace") or [], n_mels, f"feature {int(feature['index'])}")
+    patch["data"][SHADING]["x"] = parts["times"]
+    patch["data"][SHADING]["y"] = parts["heights"]
+    patch["data"][SHADING]["marker"]["color"] = parts["colours"]
+    patch["data"][LINE]["x"] = parts["times"]
+    patch["data"][LINE]["y"] = parts["values"]
+    patch["data"][LINE]["name"] = parts["name"]
+    peak_t, peak_v = feature.get("peak_time_s"), feature.get("value")
+    patch["data"][PEAK]["x"] = [peak_t] if peak_t is not None else []
+    patch["data"][PEAK]["y"] = [_value_at(feature.get("trace") or [], peak_t, peak_v)] if peak_t is not None else []
+    y2_range = padded_range(parts["values"])
+    if y2_range is not None:
+        patch["layout"]["yaxis2"]["range"] = y2_range
+    patch["layout"]["yaxis2"]["title"]["text"] = parts["name"]
+
+
+def _value_at(trace, t, fallback):
+    if t is None or not len(trace):
+        return fallback
+    return float(trace[min(len(trace) - 1, max(0, int(float(t) / 0.02)))])
+
+
+def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_seconds: float) -> None:
+    limit_bytes = int(max_upload_mb * 1024 * 1024)
+
+    @app.callback(
+        Output("upload-error", "children"),
+        Output("upload-topn-error", "children"),
+        Output("upload-result", "style"),
+        Output("upload-summary", "children"),
+        Output("upload-graph", "figure"),
+        Output("upload-player", "src"),
+        Output("upload-bars", "figure"),
+        Output("upload-features", "data"),
+        Output("upload-source", "data"),
+        Output("upload-feature-link", "children"),
+        Input("upload-audio", "contents"),
+        Input("record-data", "data"),
+        Input("upload-clip", "data"),
+        Input("upload-set", "value"),
+        Input("upload-topn", "value"),
+        State("upload-audio", "filename"),
+        State("upload-source", "data"),
+        running=[(Output("record-button", "disabled"), True, False)],
+    )
+    def analyse(contents, recorded, clip_request, set_id, topn, filename, source):
+        from freud_pipeline.audio.decode import load_audio
+        from freud_pipeline.errors import AudioError
+
+        nothing = (no_update,) * 8
+        trigger = ctx.triggered_id
+        if trigger == "upload-audio":
+            source = "upload"
+        elif trigger == "record-data":
+            source = "record"
+        elif trigger == "upload-clip" or (trigger is None and clip_request):
+            source = "clip" if clip_request else source
+        try:
+            n = int(float(str(topn).strip()))
+            if not 1 <= n <= MAX_TOP_FEATURES or float(str(topn).strip()) != n:
+                raise ValueError
+        except (TypeError, ValueError):
+            return "", f"Top features must be a whole number from 1 to {MAX_TOP_FEATURES}, not {topn!r}.", *nothing
+        hide = (HIDDEN, None, no_update, None, no_update, None, source, None)
+        if trigger == "upload-clip" and not clip_request:
+            return "", "", HIDDEN, None, no_update, None, no_update, None, None, None  # back to a bare /upload
+        if source == "clip" and clip_request:
+            clip_id = str(clip_request.get("clip_id"))
+            try:
+                audio = access.clip_audio(clip_id).audio
+            except (ClipNotFound, IndexUnavailable, FileNotFoundError):
+                return f"No clip {clip_id!r} in the dataset manifest.", "", *hide
+            filename, src = clip_id, audio_url(clip_id)
+        else:
+            if source == "record" and recorded:
+                contents, filename = recorded.get("contents"), recorded.get("filename") or "recording.webm"
+            if not contents:
+                return "", "", *nothing  # nothing uploaded yet: only the controls changed
+            try:
+                data = _decode_contents(contents)
+            except (ValueError, TypeError):
+                return f"{filename or 'The upload'} could not be read (not base64 file data).", "", *hide
+            if len(data) > limit_bytes:
+                return (f"{filename or 'The file'} is {len(data) / 1048576:.1f} MB; the limit is {max_upload_mb:g} MB.",
+                        "", *hide)
+            try:
+                audio = load_audio(data, max_seconds=max_upload_seconds)
+            except AudioError as exc:
+                message = str(exc).replace(f"{len(data)} bytes of input", filename or "the upload")
+                return message.replace("pipe:0: ", ""), "", *hide
+            src = None
+        sets, message = access.status()
+        info = next((s for s in sets if str(s["set_id"]) == str(set_id)), None)
+        if message or info is None:
+            return message or f"Unknown feature set {set_id!r}.", "", *hide
+        try:
+            features = [dict(f) for f in access.index.clip_features(audio, str(set_id), n)]
+        except Exception as exc:  # noqa: BLE001 - show the reason next to the control
+            log.exception("clip_features failed")
+            return f"The features of this clip could not be computed: {exc}", "", *hide
+        for f in features:
+            f["index"] = int(f["index"])
+            f["trace"] = [float(v) for v in (f.get("trace") or [])]
+        mel = clip_log_mel(audio, access.n_mels)
+        top = features[0] if features else None
+        figure = clip_figure(mel, top["trace"] if top else [], peak_time_s=top.get("peak_time_s") if top else None,
+                             peak_value=_value_at(top["trace"], top.get("peak_time_s"), top.get("value")) if top else None,
+                             trace_name=f"feature {top['index']}" if top else "activation", height=260)
+        bars = top_features_figure(features, set_label=set_label(info), selected=top["index"] if top else None)
+        src = src or "data:audio/wav;base64," + base64.b64encode(wav_bytes(audio)).decode("ascii")
+        summary = f"{filename or 'clip'} · {len(audio) / SAMPLE_RATE:.2f} s · {len(features)} features of {set_label(info)}"
+        link = _feature_link(str(set_id), top) if top else "No feature is active on this clip."
+        return "", "", SHOWN, summary, figure, src, bars, {"set_id": str(set_id), "features": features}, source, link
+
+    @app.callback(
+        Output("upload-graph", "figure", allow_duplicate=True),
+        Output("upload-bars", "figure", allow_duplicate=True),
+        Output("upload-feature-link", "children", allow_duplicate=True),
+        Input("upload-bars", "clickData"),
+        State("upload-features", "data"),
+        prevent_initial_call=True,
+    )
+    def overlay(click, stored):
+        if not click or not stored:
+            return no_update, no_update, no_update
+        point = click["points"][0]
+        index = int(point.get("customdata", [point.get("x")])[0])
+        feature = next((f for f in stored["features"] if int(f["index"]) == index), None)
+        if feature is None:
+            return no_update, no_update, no_update
+        graph = Patch()
+        _patch_overlay(graph, feature, access.n_mels)
+        bars = Patch()
+        bars["data"][0]["marker"]["color"] = [
+            "#ff6f00" if int(f["index"]) == index else ("#43a047" if float(f.get("value") or 0) >= 0 else "#e53935")
+            for f in stored["features"]
+        ]
+        return graph, bars, _feature_link(stored["set_id"], feature)
+
+    @app.callback(
+        Output("upload-clip", "data"),
+        Input("url", "search"),
+        State("url", "pathname"),
+        State("upload-clip", "data"),
+        prevent_initial_call=True,
+    )
+    def clip_from_url(search, pathname, current):
+        if (pathname or "").rstrip("/") != PATH:
+            return no_update
+        wanted = clip_request(search)
+        return no_update if wanted == current else wanted
+
+    @app.callback(
+        Output("clip-results", "children"),
+        Input("clip-go", "n_clicks"),
+        Input("clip-query", "n_submit"),
+        State("clip-query", "value"),
+        State("upload-set", "value"),
+        prevent_initial_call=True,
+    )
+    def find_clips(_clicks, _submit, text, set_id):
+        text = (text or "").strip()
+        if not text:
+            return html.Span("Type some words first.", className="field-error")
+        try:
+            found = list(access.index.search_clips(text) or [])
+        except Exception as exc:  # noqa: BLE001
+            log.exception("search_clips failed")
+            return html.Span(f"Clip search failed: {exc}", className="field-error")
+        if not found:
+            return html.Span(f"No clip's transcript contains {text!r}.", className="muted")
+        items = []
+        for row in found[:50]:
+            row = row if isinstance(row, dict) else {"clip_id": row}
+            clip_id = str(row.get("clip_id"))
+            items.append(html.Li([dcc.Link(clip_id, href=clip_href(clip_id, set_id), className="clip-id"),
+                                  html.Span(f"  {row.get('transcript') or ''}", className="muted")]))
+        more = f" (first 50 of {len(found)})" if len(found) > 50 else ""
+        return html.Div([html.Span(f"{len(found)} clip{'s' if len(found) != 1 else ''}{more}:", className="muted"),
+                         html.Ul(items, className="clip-list")])
+
+    app.clientside_callback(
+        "function(n) { return window.freud.record(n); }",
+        Output("record-button", "children"),
+        Output("record-status", "children"),
+        Input("record-button", "n_clicks"),
+        prevent_initial_call=True,
+    )

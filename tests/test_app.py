@@ -1,0 +1,500 @@
+"""Browser tests of the Dash feature browser (dash[testing]'s dash_duo, headless Debian chromium).
+
+The index is built once per session from real data: 8 Asterisk prompts (real speech, Debian
+asterisk-core-sounds-en-g722), Whisper tiny.en `encoder.blocks.2.mlp.1` activations captured with
+EncoderCapture. Screenshots of every page go to test-output/screenshots/.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import math
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.browser]
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOTS = REPO / "test-output" / "screenshots"
+ASTERISK = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+PROMPTS = (
+    "agent-pass", "all-circuits-busy-now", "auth-thankyou", "cannot-complete-as-dialed",
+    "check-number-dial-again", "conf-getpin", "conf-onlyperson", "hello-world",
+)
+HOOK = "encoder.blocks.2.mlp.1"
+SET_ID = "tiny.en:encoder.blocks.2.mlp.1"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = "/usr/bin/chromium"
+
+if not (shutil.which("ffmpeg") and ASTERISK.is_dir() and Path(CHROMEDRIVER).exists()):
+    pytest.skip("needs ffmpeg, asterisk-core-sounds-en-g722 and chromium-driver", allow_module_level=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: real clips, real activations, an index
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _transcripts() -> dict[str, str]:
+    if not TRANSCRIPTS.exists():
+        return {}
+    out = {}
+    for line in gzip.open(TRANSCRIPTS, "rt", errors="replace"):
+        name, sep, text = line.partition(":")
+        if sep:
+            out[name.strip()] = text.strip()
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("freud-app-data")
+    (out / "clips").mkdir()
+    for name in PROMPTS:
+        subprocess.run(
+            ["ffmpeg", "-v", "error", "-y", "-f", "g722", "-i", str(ASTERISK / f"{name}.g722"), "-ar", "16000",
+             "-ac", "1", str(out / "clips" / f"{name}.wav")],
+            check=True,
+        )
+    return out
+
+
+def _activations(model, audio: np.ndarray) -> np.ndarray:
+    from freud_pipeline.whisper.hooks import EncoderCapture, log_mel, n_real_frames
+
+    acts = EncoderCapture(model, [HOOK]).capture(log_mel(audio, model.dims.n_mels))[HOOK][0]
+    return acts[: n_real_frames(len(audio))].float().numpy()
+
+
+@pytest.fixture(scope="session")
+def clip_activations(clip_dir, tiny_en) -> dict[str, np.ndarray]:
+    from freud_pipeline.audio.decode import load_audio
+
+    return {f"asterisk-{name}": _activations(tiny_en, load_audio(clip_dir / "clips" / f"{name}.wav"))
+            for name in PROMPTS}
+
+
+@pytest.fixture(scope="session")
+def manifest(clip_dir):
+    import pandas as pd
+
+    from freud_pipeline.audio.datasets.asterisk import spoken_transcript
+
+    texts = _transcripts()
+    rows = []
+    for name in PROMPTS:
+        wav = clip_dir / "clips" / f"{name}.wav"
+        rows.append({"clip_id": f"asterisk-{name}", "path": f"clips/{name}.wav",  # relative to the data dir
+                     "duration_s": (wav.stat().st_size - 44) / 32000, "sample_rate": 16000,
+                     "transcript": spoken_transcript(texts.get(name, "")), "speaker": "allison",
+                     "source": "asterisk", "split": "test"})
+    return pd.DataFrame(rows)
+
+
+def _alignments(clip_dir, manifest):
+    """Word/phone alignments (pocketsphinx) so features get phone labels; None if the aligner is unavailable."""
+    import pandas as pd
+
+    try:
+        from freud_pipeline.audio.alignment import align_file
+    except ImportError:
+        return None
+    rows = []
+    for row in manifest.itertuples():
+        try:
+            rows += align_file(clip_dir / row.path, row.transcript).rows(row.clip_id)
+        except Exception:  # noqa: BLE001 - a clip that does not align just has no labels
+            continue
+    return pd.DataFrame(rows) if rows else None
+
+
+@pytest.fixture(scope="session")
+def feature_index(clip_dir, clip_activations, manifest):
+    """The real LanceDB index: built with freud_pipeline.features.build_feature_set, read with FeatureIndex."""
+    from freud_pipeline.features import FeatureIndex
+    from freud_pipeline.features.build import build_feature_set
+
+    uri = str(clip_dir / "lancedb")
+    build_feature_set(
+        iter(clip_activations.items()), set_id=SET_ID, model="tiny.en", hook=HOOK, kind="neuron",
+        manifest_df=manifest, alignments_df=_alignments(clip_dir, manifest), index_uri=uri)
+    index = FeatureIndex(uri)
+    index.n_features = next(iter(clip_activations.values())).shape[1]
+    index.set_id = SET_ID
+    return index
+
+
+@pytest.fixture(scope="session")
+def clip_peaks(clip_activations) -> np.ndarray:
+    """[clips, features] peak of each feature in each clip."""
+    return np.stack([a.max(axis=0) for a in clip_activations.values()])
+
+
+@pytest.fixture(scope="session")
+def strong_feature(clip_peaks) -> int:
+    """A neuron with a clear peak somewhere (so results are non-trivial)."""
+    return int(np.argmax(clip_peaks.max(axis=0)))
+
+
+@pytest.fixture(scope="session")
+def upload_wav(clip_dir) -> Path:
+    return clip_dir / "clips" / "check-number-dial-again.wav"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Browser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dash_duo(request, dash_thread_server, tmpdir):
+    """dash[testing]'s dash_duo, always headless chromium (FREUD_TEST_HEADED=1 shows the window)."""
+    from selenium.webdriver.chrome.options import Options
+
+    from dash.testing.composite import DashComposite
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    with DashComposite(
+        server=dash_thread_server,
+        browser="Chrome",
+        headless=os.environ.get("FREUD_TEST_HEADED") != "1",
+        options=[options],
+        download_path=tmpdir.mkdir("download").strpath,
+        percy_finalize=False,
+        wait_timeout=30,
+    ) as dc:
+        yield dc
+
+
+def _shot(dash_duo, name: str) -> Path:
+    """Full-page screenshot (Chrome DevTools capture beyond the viewport)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    time.sleep(0.5)  # let Plotly finish drawing
+    driver = dash_duo.driver
+    size = driver.execute_script(
+        "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight];")
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size[0], "height": min(size[1], 8000), "scale": 1}})
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
+
+
+def _app(feature_index, **kwargs):
+    from dash_app import create_app
+
+    data_dir = Path(feature_index.uri).parent if hasattr(feature_index, "uri") else None
+    return create_app(feature_index, data_dir=data_dir, **kwargs)
+
+
+def _type(dash_duo, selector: str, text: str) -> None:
+    el = dash_duo.find_element(selector)
+    el.clear()
+    dash_duo.clear_input(el)
+    el.send_keys(text)
+
+
+def _n_results(dash_duo) -> int:
+    return len(dash_duo.find_elements("#search-results .result"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_search_shows_results_with_spectrograms_and_histogram(dash_duo, feature_index, strong_feature, clip_peaks):
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.wait_for_element("#search-set")
+    _type(dash_duo, "#search-index", str(strong_feature))
+    _type(dash_duo, "#search-n", "5")
+    dash_duo.find_element("#search-go").click()
+    dash_duo.wait_for_element("#result-0 .clip-graph .js-plotly-plot", timeout=60)
+    dash_duo.wait_for_element("#search-histogram .js-plotly-plot")
+    assert _n_results(dash_duo) == 5
+    assert f"index={strong_feature}" in dash_duo.driver.current_url
+    assert dash_duo.find_element("#feature-card .card-title").text.startswith(f"Feature {strong_feature}")
+    # heatmap + shading + trace line in each result figure; the histogram has log y
+    fig = dash_duo.driver.execute_script(
+        "var gd = document.querySelector('#clip-graph-0 .js-plotly-plot');"
+        "return {types: gd.data.map(d => d.type), shapes: gd.layout.shapes.length};")
+    assert fig["types"][:3] == ["heatmap", "bar", "scatter"] and fig["shapes"] >= 1
+    ytype = dash_duo.driver.execute_script(
+        "return document.querySelector('#search-histogram .js-plotly-plot')._fullLayout.yaxis.type;")
+    assert ytype == "log"
+    # results ranked by peak, best first, and the first one is the feature's strongest clip
+    values = [float(el.text) for el in dash_duo.find_elements("#search-results .peak strong")]
+    assert values == sorted(values, reverse=True)
+    assert values[0] == pytest.approx(float(clip_peaks[:, strong_feature].max()), rel=1e-3)
+    # audio served by clip id (no path in the URL), playable as WAV
+    src = dash_duo.find_element("#clip-graph-0-audio").get_attribute("src")
+    assert "/audio/asterisk-" in src and "/tmp" not in src and ".wav" not in src.split("/audio/")[1]
+    # similar features are links to their own search pages
+    assert dash_duo.find_elements("#similar-features a")
+    dash_duo.wait_for_element("#search-results audio.freud-audio")
+    _shot(dash_duo, "search-results")
+    assert dash_duo.get_logs() == [] or all("favicon" in str(entry) for entry in dash_duo.get_logs())
+
+
+def test_playhead_follows_audio(dash_duo, feature_index, strong_feature):
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.wait_for_element("#search-set")
+    dash_duo.driver.get(dash_duo.server_url + f"/search?index={strong_feature}&n=2")
+    dash_duo.wait_for_element("#clip-graph-0 .js-plotly-plot", timeout=60)
+    # wait until the WAV is loaded, then seek; the playhead shape and readout follow currentTime
+    dash_duo.driver.execute_script(
+        "var a = document.getElementById('clip-graph-0-audio'); a.muted = true; a.load();")
+    deadline = time.time() + 20
+    while time.time() < deadline and not dash_duo.driver.execute_script(
+            "return document.getElementById('clip-graph-0-audio').readyState >= 1"):
+        time.sleep(0.2)
+    dash_duo.driver.execute_script("document.getElementById('clip-graph-0-audio').currentTime = 0.5;")
+    deadline = time.time() + 10
+    x0 = None
+    while time.time() < deadline:
+        x0 = dash_duo.driver.execute_script(
+            "return document.querySelector('#clip-graph-0 .js-plotly-plot').layout.shapes[0].x0;")
+        if x0 and abs(float(x0) - 0.5) < 0.05:
+            break
+        time.sleep(0.2)
+    assert x0 is not None and abs(float(x0) - 0.5) < 0.05
+    readout = dash_duo.find_element("#clip-readout-0").text
+    assert readout.startswith("0.50") and "activation" in readout
+
+
+def test_out_of_range_index_shows_message_next_to_control(dash_duo, feature_index):
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.wait_for_element("#search-set")
+    n = feature_index.n_features
+    _type(dash_duo, "#search-index", str(n + 5))
+    dash_duo.find_element("#search-go").click()
+    dash_duo.wait_for_contains_text("#search-index-error", "out of range")
+    assert f"0 to {n - 1}" in dash_duo.find_element("#search-index-error").text
+    assert "index=" not in dash_duo.driver.current_url  # nothing pushed to the URL
+    _shot(dash_duo, "search-index-error")
+    # the next action clears it
+    _type(dash_duo, "#search-index", "3")
+    dash_duo.wait_for_text_to_equal("#search-index-error", "")
+    _type(dash_duo, "#search-n", "abc")
+    dash_duo.find_element("#search-go").click()
+    dash_duo.wait_for_contains_text("#search-n-error", "whole number")
+
+
+def test_url_state_restores_page_and_back_button(dash_duo, feature_index, strong_feature, clip_peaks):
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.wait_for_element("#search-set")
+    peak = float(clip_peaks[:, strong_feature].max())
+    threshold = round(peak * 0.5, 3)
+    url = f"{dash_duo.server_url}/search?set={feature_index.set_id}&index={strong_feature}&n=3&min={threshold}&abs=0"
+    dash_duo.driver.get(url)
+    dash_duo.wait_for_element("#result-0 .clip-graph .js-plotly-plot", timeout=60)
+    assert dash_duo.find_element("#search-index").get_attribute("value") == str(strong_feature)
+    assert dash_duo.find_element("#search-n").get_attribute("value") == "3"
+    assert dash_duo.find_element("#search-min").get_attribute("value") == str(threshold)
+    values = [float(el.text) for el in dash_duo.find_elements("#search-results .peak strong")]
+    assert values and all(v >= threshold for v in values) and len(values) <= 3
+    _shot(dash_duo, "search-url-restored")
+    # a new search, then back: the URL, the controls and the results return to the shared link's state
+    other = (strong_feature + 1) % feature_index.n_features
+    _type(dash_duo, "#search-index", str(other))
+    _type(dash_duo, "#search-min", "")
+    dash_duo.find_element("#search-go").click()
+    dash_duo.wait_for_contains_text("#feature-card .card-title", f"Feature {other}", timeout=60)
+    dash_duo.driver.back()
+    dash_duo.wait_for_contains_text("#feature-card .card-title", f"Feature {strong_feature}", timeout=60)
+    assert dash_duo.find_element("#search-index").get_attribute("value") == str(strong_feature)
+    assert f"min={threshold}" in dash_duo.driver.current_url
+    # similar-feature links navigate within the page
+    link = dash_duo.find_element("#similar-features a")
+    target = link.get_attribute("href").split("index=")[1].split("&")[0]
+    link.click()
+    dash_duo.wait_for_contains_text("#feature-card .card-title", f"Feature {target}", timeout=60)
+    assert dash_duo.find_element("#search-index").get_attribute("value") == target
+
+
+def test_most_negative_ranking(dash_duo, feature_index, clip_activations):
+    troughs = np.stack([a.min(axis=0) for a in clip_activations.values()])
+    feature = int(np.argmin(troughs.min(axis=0)))
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.wait_for_element("#search-set")
+    dash_duo.driver.get(dash_duo.server_url + f"/search?index={feature}&n=4&neg=1")
+    dash_duo.wait_for_element("#result-0 .clip-graph .js-plotly-plot", timeout=60)
+    values = [float(el.text) for el in dash_duo.find_elements("#search-results .peak strong")]
+    assert values and all(v < 0 for v in values) and values == sorted(values)
+    assert values[0] == pytest.approx(float(troughs[:, feature].min()), rel=1e-2)
+    assert "most negative" in dash_duo.find_element("#results-count").text
+    _shot(dash_duo, "search-most-negative")
+    # both rankings at once is refused next to the control
+    dash_duo.find_elements("#search-abs input")[0].click()
+    dash_duo.find_element("#search-go").click()
+    dash_duo.wait_for_contains_text("#search-abs-error", "Choose one ranking")
+
+
+def test_upload_wav_shows_top_features(dash_duo, feature_index, upload_wav):
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.wait_for_element("#nav-upload").click()
+    dash_duo.wait_for_element("#upload-audio input")
+    dash_duo.find_element("#upload-audio input").send_keys(str(upload_wav))
+    dash_duo.wait_for_element("#upload-bars .js-plotly-plot .bars", timeout=60)
+    bars = dash_duo.driver.execute_script(
+        "var gd = document.querySelector('#upload-bars .js-plotly-plot'); return gd.data[0].x.length;")
+    assert bars == 32
+    assert dash_duo.find_element("#upload-error").text == ""
+    dash_duo.wait_for_element("#upload-graph .js-plotly-plot")
+    link = dash_duo.find_element("#upload-search-link")
+    assert "/search?" in link.get_attribute("href")
+    assert dash_duo.find_element("#upload-player").get_attribute("src").startswith("data:audio/wav;base64,")
+    # clicking a bar overlays that feature's trace and links to its search page
+    third = dash_duo.driver.execute_script(
+        "return document.querySelector('#upload-bars .js-plotly-plot').data[0].x[2];")
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    # Plotly's drag layer sits on top of the bars: click at the bar's position, as a user would
+    bar = dash_duo.find_elements("#upload-bars .bars .point")[2]
+    ActionChains(dash_duo.driver).move_to_element(bar).click().perform()
+    dash_duo.wait_for_contains_text("#upload-feature-link", f"feature {third}", timeout=30)
+    name = dash_duo.driver.execute_script(
+        "return document.querySelector('#upload-graph .js-plotly-plot').data[2].name;")
+    assert name == f"feature {third}"
+    assert f"index={third}" in dash_duo.find_element("#upload-search-link").get_attribute("href")
+    _shot(dash_duo, "upload-top-features")
+
+
+def test_dataset_clip_from_search_result_and_by_words(dash_duo, feature_index, strong_feature):
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.wait_for_element("#search-set")
+    dash_duo.driver.get(dash_duo.server_url + f"/search?index={strong_feature}&n=2")
+    dash_duo.wait_for_element("#result-0 .clip-graph .js-plotly-plot", timeout=60)
+    clip_id = dash_duo.find_element("#result-0 .clip-id").text
+    dash_duo.find_element("#result-0 .player-row a[href^='/upload']").click()
+    dash_duo.wait_for_element("#upload-bars .js-plotly-plot .bars", timeout=60)
+    assert dash_duo.find_element("#upload-summary").text.startswith(clip_id)
+    # the player plays the clip by id; the strongest feature of the search is among its top features
+    assert "/audio/" in dash_duo.find_element("#upload-player").get_attribute("src")
+    xs = dash_duo.driver.execute_script("return document.querySelector('#upload-bars .js-plotly-plot').data[0].x;")
+    assert str(strong_feature) in xs
+    # find another clip by its words
+    dash_duo.find_element("#upload-page details.by-label summary").click()
+    _type(dash_duo, "#clip-query", "conference")
+    dash_duo.find_element("#clip-go").click()
+    dash_duo.wait_for_element("#clip-results a")
+    link = dash_duo.find_element("#clip-results a")
+    target = link.text
+    link.click()
+    dash_duo.wait_for_contains_text("#upload-summary", target, timeout=60)
+    _shot(dash_duo, "upload-dataset-clip")
+
+
+def test_non_audio_and_too_large_uploads_show_messages(dash_duo, feature_index, tmp_path, upload_wav):
+    dash_duo.start_server(_app(feature_index, max_upload_mb=0.05))
+    dash_duo.driver.get(dash_duo.server_url + "/upload")
+    dash_duo.wait_for_element("#upload-audio input")
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not audio\n" * 20)
+    dash_duo.find_element("#upload-audio input").send_keys(str(text))
+    dash_duo.wait_for_contains_text("#upload-error", "not a recognised audio format", timeout=30)
+    assert "notes.txt" in dash_duo.find_element("#upload-error").text
+    _shot(dash_duo, "upload-not-audio")
+    # over the size limit: a message (not silence), replacing the previous one
+    big = tmp_path / "big.wav"
+    shutil.copy(upload_wav, big)
+    with open(big, "ab") as fh:
+        fh.write(b"\0" * 80_000)
+    dash_duo.find_element("#upload-audio input").send_keys(str(big))
+    dash_duo.wait_for_contains_text("#upload-error", "the limit is 0.05 MB", timeout=30)
+
+
+def test_recording_with_fake_microphone(dash_duo, feature_index):
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.driver.get(dash_duo.server_url + "/upload")
+    dash_duo.wait_for_element("#record-button").click()
+    dash_duo.wait_for_text_to_equal("#record-button", "■ Stop", timeout=15)
+    time.sleep(1.5)
+    dash_duo.find_element("#record-button").click()
+    dash_duo.wait_for_element("#upload-bars .js-plotly-plot .bars", timeout=60)
+    assert "recording.webm" in dash_duo.find_element("#upload-summary").text
+    assert dash_duo.find_element("#upload-error").text == ""
+
+
+def test_empty_index_and_neuron_only_messages(dash_duo, feature_index):
+    class EmptyIndex:
+        def sets(self):
+            return []
+
+    dash_duo.start_server(_app(EmptyIndex()))
+    dash_duo.wait_for_contains_text("#empty-index-notice", "make demo")
+    dash_duo.find_element("#nav-upload").click()
+    dash_duo.wait_for_contains_text("#empty-index-notice", "materialise the pipeline")
+    _shot(dash_duo, "empty-index")
+
+
+def test_neuron_only_index_says_so(dash_duo, feature_index):
+    dash_duo.start_server(_app(feature_index))
+    dash_duo.wait_for_contains_text("#no-sae-notice", "no sparse-autoencoder set")
+    dash_duo.wait_for_element("#search-hint")
+    dash_duo.find_element(".by-label summary").click()
+    _type(dash_duo, "#label-query", "zzz")
+    dash_duo.find_element("#label-go").click()
+    dash_duo.wait_for_contains_text("#label-results", "labelled 'zzz'")
+    labelled = next(((phone, hits) for phone in ("n", "s", "t", "ah", "iy", "l", "k", "ih", "eh", "m", "r", "d")
+                     if (hits := feature_index.features_by_label(feature_index.set_id, phone))), None)
+    if labelled is None:
+        pytest.skip("no feature got a phone label from these 8 clips (aligner unavailable?)")
+    phone, hits = labelled
+    _type(dash_duo, "#label-query", phone)
+    dash_duo.find_element("#label-go").click()
+    dash_duo.wait_for_element("#label-results a.chip")
+    first = dash_duo.find_element("#label-results a.chip")
+    assert first.text.split()[0] == str(hits[0]["index"])
+    first.click()
+    dash_duo.wait_for_contains_text("#feature-card", f"Feature {hits[0]['index']}", timeout=60)
+    dash_duo.wait_for_text_to_equal("#feature-label", phone)
+    _shot(dash_duo, "search-by-label")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Server side (no browser)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_audio_route_serves_by_id_only(feature_index):
+    client = _app(feature_index).server.test_client()
+    ok = client.get("/audio/asterisk-hello-world")
+    assert ok.status_code == 200 and ok.mimetype == "audio/wav" and ok.data[:4] == b"RIFF"
+    assert client.get("/audio/asterisk-hello-world", headers={"Range": "bytes=0-99"}).status_code == 206
+    download = client.get("/audio/asterisk-hello-world?download=1")
+    assert "attachment" in download.headers["Content-Disposition"]
+    for bad in ("/audio/nope", "/audio/..%2F..%2Fetc%2Fpasswd", "/audio/hello-world", "/audio/etc/passwd"):
+        assert client.get(bad).status_code == 404, bad
+    # a double slash falls through to the app's page route (its HTML), never to a file
+    for bad in ("/audio//etc/passwd", "/audio/%2Fetc%2Fpasswd"):
+        page = client.get(bad)
+        assert page.mimetype == "text/html" and b"root:" not in page.data, bad
+
+
+def test_main_parses_flags(monkeypatch):
+    import dash
+
+    import dash_app
+
+    seen = {}
+    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+    monkeypatch.setenv("FREUD_APP_PORT", "8123")
+    assert dash_app.main([]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["debug"] is False
+    assert dash_app.main(["--host", "0.0.0.0", "--port", "9000"]) == 0
+    assert seen["host"] == "0.0.0.0" and seen["port"] == 9000

@@ -1,0 +1,108 @@
+"""Fast checks of the Dash app's pure parts: URL state, validation, figures, routes without an index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dash_app.data import SearchState, default_set, set_label, validate_search, wav_bytes
+from dash_app.figures import clip_figure, histogram_figure, shading_colours, top_features_figure
+
+SETS = [
+    {"set_id": "n1", "model": "tiny.en", "hook": "encoder.blocks.2.mlp.1", "kind": "neuron", "n_features": 1536,
+     "sae_run_id": None, "created_at": "2026-01-01"},
+    {"set_id": "s1", "model": "tiny.en", "hook": "encoder.blocks.2", "kind": "sae", "n_features": 6144,
+     "sae_run_id": "abcdef123456", "created_at": "2026-01-02"},
+]
+
+
+def test_search_state_round_trips_through_the_url():
+    state = SearchState(set_id="tiny.en/x y", index="12", n="5", min="-0.5", max="3", absolute=True)
+    assert SearchState.from_search(SearchState(negative=True).to_search()).negative
+    again = SearchState.from_search(state.to_search())
+    assert again == state
+    assert SearchState.from_search("") == SearchState()
+    assert SearchState.from_search("?abs=0&index=&min=").absolute is False
+
+
+def test_validation_messages_name_the_accepted_range():
+    ok = validate_search(SearchState(set_id="n1", index="1535", n="20"), SETS)
+    assert not ok.errors and ok.index == 1535 and ok.set_info["set_id"] == "n1"
+    bad = validate_search(SearchState(set_id="n1", index="1536"), SETS)
+    assert "0 to 1535" in bad.errors["index"]
+    assert "whole number" in validate_search(SearchState(set_id="n1", index="1.5"), SETS).errors["index"]
+    assert "1 to 200" in validate_search(SearchState(n="0"), SETS).errors["n"]
+    assert "above" in validate_search(SearchState(min="2", max="1"), SETS).errors["min"]
+    assert "number" in validate_search(SearchState(max="nan"), SETS).errors["max"]
+    assert "Unknown feature set" in validate_search(SearchState(set_id="zzz"), SETS).errors["set"]
+    assert "Choose one" in validate_search(SearchState(absolute=True, negative=True), SETS).errors["abs"]
+    assert "never negative" in validate_search(SearchState(set_id="s1", negative=True), SETS).errors["abs"]
+
+
+def test_default_set_prefers_the_newest_sae_and_labels_say_what_it_is():
+    assert default_set(SETS)["set_id"] == "s1"
+    assert default_set(SETS[:1])["set_id"] == "n1"
+    assert default_set([]) is None
+    assert "SAE, 6144 latents, run abcdef12" in set_label(SETS[1])
+    assert "neurons, 1536" in set_label(SETS[0])
+
+
+def test_clip_figure_layers_and_shading():
+    mel = np.random.default_rng(0).standard_normal((80, 150)).astype(np.float32)
+    trace = np.sin(np.linspace(0, 6, 75)) * 3
+    fig = clip_figure(mel, trace, peak_time_s=0.5, peak_value=3.0)
+    assert [t.type for t in fig.data] == ["heatmap", "bar", "scatter", "scatter"]
+    assert fig.layout.xaxis.range == (0, 1.5) and fig.layout.shapes[0].name == "playhead"
+    assert len(fig.data[1].marker.color) == 75
+    colours = shading_colours([1.0, -2.0, 0.0])
+    assert colours[0].startswith("rgba(0,200,70") and colours[1].startswith("rgba(235,40,40")
+    assert colours[2].endswith(",0.000)")
+    # a shared scale keeps a weak clip faint
+    assert shading_colours([0.01], scale=10.0)[0].endswith(",0.001)")
+    long_mel = np.zeros((80, 3000), np.float32)  # 30 s clip: pooled for display
+    assert len(clip_figure(long_mel, np.zeros(1500)).data[0].x) <= 1200
+
+
+def test_histogram_and_bars():
+    hist = histogram_figure({"bin_edges": [0, 1, 2, 3], "counts": [5, 0, 1]}, index=3, min_value=0.5)
+    assert hist.layout.yaxis.type == "log" and len(hist.data[0].x) == 3
+    bars = top_features_figure([{"index": 7, "value": 2.0, "peak_time_s": 0.1, "label": "sh"},
+                                {"index": 2, "value": 1.0}], selected=7)
+    assert list(bars.data[0].x) == ["7", "2"]
+
+
+def test_wav_bytes_is_a_16_bit_wav():
+    data = wav_bytes(np.zeros(1600, np.float32))
+    assert data[:4] == b"RIFF" and len(data) == 44 + 3200
+
+
+def test_app_without_an_index_starts_and_serves_404_audio(tmp_path, monkeypatch):
+    from dash_app import create_app
+
+    monkeypatch.setenv("FREUD_DATA_DIR", str(tmp_path))
+    app = create_app(data_dir=tmp_path)
+    client = app.server.test_client()
+    assert client.get("/search?index=3").status_code == 200
+    assert client.get("/audio/anything").status_code == 404
+    from dash_app.pages import search
+
+    summary, results, errors = search.render(app.freud_access, "?index=3")
+    assert "make demo" in str(summary) and results is None and errors == {}
+
+
+def test_wsgi_module_exposes_a_server(monkeypatch, tmp_path):
+    import importlib
+    import sys
+
+    monkeypatch.setenv("FREUD_DATA_DIR", str(tmp_path))
+    sys.modules.pop("dash_app.wsgi", None)
+    wsgi = importlib.import_module("dash_app.wsgi")
+    assert callable(wsgi.server)
+
+
+@pytest.mark.parametrize("argv", [["--port", "0"], ["--port", "70000"]])
+def test_main_rejects_bad_ports(argv):
+    import dash_app
+
+    with pytest.raises(SystemExit):
+        dash_app.main(argv)
