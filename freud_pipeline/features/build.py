@@ -1,0 +1,113 @@
+"""Mine, label and publish one feature set."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from freud_pipeline.features import store
+from freud_pipeline.features.labels import LabelCollector
+from freud_pipeline.features.mining import MiningError, mine_features
+
+log = logging.getLogger(__name__)
+
+
+def build_feature_set(
+    clips_iter: Iterable[tuple[str, Any]],
+    *,
+    set_id: str,
+    model: str,
+    hook: str,
+    kind: str,
+    manifest_df: pd.DataFrame | None,
+    alignments_df: pd.DataFrame | None = None,
+    index_uri: str | None = None,
+    sae_run_id: str | None = None,
+    sae_checkpoint: str | None = None,
+    shard_dir: str | None = None,
+    decoder: np.ndarray | None = None,
+    top_k: int = 32,
+    n_features: int | None = None,
+    fire_threshold: float = 0.0,
+    trace_radius: int = 750,
+    occurrences_per_phone: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Mine `clips_iter` ((clip_id, acts[frames, n_features]); SAE sets pass latents, see
+    `mining.encoded_clips`), label against `alignments_df` when given, and publish as `set_id`.
+
+    decoder: SAE decoder directions [n_features, d_in] (similarity = decoder cosine); neuron sets use the
+    activation signature. fire_threshold: a frame "fires" above it (density); 0 suits SAE latents and GELU
+    neurons (positive exactly when the pre-activation is), signed hooks may want a larger one.
+    Returns a summary (set_id, build_id, n_features, n_clips, n_frames, label_summary, seconds).
+    """
+    if kind not in store.KINDS:
+        raise MiningError(f"kind must be one of {store.KINDS}, got {kind!r}")
+    started = time.monotonic()
+    clips_iter = iter(clips_iter)
+    first = next(clips_iter, None)
+    if first is None:
+        raise MiningError(f"no clips given for feature set {set_id!r}")
+    n_features = int(n_features or first[1].shape[1])
+    if decoder is not None:
+        decoder = np.asarray(decoder, dtype=np.float32)
+        if decoder.ndim != 2 or decoder.shape[0] != n_features:
+            raise MiningError(f"decoder must be [n_features={n_features}, d_in], got {decoder.shape}; "
+                              f"transpose a [d_in, n_latents] weight")
+    collector = (LabelCollector(alignments_df, n_features, top_k, occurrences_per_phone, seed)
+                 if alignments_df is not None and len(alignments_df) else None)
+
+    def all_clips():
+        yield first
+        yield from clips_iter
+
+    mining = mine_features(
+        all_clips(), n_features, top_k, trace_radius,
+        bottom_k=0 if kind == "sae" else top_k,  # SAE latents are never negative: no bottom lists
+        fire_threshold=fire_threshold, observers=[collector] if collector else [], seed=seed)
+    mined = time.monotonic()
+    try:
+        labels = collector.result() if collector else None
+        row = store.write_feature_set(
+            set_id=set_id, model=model, hook=hook, kind=kind, mining=mining, labels=labels,
+            manifest=manifest_df, vectors=decoder, vector_kind="decoder" if decoder is not None else "signature",
+            sae_run_id=sae_run_id, sae_checkpoint=sae_checkpoint, shard_dir=shard_dir, uri=index_uri)
+    finally:
+        mining.close()
+    summary = {
+        "set_id": set_id,
+        "build_id": row["build_id"],
+        "uri": index_uri or store.lancedb_uri(),
+        "kind": kind,
+        "n_features": mining.n_features,
+        "n_clips": mining.n_clips,
+        "n_frames": mining.n_frames,
+        "label_summary": labels.summary if labels else {},
+        "mining_seconds": round(mined - started, 2),
+        "write_seconds": round(time.monotonic() - mined, 2),
+    }
+    log.info("feature set %s: %s", set_id, summary)
+    return summary
+
+
+def decoder_directions(sae, batch: int = 2048) -> np.ndarray:
+    """[n_latents, d_in] decoder direction of every latent of any SAE (decode(e_i) - decode(0)), to pass as
+    `decoder=`; batched so 24,576 latents never need a dense identity matrix."""
+    import torch
+
+    n_latents = sae.n_latents
+    device = next(sae.parameters()).device
+    with torch.inference_mode():
+        origin = sae.decode(torch.zeros(1, n_latents, device=device))
+        rows = []
+        for start in range(0, n_latents, batch):
+            size = min(batch, n_latents - start)
+            basis = torch.zeros(size, n_latents, device=device)
+            basis[torch.arange(size), start + torch.arange(size)] = 1.0
+            rows.append((sae.decode(basis) - origin).float().cpu().numpy())
+    return np.concatenate(rows)
+

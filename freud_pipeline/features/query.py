@@ -1,0 +1,375 @@
+"""The data access of the Dash app: feature sets, features, ranked examples, similar features, clips.
+
+Every per-feature call is one or two indexed row lookups (BTREE on the `key` columns; `examples` holds all
+examples of a feature and sign in one row). A set_id resolves to its current build through `feature_sets`,
+cached for `read_consistency_interval`; if a rebuild retired the build in between, the lookup comes back
+empty, the pointer is re-read and the lookup retried once — a reader never sees a half-written set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from freud_pipeline.errors import EmptyAudioError, FeatureIndexError, FeatureSetError, FreudError
+from freud_pipeline.features import store
+from freud_pipeline.features.mining import FRAME_SECONDS
+from freud_pipeline.features.store import CLIPS, EXAMPLES, FEATURE_SETS, FEATURES, sql_str
+from freud_pipeline.settings import data_dir, lancedb_uri
+
+PUBLIC_SET_FIELDS = ("set_id", "model", "hook", "kind", "n_features", "sae_run_id", "sae_checkpoint",
+                     "shard_dir", "created_at", "n_clips", "n_frames", "top_k", "fire_threshold",
+                     "vector_kind", "label_summary", "build_id")
+EXAMPLE_COLUMNS = ["sign", "clip_ids", "values", "peak_frames", "trace_offsets", "traces"]
+
+
+class UnknownClipError(FreudError, KeyError):
+    """A clip_id not in the clips table."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _clean(value: Any) -> Any:
+    """NaN -> None, numpy scalars -> Python: results go straight to JSON in the app."""
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _float_lists(column: pa.ChunkedArray, row: int) -> list[np.ndarray]:
+    """Row `row` of a list<list<float>> column as numpy arrays, without per-value Python objects."""
+    inner = column[row].values
+    if inner is None or len(inner) == 0:
+        return []
+    offsets = inner.offsets.to_numpy()
+    values = inner.values.to_numpy(zero_copy_only=False)
+    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+class FeatureIndex:
+    """Read access to a FREUD LanceDB (default `settings.lancedb_uri()`); safe to share between threads."""
+
+    def __init__(self, uri: str | None = None, read_consistency_interval: timedelta | float | None = 1.0,
+                 device: str = "cpu"):
+        if isinstance(read_consistency_interval, (int, float)):
+            read_consistency_interval = timedelta(seconds=read_consistency_interval)
+        self.uri = uri or lancedb_uri()
+        self.device = device
+        self._db = store.connect(self.uri, read_consistency_interval=read_consistency_interval)
+        self._ttl = None if read_consistency_interval is None else read_consistency_interval.total_seconds()
+        self._tables: dict[str, Any] = {}
+        self._sets: dict[str, dict] = {}
+        self._sets_at = -math.inf
+        self._clip_cache: dict[str, dict] = {}
+
+    # ------------------------------------------------------------ plumbing
+
+    def _table(self, name: str):
+        table = self._tables.get(name)
+        if table is None:
+            if name not in store.table_names(self._db):
+                return None
+            table = self._tables[name] = self._db.open_table(name)
+        return table
+
+    def _load_sets(self, force: bool = False) -> dict[str, dict]:
+        fresh = self._ttl is None or time.monotonic() - self._sets_at < self._ttl
+        if fresh and not force and self._sets_at > -math.inf:
+            return self._sets
+        table = self._table(FEATURE_SETS)
+        rows = table.search().limit(None).to_list() if table is not None else []
+        sets = {row["set_id"]: row for row in rows}
+        if {r["build_id"] for r in sets.values()} != {r["build_id"] for r in self._sets.values()}:
+            self._clip_cache = {}  # a build may have come with new manifest rows
+            current = {r["vectors_table"] for r in sets.values()}
+            for name in [n for n in self._tables if n.startswith("vectors_") and n not in current]:
+                self._tables.pop(name, None)  # retired builds' vector tables (readers of them retry)
+        self._sets, self._sets_at = sets, time.monotonic()
+        return sets
+
+    def _set(self, set_id: str, refresh: bool = False) -> dict:
+        sets = self._load_sets(force=refresh)
+        if set_id not in sets:
+            sets = self._load_sets(force=True)
+        if set_id not in sets:
+            known = ", ".join(sorted(sets)) or f"none yet (build one into {self.uri})"
+            raise FeatureSetError(f"unknown feature set {set_id!r}; known sets: {known}")
+        return sets[set_id]
+
+    def _checked(self, set_id: str, index: int, refresh: bool = False) -> dict:
+        row = self._set(set_id, refresh)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise FeatureIndexError(f"feature index must be an integer, got {index!r}")
+        if not 0 <= index < row["n_features"]:
+            raise FeatureIndexError(
+                f"feature {index} is out of range for set {set_id!r}: valid indices are 0..{row['n_features'] - 1}")
+        return row
+
+    def _lookup(self, set_id: str, index: int, read: Callable[[dict], Any]) -> Any:
+        """read(set_row) returns None when the build it names has been retired: re-resolve once."""
+        result = read(self._checked(set_id, index))
+        if result is None:
+            result = read(self._checked(set_id, index, refresh=True))
+        if result is None:
+            raise FeatureSetError(f"feature set {set_id!r} has no rows for its current build; rebuild it")
+        return result
+
+    def _rows(self, table_name: str, where: str, columns: list[str] | None = None, limit: int | None = None):
+        query = self._table(table_name).search().where(where)
+        if columns:
+            query = query.select(columns)
+        return query.limit(limit).to_arrow()
+
+    def _feature_rows(self, set_row: dict, indices: list[int], columns: list[str]) -> dict[int, dict]:
+        keys = ", ".join(sql_str(store.feature_key(set_row["build_id"], int(i))) for i in indices)
+        table = self._rows(FEATURES, f"key IN ({keys})", ["index", *columns], len(indices))
+        return {row["index"]: row for row in table.to_pylist()}
+
+    # ------------------------------------------------------------ sets and features
+
+    def sets(self) -> list[dict]:
+        rows = self._load_sets(force=True).values()
+        out = []
+        for row in sorted(rows, key=lambda r: r["set_id"]):
+            item = {k: row.get(k) for k in PUBLIC_SET_FIELDS}
+            item["label_summary"] = json.loads(row["label_summary"] or "{}")
+            out.append(item)
+        return out
+
+    def feature(self, set_id: str, index: int) -> dict:
+        def read(set_row):
+            rows = self._feature_rows(set_row, [index], [
+                "density", "mean", "max", "min", "quantiles", "label", "label_kind", "label_precision",
+                "label_recall", "label_f1", "word_label", "word_precision", "n_top", "n_bottom"])
+            if index not in rows:
+                return None
+            row = {k: _clean(v) for k, v in rows[index].items()}
+            levels = set_row["quantile_levels"] or []
+            row["quantiles"] = {f"{q:g}": _clean(v) for q, v in zip(levels, rows[index]["quantiles"] or [])}
+            stats = {k: row.pop(k) for k in ("mean", "max", "min", "quantiles", "n_top", "n_bottom")}
+            stats.update(density=row["density"], fire_threshold=_clean(set_row["fire_threshold"]))
+            return {"set_id": set_id, "kind": set_row["kind"], **row, "stats": stats}
+
+        return self._lookup(set_id, index, read)
+
+    def feature_histogram(self, set_id: str, index: int) -> dict:
+        """Histogram of per-clip maxima over all mined clips (linear bins; plot with a log y axis)."""
+        def read(set_row):
+            rows = self._feature_rows(set_row, [index], ["hist_counts", "hist_edges"])
+            if index not in rows:
+                return None
+            return {"bin_edges": rows[index]["hist_edges"], "counts": rows[index]["hist_counts"]}
+
+        return self._lookup(set_id, index, read)
+
+    # ------------------------------------------------------------ examples
+
+    def top_examples(self, set_id: str, index: int, n: int = 20, min_value: float | None = None,
+                     max_value: float | None = None, absolute: bool = False, negative: bool = False) -> list[dict]:
+        """Clips ranked by the feature's peak in the clip, strongest first.
+
+        `value` is the clip's peak (its most negative value with negative=True). min_value/max_value keep clips
+        whose peak lies in [min_value, max_value]. absolute=True merges both lists and ranks by |peak|
+        (filters then apply to |peak|); a clip in both lists appears once, with its larger |peak|. Filters
+        choose among the mined examples (top_k per sign), they do not search every clip.
+        """
+        signs = ["+", "-"] if absolute else (["-"] if negative else ["+"])
+
+        def read(set_row):
+            keys = ", ".join(sql_str(store.example_key(set_row["build_id"], index, s)) for s in signs)
+            table = self._rows(EXAMPLES, f"key IN ({keys})", EXAMPLE_COLUMNS, len(signs))
+            return table if table.num_rows == len(signs) else None
+
+        table = self._lookup(set_id, index, read)
+        entries = []
+        for row, sign in enumerate(table.column("sign").to_pylist()):
+            traces = _float_lists(table.column("traces"), row)
+            columns = [table.column(c)[row].as_py() for c in ("clip_ids", "values", "peak_frames", "trace_offsets")]
+            for rank, (clip_id, value, frame, offset) in enumerate(zip(*columns)):
+                entries.append((clip_id, value, frame, offset, traces[rank], sign, rank + 1))
+        if absolute:
+            entries.sort(key=lambda e: -abs(e[1]))
+            strongest: dict[str, tuple] = {}
+            for entry in entries:  # a clip in both lists: keep its larger |peak|
+                strongest.setdefault(entry[0], entry)
+            entries = list(strongest.values())
+        score = (lambda v: abs(v)) if absolute else (lambda v: v)
+        entries = [e for e in entries if (min_value is None or score(e[1]) >= min_value)
+                   and (max_value is None or score(e[1]) <= max_value)][: max(n, 0)]
+        clips = self._clips([e[0] for e in entries])
+        return [{
+            "rank": position + 1,
+            "clip_id": clip_id,
+            "value": float(value),
+            "sign": sign,
+            "source_rank": source_rank,
+            "peak_frame": int(frame),
+            "peak_time_s": float(store.peak_time_s(frame)),
+            "trace": trace.astype(np.float32).tolist(),
+            "trace_offset_frame": int(offset),
+            "trace_start_s": offset * FRAME_SECONDS,
+            "transcript": clips.get(clip_id, {}).get("transcript"),
+            "duration_s": clips.get(clip_id, {}).get("duration_s"),
+        } for position, (clip_id, value, frame, offset, trace, sign, source_rank) in enumerate(entries)]
+
+    # ------------------------------------------------------------ similarity and labels
+
+    def similar_features(self, set_id: str, index: int, n: int = 10) -> list[dict]:
+        """Nearest features: decoder cosine for SAE sets, activation correlation (a random-projection
+        signature of sampled frames, mined with the set) for neuron sets."""
+        def read(set_row):
+            table = self._table(set_row["vectors_table"])
+            if table is None:
+                return None
+            try:
+                own = table.search().where(f"index = {int(index)}").select(["vector"]).limit(1).to_list()
+                if not own:
+                    return None
+                query = (table.search(np.asarray(own[0]["vector"], np.float32), vector_column_name="vector")
+                         .distance_type("dot").select(["index", "label"]).limit(n + 1))
+                if set_row["n_features"] >= store.VECTOR_INDEX_MIN_ROWS:
+                    query = query.nprobes(20)
+                return query.to_list()
+            except (OSError, RuntimeError, ValueError):  # the table of a retired build was just dropped
+                self._tables.pop(set_row["vectors_table"], None)
+                return None
+
+        hits = self._lookup(set_id, index, read)
+        method = self._set(set_id)["vector_kind"]
+        return [{"index": h["index"], "similarity": float(1.0 - h["_distance"]), "label": h["label"],
+                 "method": method} for h in hits if h["index"] != index][:n]
+
+    def features_by_label(self, set_id: str, label: str, limit: int = 100) -> list[dict]:
+        """Features whose phone label or word label is `label` (case-insensitive), best F1 first."""
+        set_row = self._set(set_id)
+        wanted = sql_str(label.strip().lower())
+        rows = self._rows(FEATURES, f"build_id = {sql_str(set_row['build_id'])} AND "
+                          f"(label = {wanted} OR word_label = {wanted})",
+                          ["index", "label", "label_precision", "label_recall", "label_f1", "word_label",
+                           "word_precision", "max"]).to_pylist()
+        rows = [{k: _clean(v) for k, v in r.items()} for r in rows]
+        rows.sort(key=lambda r: (r["label"] != label.lower(), -(r["label_f1"] or r["word_precision"] or 0)))
+        return rows[:limit]
+
+    # ------------------------------------------------------------ clips
+
+    def _clips(self, clip_ids: list[str]) -> dict[str, dict]:
+        missing = [c for c in dict.fromkeys(clip_ids) if c not in self._clip_cache]
+        if len(self._clip_cache) > 100_000:  # bounded: transcripts of the clips browsed recently
+            self._clip_cache = {}
+        if missing and self._table(CLIPS) is not None:
+            found = self._rows(CLIPS, f"clip_id IN ({', '.join(map(sql_str, missing))})", limit=len(missing))
+            for row in found.to_pylist():
+                self._clip_cache[row["clip_id"]] = row
+        return {c: self._clip_cache[c] for c in clip_ids if c in self._clip_cache}
+
+    @staticmethod
+    def _with_audio_path(row: dict) -> dict:
+        path = Path(row["path"]) if row.get("path") else None
+        return {**{k: _clean(v) for k, v in row.items() if not k.startswith("_")},
+                "audio_path": str(path if path is None or path.is_absolute() else data_dir() / path)
+                if path else None}
+
+    def clip(self, clip_id: str) -> dict:
+        """The manifest row, plus `audio_path` resolved against the data directory."""
+        found = self._clips([clip_id])
+        if clip_id not in found:
+            raise UnknownClipError(f"unknown clip {clip_id!r}; search_clips(text) finds clip ids")
+        return self._with_audio_path(found[clip_id])
+
+    def search_clips(self, text: str, limit: int = 20) -> list[dict]:
+        """Clips whose transcript matches: full-text (BM25, stemmed) hits first, then substring matches."""
+        table = self._table(CLIPS)
+        if table is None:
+            return []
+        text = text.strip()
+        if not text:
+            return [self._with_audio_path(r) for r in table.search().limit(limit).to_list()]
+        hits: dict[str, dict] = {}
+        try:
+            for row in table.search(text, query_type="fts").limit(limit).to_list():
+                hits[row["clip_id"]] = row
+        except Exception:  # no FTS index (e.g. an older table): substring search below still answers
+            pass
+        if len(hits) < limit:
+            pattern = sql_str("%" + text.lower().replace("%", "").replace("_", "") + "%")
+            for row in table.search().where(f"lower(transcript) LIKE {pattern}").limit(limit).to_list():
+                hits.setdefault(row["clip_id"], row)
+        return [self._with_audio_path(r) for r in list(hits.values())[:limit]]
+
+    # ------------------------------------------------------------ live audio
+
+    def clip_features(self, audio: np.ndarray, set_id: str, n: int = 32) -> list[dict]:
+        """Features most active on `audio` (float32 mono 16 kHz), ranked by their maximum over the clip.
+        Runs Whisper up to the set's hook (and the set's SAE for SAE sets) like the mining pipeline did."""
+        set_row = self._set(set_id)
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if audio.size == 0:
+            raise EmptyAudioError("the audio holds no samples; give float32 mono 16 kHz samples")
+        sae_checkpoint = set_row["sae_checkpoint"] if set_row["kind"] == "sae" else None
+        if set_row["kind"] == "sae" and not sae_checkpoint:
+            raise FeatureSetError(f"SAE set {set_id!r} was built without sae_checkpoint; rebuild it with one")
+        acts = activations_for_audio(audio, set_row["model"], set_row["hook"], sae_checkpoint, self.device)
+        peak = acts.max(axis=0)
+        best = np.argsort(-peak, kind="stable")[: max(n, 0)]
+        labels = self._feature_rows(set_row, best.tolist(), ["label"]) if best.size else {}
+        return [{
+            "index": int(i),
+            "value": float(peak[i]),
+            "peak_time_s": float(store.peak_time_s(int(acts[:, i].argmax()))),
+            "trace": acts[:, i].astype(np.float32).tolist(),
+            "label": labels.get(int(i), {}).get("label"),
+        } for i in best]
+
+
+_model_lock = threading.Lock()
+
+
+@lru_cache(maxsize=2)
+def _whisper(model: str, device: str):
+    from freud_pipeline.whisper.models import load_model
+
+    return load_model(model, device=device)
+
+
+@lru_cache(maxsize=4)
+def _sae(checkpoint: str, device: str):
+    from freud_pipeline.sae.checkpoint import load_checkpoint  # written alongside; imported only when needed
+
+    try:
+        return load_checkpoint(checkpoint, device=device).eval()
+    except TypeError:  # an older signature without device
+        return load_checkpoint(checkpoint).to(device).eval()
+
+
+def activations_for_audio(audio: np.ndarray, model: str, hook: str, sae_checkpoint: str | None = None,
+                          device: str = "cpu") -> np.ndarray:
+    """[frames, n_features] for the whole audio: 30 s windows, each padded like Whisper, real frames kept."""
+    import torch
+
+    from freud_pipeline.whisper.hooks import EncoderCapture, log_mel, n_real_frames, split_windows
+
+    with _model_lock:  # one load per process even when the app serves several requests at once
+        whisper_model = _whisper(model, device)
+        sae = _sae(sae_checkpoint, device) if sae_checkpoint else None
+    capture = EncoderCapture(whisper_model, [hook])
+    parts = []
+    for window in split_windows(audio):
+        acts = capture.capture(log_mel(window, whisper_model.dims.n_mels))[hook][0, : n_real_frames(len(window))]
+        if sae is not None:
+            with torch.inference_mode():
+                acts = sae.encode(acts.to(next(sae.parameters()).device, torch.float32))
+        parts.append(acts.float().cpu().numpy())
+    return np.concatenate(parts)

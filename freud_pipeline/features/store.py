@@ -1,0 +1,301 @@
+"""LanceDB layout of feature sets, and the writer that publishes a set without disturbing readers.
+
+Tables (all sets share them; rows carry the build that wrote them):
+- `feature_sets`: one pointer row per set_id naming its current `build_id`, plus metadata.
+- `features`: one row per (build, feature): statistics, per-clip-max histogram, labels. Key `build_id/index`.
+- `examples`: one row per (build, feature, sign) with the ranked examples as list columns (rank = position),
+  so `top_examples` is a single indexed row lookup. Key `build_id/index/sign`.
+- `vectors_<hash of build_id>`: one table per build, (index, unit-length vector, label): SAE decoder
+  directions, or neuron activation signatures. Separate tables because vector widths differ between sets
+  and each set needs its own ANN index; IVF_FLAT once a set has >= 10,000 features, exact search below.
+- `clips`: manifest rows (upserted by clip_id), with a full-text index on transcript.
+
+Publishing: every row of a build is written first (readers keep resolving the set to the old build_id and
+never see them), then the pointer row is upserted in one commit. The previous build is kept so a reader that
+resolved the pointer just before the flip still finds its rows; older builds are deleted afterwards. One
+writer per set_id at a time (Dagster runs an asset once at a time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import lancedb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from lancedb.index import FTS, BTree, Bitmap, IvfFlat
+
+from freud_pipeline.features.labels import LabelResult
+from freud_pipeline.features.mining import FRAME_SECONDS, MiningResult
+from freud_pipeline.settings import lancedb_uri
+
+log = logging.getLogger(__name__)
+
+FEATURE_SETS, FEATURES, EXAMPLES, CLIPS = "feature_sets", "features", "examples", "clips"
+VECTOR_INDEX_MIN_ROWS = 10_000
+KINDS = ("neuron", "sae")
+SIGNS = ("+", "-")
+
+FEATURE_SETS_SCHEMA = pa.schema([
+    ("set_id", pa.string()), ("build_id", pa.string()), ("model", pa.string()), ("hook", pa.string()),
+    ("kind", pa.string()), ("n_features", pa.int32()), ("sae_run_id", pa.string()),
+    ("sae_checkpoint", pa.string()), ("shard_dir", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
+    ("n_clips", pa.int64()), ("n_frames", pa.int64()), ("top_k", pa.int32()), ("fire_threshold", pa.float32()),
+    ("quantile_levels", pa.list_(pa.float64())), ("vectors_table", pa.string()), ("vector_kind", pa.string()),
+    ("label_summary", pa.string()), ("previous_builds", pa.list_(pa.string())),
+])
+FEATURES_SCHEMA = pa.schema([
+    ("key", pa.string()), ("build_id", pa.string()), ("set_id", pa.string()), ("index", pa.int32()),
+    ("density", pa.float32()), ("mean", pa.float32()), ("max", pa.float32()), ("min", pa.float32()),
+    ("quantiles", pa.list_(pa.float32())), ("hist_counts", pa.list_(pa.int64())),
+    ("hist_edges", pa.list_(pa.float64())), ("label", pa.string()), ("label_kind", pa.string()),
+    ("label_precision", pa.float32()), ("label_recall", pa.float32()), ("label_f1", pa.float32()),
+    ("word_label", pa.string()), ("word_precision", pa.float32()),
+    ("n_top", pa.int32()), ("n_bottom", pa.int32()),
+])
+EXAMPLES_SCHEMA = pa.schema([
+    ("key", pa.string()), ("build_id", pa.string()), ("set_id", pa.string()), ("feature", pa.int32()),
+    ("sign", pa.string()), ("clip_ids", pa.list_(pa.string())), ("values", pa.list_(pa.float32())),
+    ("peak_frames", pa.list_(pa.int32())), ("trace_offsets", pa.list_(pa.int32())),
+    ("traces", pa.list_(pa.list_(pa.float16()))),
+])
+CLIPS_SCHEMA = pa.schema([
+    ("clip_id", pa.string()), ("path", pa.string()), ("duration_s", pa.float64()), ("sample_rate", pa.int32()),
+    ("transcript", pa.string()), ("speaker", pa.string()), ("source", pa.string()), ("split", pa.string()),
+])
+
+
+def connect(uri: str | None = None, **kwargs) -> lancedb.DBConnection:
+    return lancedb.connect(uri or lancedb_uri(), **kwargs)
+
+
+def sql_str(value: str) -> str:
+    """A string literal for a LanceDB filter."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def feature_key(build_id: str, index: int) -> str:
+    return f"{build_id}/{index}"
+
+
+def example_key(build_id: str, index: int, sign: str) -> str:
+    return f"{build_id}/{index}/{sign}"
+
+
+def vectors_table_name(build_id: str) -> str:
+    return "vectors_" + hashlib.sha1(build_id.encode()).hexdigest()[:20]
+
+
+def new_build_id(set_id: str) -> str:
+    # Sorts by time within a set: older orphans (crashed builds) are found by comparison.
+    return f"{set_id}@{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:6]}"
+
+
+def table_names(db) -> set[str]:
+    return set(db.list_tables(limit=None).tables) if hasattr(db, "list_tables") else set(db.table_names())
+
+
+def _open_or_create(db, name: str, schema: pa.Schema):
+    if name in table_names(db):
+        return db.open_table(name)
+    return db.create_table(name, schema=schema, exist_ok=True)
+
+
+# ---------------------------------------------------------------- rows
+
+
+def _feature_rows(build_id: str, set_id: str, mining: MiningResult, labels: LabelResult | None,
+                  n_top: np.ndarray, n_bottom: np.ndarray) -> pa.Table:
+    n = mining.n_features
+    hist = [mining.peak_histogram(i) for i in range(n)]
+    none = [None] * n
+    nan = np.full(n, np.nan, np.float32)
+    return pa.table({
+        "key": [feature_key(build_id, i) for i in range(n)],
+        "build_id": [build_id] * n,
+        "set_id": [set_id] * n,
+        "index": pa.array(np.arange(n, dtype=np.int32)),
+        "density": mining.density, "mean": mining.mean, "max": mining.max, "min": mining.min,
+        "quantiles": pa.FixedSizeListArray.from_arrays(pa.array(mining.quantiles.ravel()),
+                                                       mining.quantiles.shape[1]).cast(pa.list_(pa.float32())),
+        "hist_counts": [c.tolist() for _, c in hist],
+        "hist_edges": [e.tolist() for e, _ in hist],
+        "label": labels.label if labels else none,
+        "label_kind": [("phone" if label else None) for label in labels.label] if labels else none,
+        "label_precision": labels.precision if labels else nan,
+        "label_recall": labels.recall if labels else nan,
+        "label_f1": labels.f1 if labels else nan,
+        "word_label": labels.word_label if labels else none,
+        "word_precision": labels.word_precision if labels else nan,
+        "n_top": n_top.astype(np.int32), "n_bottom": n_bottom.astype(np.int32),
+    }, schema=FEATURES_SCHEMA)
+
+
+def _kept_counts(lists, sign: str) -> np.ndarray:
+    """Valid entries per feature; the bottom list only keeps strictly negative values (else it is noise)."""
+    if sign == "+":
+        return lists.count
+    negative = (lists.values < 0) & (lists.clip_index >= 0)
+    return np.minimum(lists.count, negative.sum(axis=1))
+
+
+def _example_batches(build_id: str, set_id: str, mining: MiningResult, batch: int) -> Iterator[pa.RecordBatch]:
+    clip_ids = np.asarray(mining.clip_ids, dtype=object)
+    for start in range(0, mining.n_features, batch):
+        stop = min(start + batch, mining.n_features)
+        for sign, lists in (("+", mining.top), ("-", mining.bottom)):
+            rows = lists.rows(start, stop)
+            count = np.minimum(rows["count"], _kept_counts(lists, sign)[start:stop])
+            k = rows["values"].shape[1]
+            valid = np.arange(k)[None, :] < count[:, None]
+            outer = pa.array(np.concatenate([[0], np.cumsum(count)]), pa.int32())
+            lens = np.where(valid, rows["trace_len"], 0)
+            width = rows["traces"].shape[2]
+            flat = rows["traces"][np.arange(width)[None, None, :] < lens[:, :, None]]
+            inner = pa.array(np.concatenate([[0], np.cumsum(lens[valid])]), pa.int32())
+            listed = lambda values: pa.ListArray.from_arrays(outer, pa.array(values))  # noqa: E731
+            features = np.arange(start, stop)
+            yield pa.record_batch({
+                "key": [example_key(build_id, i, sign) for i in features],
+                "build_id": [build_id] * len(features),
+                "set_id": [set_id] * len(features),
+                "feature": pa.array(features.astype(np.int32)),
+                "sign": [sign] * len(features),
+                "clip_ids": listed(clip_ids[rows["clip_index"][valid]].tolist()),
+                "values": listed(rows["values"][valid].astype(np.float32)),
+                "peak_frames": listed(rows["peak_frame"][valid].astype(np.int32)),
+                "trace_offsets": listed(rows["trace_offset"][valid].astype(np.int32)),
+                "traces": pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(inner, pa.array(flat))),
+            }, schema=EXAMPLES_SCHEMA)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    # Zero rows stay zero: "dot" distance then reads 1 (similarity 0) instead of cosine's NaN.
+    return (vectors / np.where(norms > 0, norms, 1)).astype(np.float32)
+
+
+def _write_vectors(db, name: str, vectors: np.ndarray, labels: list[str | None]) -> None:
+    unit = _unit_rows(vectors)
+    n, dim = unit.shape
+    table = pa.table({
+        "index": pa.array(np.arange(n, dtype=np.int32)),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.ravel()), dim),
+        "label": labels,
+    })
+    tbl = db.create_table(name, data=table)  # a fresh name per build
+    tbl.create_index("index", config=BTree())
+    if n >= VECTOR_INDEX_MIN_ROWS:
+        # IVF_FLAT, not IVF_PQ: at 24,576 x 384 it builds in ~4 s instead of ~2 min (PQ training) on 2 cores,
+        # answers in ~10 ms (flat scan: ~75 ms) and keeps exact distances within the probed partitions.
+        tbl.create_index("vector", config=IvfFlat(distance_type="dot", num_partitions=max(1, int(np.sqrt(n)))))
+
+
+def upsert_clips(db, manifest: pd.DataFrame) -> None:
+    """Manifest rows into `clips` (insert or replace by clip_id), then refresh its indexes."""
+    frame = manifest.copy()
+    for column in CLIPS_SCHEMA.names:
+        if column not in frame.columns:
+            frame[column] = None
+    frame = frame[CLIPS_SCHEMA.names]
+    frame["clip_id"] = frame["clip_id"].astype(str)
+    frame = frame.drop_duplicates("clip_id", keep="last")
+    data = pa.Table.from_pandas(frame, schema=CLIPS_SCHEMA, preserve_index=False)
+    tbl = _open_or_create(db, CLIPS, CLIPS_SCHEMA)
+    tbl.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+    tbl.create_index("clip_id", config=BTree(), replace=True)
+    try:
+        tbl.create_index("transcript", config=FTS(), replace=True)
+    except Exception as exc:  # FTS is native Lance (no tantivy) and works offline; query falls back to LIKE
+        log.warning("no full-text index on clips.transcript (%s); search_clips will use LIKE", exc)
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def write_feature_set(
+    *,
+    set_id: str,
+    model: str,
+    hook: str,
+    kind: str,
+    mining: MiningResult,
+    labels: LabelResult | None = None,
+    manifest: pd.DataFrame | None = None,
+    vectors: np.ndarray | None = None,
+    vector_kind: str = "signature",
+    sae_run_id: str | None = None,
+    sae_checkpoint: str | None = None,
+    shard_dir: str | None = None,
+    uri: str | None = None,
+    keep_builds: int = 2,
+    batch_features: int = 256,
+) -> dict[str, Any]:
+    """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    db = connect(uri)
+    build_id = new_build_id(set_id)
+    if manifest is not None and len(manifest):
+        upsert_clips(db, manifest)
+
+    n_top = _kept_counts(mining.top, "+")
+    n_bottom = _kept_counts(mining.bottom, "-")
+    features = _open_or_create(db, FEATURES, FEATURES_SCHEMA)
+    features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
+    examples = _open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA)
+    examples.add(pa.RecordBatchReader.from_batches(
+        EXAMPLES_SCHEMA, _example_batches(build_id, set_id, mining, batch_features)))
+    vectors = mining.signature if vectors is None else vectors
+    vectors_table = vectors_table_name(build_id)
+    _write_vectors(db, vectors_table, vectors, labels.label if labels else [None] * mining.n_features)
+    # Whole-table index rebuilds: cheap (few rows per feature) and leave no unindexed rows to scan.
+    for tbl in (features, examples):
+        tbl.create_index("key", config=BTree(), replace=True)
+        tbl.create_index("build_id", config=Bitmap(), replace=True)
+
+    sets = _open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA)
+    current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
+    history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
+    row = {
+        "set_id": set_id, "build_id": build_id, "model": model, "hook": hook, "kind": kind,
+        "n_features": mining.n_features, "sae_run_id": sae_run_id, "sae_checkpoint": sae_checkpoint,
+        "shard_dir": shard_dir, "created_at": datetime.now(timezone.utc), "n_clips": mining.n_clips,
+        "n_frames": mining.n_frames, "top_k": mining.top_k, "fire_threshold": mining.fire_threshold,
+        "quantile_levels": list(mining.quantile_levels), "vectors_table": vectors_table,
+        "vector_kind": vector_kind, "label_summary": json.dumps(labels.summary if labels else {}),
+        "previous_builds": history[: keep_builds - 1],
+    }
+    # The flip: one commit. Readers resolving set_id from here on get the new build.
+    sets.merge_insert("set_id").when_matched_update_all().when_not_matched_insert_all().execute(
+        pa.Table.from_pylist([row], schema=FEATURE_SETS_SCHEMA))
+    _delete_builds(db, set_id, keep=[build_id, *row["previous_builds"]], newest=build_id)
+    return row
+
+
+def _delete_builds(db, set_id: str, keep: list[str], newest: str) -> None:
+    """Drop builds of set_id older than `newest` that are not kept: retired ones and crashed writes."""
+    features = db.open_table(FEATURES)
+    older = (f"set_id = {sql_str(set_id)} AND build_id < {sql_str(newest)} AND "
+             f"build_id NOT IN ({', '.join(map(sql_str, keep))})")
+    stale = set(features.search().where(older).select(["build_id"]).limit(None).to_pandas()["build_id"])
+    if not stale:
+        return
+    for name in (FEATURES, EXAMPLES):
+        db.open_table(name).delete(older)
+    existing = table_names(db)
+    for build_id in stale:
+        if vectors_table_name(build_id) in existing:
+            db.drop_table(vectors_table_name(build_id))
+    log.info("deleted %d retired build(s) of %s", len(stale), set_id)
+
+
+def peak_time_s(frame: int | np.ndarray) -> float | np.ndarray:
+    """Centre of a 20 ms encoder frame."""
+    return (np.asarray(frame) + 0.5) * FRAME_SECONDS
