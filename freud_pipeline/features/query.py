@@ -181,9 +181,10 @@ class FeatureIndex:
         """Clips ranked by the feature's peak in the clip, strongest first.
 
         `value` is the clip's peak (its most negative value with negative=True). min_value/max_value keep clips
-        whose peak lies in [min_value, max_value]. absolute=True merges both lists and ranks by |peak|
-        (filters then apply to |peak|); a clip in both lists appears once, with its larger |peak|. Filters
-        choose among the mined examples (top_k per sign), they do not search every clip.
+        whose signed peak lies in [min_value, max_value]. absolute=True merges both lists and ranks by |peak|; a
+        clip in both lists appears once, with the peak of larger magnitude. As in the original GUI, max_value=0
+        with absolute=True gives the most strongly negative clips. Filters choose among the mined examples
+        (top_k per sign), they do not search every clip.
         """
         signs = ["+", "-"] if absolute else (["-"] if negative else ["+"])
 
@@ -205,9 +206,8 @@ class FeatureIndex:
             for entry in entries:  # a clip in both lists: keep its larger |peak|
                 strongest.setdefault(entry[0], entry)
             entries = list(strongest.values())
-        score = (lambda v: abs(v)) if absolute else (lambda v: v)
-        entries = [e for e in entries if (min_value is None or score(e[1]) >= min_value)
-                   and (max_value is None or score(e[1]) <= max_value)][: max(n, 0)]
+        entries = [e for e in entries if (min_value is None or e[1] >= min_value)
+                   and (max_value is None or e[1] <= max_value)][: max(n, 0)]
         clips = self._clips([e[0] for e in entries])
         return [{
             "rank": position + 1,
