@@ -51,7 +51,7 @@ def materialize_default(run_config: dict | None = None, instance: dg.DagsterInst
     run_config = run_config or {}
     results = []
     for job, partitions in STAGES:
-        job_def = definitions.get_job_def(job.name)
+        job_def = definitions.resolve_job_def(job.name)
         ops = {k: v for k, v in run_config.get("ops", {}).items() if job_def.graph.has_node_named(k)}
         for partition in partitions or [None]:
             result = job_def.execute_in_process(run_config={"ops": ops}, instance=instance, partition_key=partition,

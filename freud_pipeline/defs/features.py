@@ -5,12 +5,14 @@ from itertools import chain
 
 import dagster as dg
 import pandas as pd
+import torch
 
 from freud_pipeline.activations import ActivationReader
 from freud_pipeline.audio.datasets import load_manifest
 from freud_pipeline.defs.activations import split_dirs
 from freud_pipeline.defs.resources import FreudStorage
-from freud_pipeline.features.build import build_feature_set, sae_latent_clips
+from freud_pipeline.features.build import build_feature_set, decoder_directions
+from freud_pipeline.features.mining import encoded_clips
 
 GROUP = "features"
 
@@ -67,11 +69,16 @@ def sae_feature_index(
     readers = _readers(activations)
     set_id = f"{topk_sae['model']}/{topk_sae['hook']}/sae-{topk_sae['architecture']}-{topk_sae['run_id'][:8]}"
     clips = chain.from_iterable(r.iter_clips(topk_sae["hook"], dtype="float32") for r in readers)
+
+    def encode(acts):
+        with torch.inference_mode():
+            return sae.encode(torch.from_numpy(acts)).numpy()
+
     summary = build_feature_set(
-        sae_latent_clips(clips, sae), set_id=set_id, model=topk_sae["model"], hook=topk_sae["hook"], kind="sae",
+        encoded_clips(clips, encode), set_id=set_id, model=topk_sae["model"], hook=topk_sae["hook"], kind="sae",
         manifest_df=manifest, alignments_df=alignments, index_uri=storage.index_uri,
         sae_run_id=topk_sae["run_id"], sae_checkpoint=topk_sae["checkpoint_dir"],
-        decoder=sae.W_dec.detach().float().cpu().numpy() if hasattr(sae, "W_dec") else None,
+        decoder=decoder_directions(sae),
     )
     context.add_output_metadata(_summary_metadata(summary))
     return {"set_id": set_id, "index_uri": storage.index_uri}

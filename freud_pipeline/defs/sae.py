@@ -19,9 +19,11 @@ class SaeAssetConfig(dg.Config):
     hook: str = "encoder.blocks.2"
     expansion_factor: int = 8
     k: int = 32
-    lr: float = 5e-4
-    steps: int = 1500
-    batch_size: int = 1024
+    lr: float = 1e-3
+    steps: int = 600
+    batch_size: int = 1024  # frames
+    warmup_steps: int = 20
+    dead_after_frames: int = 200_000
     seed: int = 0
     device: str = "auto"
 
@@ -47,6 +49,8 @@ def topk_sae(
     cfg = TrainConfig(
         architecture=config.architecture, hook=config.hook, expansion_factor=config.expansion_factor, k=config.k,
         lr=config.lr, steps=config.steps, batch_size=config.batch_size, seed=config.seed, device=config.device,
+        warmup_steps=min(config.warmup_steps, config.steps // 2), dead_after_frames=config.dead_after_frames,
+        model_name=model, eval_every=0,
     )
     out_dir = storage.path("sae", f"{model}-{config.hook}-{config.architecture}")
     result = train_sae(
