@@ -144,3 +144,25 @@ def test_sigkill_mid_run_then_rerun_stores_every_clip_exactly_once(corpus, tmp_p
         ids += pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("clip_id").unique().to_pylist()
     assert sorted(ids) == sorted(manifest["clip_id"])  # every clip, exactly once
     assert not list(out.glob(".shard-*"))  # no temporary leftovers
+
+
+def test_topk_sae_latents_are_stored_sparse_and_read_back_exactly(collected, tmp_path):
+    from freud_pipeline.activations.latents import collect_sae_latents
+    from freud_pipeline.sae.topk import TopKSAE
+
+    torch.manual_seed(0)
+    sae = TopKSAE(384, 1536, k=16).eval()  # untrained weights suffice: this checks storage, not learning
+    reader = ActivationReader(collected)
+    manifest = collect_sae_latents(reader, sae, tmp_path / "latents", hook="encoder.blocks.2", sae_run_id="r1")
+    latents = ActivationReader(tmp_path / "latents")
+    assert latents.spec.sparse_k == 16 and latents.spec.source == "sae:r1"
+    schema = pa.ipc.open_file(pa.memory_map(str(latents.paths[0]))).schema
+    assert schema.field("idx:encoder.blocks.2/latents").type == pa.list_(pa.int32(), 16)
+    stored = dict(latents.iter_clips("encoder.blocks.2/latents"))
+    for clip_id, acts in list(reader.iter_clips("encoder.blocks.2", dtype=np.float32))[:3]:
+        with torch.no_grad():
+            expected = sae.encode(torch.from_numpy(acts)).numpy()
+        np.testing.assert_allclose(stored[clip_id], expected, atol=2e-2, rtol=1e-2)
+        assert ((stored[clip_id] != 0).sum(axis=1) <= 16).all()
+    # 16 values + 16 indices per frame instead of 1536 dense values
+    assert manifest["bytes"] < 0.1 * reader.n_frames * 1536 * 2

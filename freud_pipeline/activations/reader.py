@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from freud_pipeline.activations.schema import ShardSpec, column_name
+from freud_pipeline.activations.schema import ShardSpec, column_name, sparse_columns
 from freud_pipeline.activations.writer import MANIFEST, shard_files
 from freud_pipeline.errors import HookError
 
@@ -50,10 +50,24 @@ class ActivationReader:
         return self.spec.hooks.index(hook)
 
     def batch_array(self, batch_index: int, hook: str) -> np.ndarray:
-        """One shard batch's activations as a zero-copy [frames, width] view of the mapped file."""
+        """One shard batch's activations as a zero-copy [frames, width] view of the mapped file
+        (sparse shards: a dense float32 copy, see `batch_sparse`)."""
         width = self.width(hook)
+        if self.spec.sparse_k:
+            values, indices = self.batch_sparse(batch_index, hook)
+            dense = np.zeros((len(values), width), dtype=np.float32)
+            np.put_along_axis(dense, indices.astype(np.int64), values.astype(np.float32), axis=1)
+            return dense
         column = self._batches[batch_index].column(column_name(hook))
         return column.flatten().to_numpy(zero_copy_only=True).reshape(-1, width)
+
+    def batch_sparse(self, batch_index: int, hook: str) -> tuple[np.ndarray, np.ndarray]:
+        """Sparse shards: zero-copy (values [frames, k], int32 indices [frames, k])."""
+        self._hook_position(hook)
+        k = self.spec.sparse_k
+        batch = self._batches[batch_index]
+        return tuple(batch.column(name).flatten().to_numpy(zero_copy_only=True).reshape(-1, k)
+                     for name in sparse_columns(hook))
 
     def clip_ids(self) -> list[str]:
         ids: list[str] = []
@@ -77,6 +91,13 @@ class ActivationReader:
         With dtype None the arrays are read-only views of the mapped files; otherwise converted copies.
         """
         for b, batch in enumerate(self._batches):
+            if self.spec.sparse_k:  # densify clip by clip: never a whole shard of dense latents in memory
+                values, indices = self.batch_sparse(b, hook)
+                for clip_id, start, stop in self._clip_runs(batch):
+                    dense = np.zeros((stop - start, self.width(hook)), dtype=dtype or np.float32)
+                    np.put_along_axis(dense, indices[start:stop].astype(np.int64), values[start:stop], axis=1)
+                    yield clip_id, dense
+                continue
             acts = self.batch_array(b, hook)
             for clip_id, start, stop in self._clip_runs(batch):
                 view = acts[start:stop]

@@ -22,6 +22,11 @@ def column_name(hook: str) -> str:
     return f"act:{hook}"
 
 
+def sparse_columns(hook: str) -> tuple[str, str]:
+    """Columns of a sparse (top-k) hook: the k values and their int32 latent indices per frame."""
+    return f"val:{hook}", f"idx:{hook}"
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     """Everything that determines the content of a shard set; its fingerprint decides reuse."""
@@ -33,6 +38,7 @@ class ShardSpec:
     dtype: str = "float16"
     window_mode: str = "padded"
     source: str = ""  # e.g. "whisper" or "sae:<run id>"
+    sparse_k: int = 0  # > 0: each frame stores only its k largest values and their indices (TopK SAE latents)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -43,9 +49,13 @@ class ShardSpec:
 
     def schema(self) -> pa.Schema:
         fields = [pa.field("clip_id", pa.string()), pa.field("frame", pa.int32())]
-        fields += [
-            pa.field(column_name(h), pa.list_(DTYPES[self.dtype], w)) for h, w in zip(self.hooks, self.widths)
-        ]
+        for hook, width in zip(self.hooks, self.widths):
+            if self.sparse_k:
+                values, indices = sparse_columns(hook)
+                fields += [pa.field(values, pa.list_(DTYPES[self.dtype], self.sparse_k)),
+                           pa.field(indices, pa.list_(pa.int32(), self.sparse_k))]
+            else:
+                fields.append(pa.field(column_name(hook), pa.list_(DTYPES[self.dtype], width)))
         meta = {
             "freud.format_version": str(FORMAT_VERSION),
             "freud.code_version": __version__,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from freud_pipeline.activations.schema import DTYPES, ShardSpec, column_name
+from freud_pipeline.activations.schema import DTYPES, ShardSpec, column_name, sparse_columns
 
 SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.arrow$")
 MANIFEST = "shards.json"
@@ -68,17 +68,24 @@ class ShardWriter:
             self.done.update(ids.to_pylist())
         self._write_manifest(complete=False)
 
-    def add(self, clip_id: str, frames: np.ndarray, activations: dict[str, np.ndarray]) -> None:
-        """Queue one clip: `frames` are its frame positions, `activations` one [n, width] array per hook."""
+    def add(self, clip_id: str, frames: np.ndarray, activations: dict) -> None:
+        """Queue one clip: `frames` are its frame positions, `activations` one [n, width] array per hook
+        (for sparse specs a (values [n, k], indices [n, k]) pair per hook)."""
         if clip_id in self.done:
             return
+        np_dtype = np.dtype(self.spec.dtype)
         for hook, width in zip(self.spec.hooks, self.spec.widths):
             acts = activations[hook]
-            if acts.shape != (len(frames), width):
-                raise ValueError(f"{clip_id}: {hook} has shape {acts.shape}, expected ({len(frames)}, {width})")
+            expected = (len(frames), self.spec.sparse_k or width)
+            shapes = [a.shape for a in acts] if self.spec.sparse_k else [acts.shape]
+            if any(shape != expected for shape in shapes):
+                raise ValueError(f"{clip_id}: {hook} has shape {shapes}, expected {expected}")
         # Held in the stored dtype: the buffer (one shard) is the writer's whole memory footprint.
-        np_dtype = np.dtype(self.spec.dtype)
-        activations = {h: activations[h].astype(np_dtype, copy=False) for h in self.spec.hooks}
+        if self.spec.sparse_k:
+            activations = {h: (activations[h][0].astype(np_dtype, copy=False), activations[h][1].astype(np.int32))
+                           for h in self.spec.hooks}
+        else:
+            activations = {h: activations[h].astype(np_dtype, copy=False) for h in self.spec.hooks}
         self._buffer.append((clip_id, frames, activations))
         self._buffered_frames += len(frames)
         if self._buffered_frames >= self.frames_per_shard:
@@ -94,6 +101,14 @@ class ShardWriter:
             "frame": pa.array(np.concatenate([f for _, f, _ in self._buffer]).astype(np.int32)),
         }
         for hook, width in zip(self.spec.hooks, self.spec.widths):
+            if self.spec.sparse_k:
+                k = self.spec.sparse_k
+                values = np.concatenate([acts[hook][0] for _, _, acts in self._buffer]).reshape(-1)
+                indices = np.concatenate([acts[hook][1] for _, _, acts in self._buffer]).reshape(-1)
+                val_col, idx_col = sparse_columns(hook)
+                columns[val_col] = pa.FixedSizeListArray.from_arrays(pa.array(values, DTYPES[self.spec.dtype]), k)
+                columns[idx_col] = pa.FixedSizeListArray.from_arrays(pa.array(indices, pa.int32()), k)
+                continue
             flat = np.concatenate([acts[hook] for _, _, acts in self._buffer]).astype(np_dtype, copy=False)
             values = pa.array(flat.reshape(-1), type=DTYPES[self.spec.dtype])
             columns[column_name(hook)] = pa.FixedSizeListArray.from_arrays(values, width)
