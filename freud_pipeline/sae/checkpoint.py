@@ -1,0 +1,126 @@
+"""SAE checkpoints on disk: `sae.safetensors` + `cfg.json` in SAELens' layout, plus the original FREUD's `.pth`.
+
+sae.safetensors holds W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in] (BatchTopK adds a
+scalar `threshold`; the tied L1 SAE stores its one matrix both ways and a zero b_dec). Weights always take raw
+activations (any training-time input scaling is folded in), hence normalize_activations "none".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from freud_pipeline.errors import FreudError
+from freud_pipeline.sae.architectures import architecture_class
+from freud_pipeline.sae.base import SparseAutoencoder
+
+WEIGHTS_FILE = "sae.safetensors"
+CFG_FILE = "cfg.json"
+
+
+class CheckpointError(FreudError, ValueError):
+    """An SAE checkpoint is missing, incomplete or in a format this version cannot read."""
+
+
+def save_checkpoint(sae: SparseAutoencoder, directory: str | Path, extra_cfg: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # clone(): safetensors refuses tensors sharing storage (the tied SAE exports W and Wᵀ).
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in sae.export_tensors().items()}
+    dtype = str(tensors["W_dec"].dtype).removeprefix("torch.")
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    cfg = {"dtype": dtype, "normalize_activations": "none", "hook_name": None, "model_name": None, "k": None}
+    cfg.update(sae.cfg)
+    cfg.update(extra_cfg or {})
+    (directory / CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    return directory
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    directory = Path(directory)
+    weights, cfg_path = directory / WEIGHTS_FILE, directory / CFG_FILE
+    if not (weights.is_file() and cfg_path.is_file()):
+        raise CheckpointError(f"{directory} is not an SAE checkpoint: it needs both {WEIGHTS_FILE} and {CFG_FILE}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("normalize_activations", "none") != "none":
+        raise CheckpointError(
+            f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported; only 'none'"
+        )
+    try:
+        sae = architecture_class(cfg.get("architecture", "topk")).from_cfg(cfg)
+    except ValueError as exc:
+        raise CheckpointError(f"{cfg_path}: {exc}") from exc
+    sae.load_exported(load_file(weights))
+    sae.metadata = {k: v for k, v in cfg.items() if k not in sae.cfg}
+    return sae.to(device).eval()
+
+
+def load_original_freud_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", trust_pickle: bool = False
+) -> SparseAutoencoder:
+    """An SAE from the original FREUD project's training checkpoint (`torch.save` of a dict).
+
+    Assumed layout: {"model": state_dict, "optimizer", "scheduler", "step", "best_val_loss",
+    "hparams": {"autoencoder_variant": "l1"|"topk", "autoencoder_config": {...}, "activation_size",
+    "whisper_config": {"model", "layer_name"}, ...}}, with state-dict keys
+      l1   : "decoder.weight" [d_in, n] (tied; columns are latents), "encoder_bias" [n]
+      topk : "encoder.weight" [n, d_in], "encoder.bias" [n], "W_dec" [n, d_in], "b_dec" [d_in]  (EleutherAI sae)
+    optionally prefixed by "module." (DDP) or "_orig_mod." (torch.compile). Original SAEs took raw activations.
+    Only tensors and plain containers are unpickled unless `trust_pickle` (a pickle can run arbitrary code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no original FREUD checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # pickle errors come in many types
+        raise CheckpointError(
+            f"{path} could not be read as a torch checkpoint ({exc}); if it holds custom objects and you trust "
+            f"its origin, pass trust_pickle=True"
+        ) from exc
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "hparams" not in checkpoint:
+        raise CheckpointError(f"{path} is not an original FREUD checkpoint: expected a dict with 'model' and 'hparams'")
+    hparams = checkpoint["hparams"]
+    variant = hparams.get("autoencoder_variant")
+    state = {_strip_prefixes(k): v for k, v in checkpoint["model"].items()}
+    config = hparams.get("autoencoder_config") or {}
+    if variant == "l1":
+        _require(state, ("decoder.weight", "encoder_bias"), path)
+        d_in, n_latents = state["decoder.weight"].shape
+        sae_cls, kwargs = architecture_class("l1"), {"recon_alpha": float(config.get("recon_alpha", 1.0))}
+        if "l1_alpha" in hparams:
+            kwargs["l1_alpha"] = float(hparams["l1_alpha"])
+    elif variant == "topk":
+        _require(state, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path)
+        n_latents, d_in = state["W_dec"].shape
+        sae_cls, kwargs = architecture_class("topk"), {"k": int(config.get("k", 32))}
+        if "auxk_alpha" in config:
+            kwargs["auxk_alpha"] = float(config["auxk_alpha"])
+    else:
+        raise CheckpointError(f"{path}: autoencoder_variant {variant!r} is not supported; expected 'l1' or 'topk'")
+    sae = sae_cls(int(d_in), int(n_latents), **kwargs)
+    names = dict(sae.named_parameters())
+    sae.load_state_dict({k: v for k, v in state.items() if k in names}, strict=True)
+    whisper_config = hparams.get("whisper_config") or {}
+    sae.metadata = {
+        "model_name": whisper_config.get("model"),
+        "hook_name": whisper_config.get("layer_name"),
+        "source": f"original-freud:{path.name}",
+        "step": int(checkpoint.get("step", 0) or 0),
+    }
+    return sae.to(device).eval()
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _require(state: dict, keys: tuple[str, ...], path: Path) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: state dict lacks {', '.join(missing)} (has {', '.join(sorted(state))})")

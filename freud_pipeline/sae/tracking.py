@@ -1,0 +1,90 @@
+"""One MLflow run per training, written through an explicit MlflowClient.
+
+An explicit client (rather than mlflow.start_run) leaves MLflow's process-global tracking URI and active-run
+stack alone, so a Dagster process can train several SAEs, or log to different stores, without crosstalk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+_BATCH_LIMIT = 100  # params per log_batch call accepted by every store
+
+
+def _artifact_root_for(tracking_uri: str, experiment: str) -> str | None:
+    # For a sqlite store MLflow would put artifacts under ./mlruns of whatever the current directory is;
+    # keep them next to the database instead.
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(unquote(urlparse(tracking_uri).path))
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+class TrainingRun:
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: dict[str, str]):
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            location = _artifact_root_for(tracking_uri, experiment)
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.tracking_uri = tracking_uri
+        self._system_monitor = None
+
+    def __enter__(self) -> "TrainingRun":
+        self._start_system_metrics()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._system_monitor is not None:
+            self._system_monitor.finish()
+        if exc_type is None:
+            status = RunStatus.FINISHED
+        else:
+            status = RunStatus.KILLED if issubclass(exc_type, KeyboardInterrupt) else RunStatus.FAILED
+        self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+    def _start_system_metrics(self) -> None:
+        from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+        # Needs psutil; and an explicit MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false is respected.
+        explicitly_off = MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()
+        if importlib.util.find_spec("psutil") is None or explicitly_off:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system_monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri)
+            self._system_monitor.start()
+        except Exception as exc:  # system metrics are a nicety; never fail a training over them
+            log.warning("MLflow system metrics unavailable: %s", exc)
+            self._system_monitor = None
+
+    def log_params(self, params: dict) -> None:
+        items = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(items), _BATCH_LIMIT):
+            self.client.log_batch(self.run_id, params=items[start : start + _BATCH_LIMIT])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for start in range(0, len(items), _BATCH_LIMIT):
+            self.client.log_batch(self.run_id, metrics=items[start : start + _BATCH_LIMIT])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
