@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stop", help="stop the UIs started by `freud demo`")
     p.set_defaults(func=_stop)
+
+    from freud_pipeline.cli.features import add_parsers as add_feature_parsers
+
+    add_feature_parsers(sub)  # top-features, top-examples, feature, sets
     return parser
 
 

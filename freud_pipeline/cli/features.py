@@ -1,0 +1,248 @@
+"""`freud top-features | top-examples | feature | sets`: the feature index from the shell.
+
+Pure wrappers over `freud_pipeline.features.FeatureIndex`. With `--json` each command prints exactly what the
+query API returns (a list, or a dict for `feature`), made strict JSON: NaN/inf become null, timestamps ISO 8601
+strings. Per-frame traces are left out unless `--traces` is given (a 30 s clip is 1,500 values per row).
+Bad input (unknown set, index out of range, unreadable audio) is a FreudError: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from freud_pipeline.errors import FreudError
+
+TRACE_KEYS = ("trace",)
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def jsonable(value: Any) -> Any:
+    """Strict-JSON form of a query result: NaN/inf -> None, numpy -> Python, datetimes -> ISO strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np = None
+    if np is not None:
+        if isinstance(value, np.ndarray):
+            return jsonable(value.tolist())
+        if isinstance(value, np.bool_):
+            return bool(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.floating):
+            return jsonable(float(value))
+    return str(value)
+
+
+def _drop_traces(rows: list[dict], keep: bool) -> list[dict]:
+    if keep:
+        return rows
+    return [{k: v for k, v in row.items() if k not in TRACE_KEYS} for row in rows]
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(jsonable(data), indent=1, allow_nan=False))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _shorten(text: Any, width: int) -> str:
+    text = "" if text is None else " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+# ---------------------------------------------------------------- the index
+
+
+def open_index(uri: str | None):
+    """A FeatureIndex at `uri` (default settings.lancedb_uri()); a missing local directory is a clear error
+    instead of an empty index created on the fly."""
+    from freud_pipeline.features import FeatureIndex
+    from freud_pipeline.settings import lancedb_uri
+
+    uri = uri or lancedb_uri()
+    if "://" not in uri and not Path(uri).is_dir():
+        raise FreudError(f"no feature index at {uri}: build feature sets first (`freud demo` or `freud collect`) "
+                         f"or pass --index-uri DIR")
+    return FeatureIndex(uri)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def top_features(args) -> int:
+    from freud_pipeline.audio.decode import load_audio
+
+    index = open_index(args.index_uri)
+    audio = load_audio(args.audio)
+    rows = index.clip_features(audio, args.set, n=args.n)  # checks the set before loading Whisper
+    if args.json:
+        _print_json(_drop_traces(rows, args.traces))
+        return 0
+    print(f"{args.audio}: top {len(rows)} features of set {args.set} (by maximum over the clip)")
+    body = [[str(r + 1), str(row["index"]), _fmt(row["value"]), f"{row['peak_time_s']:.2f}", _fmt(row["label"])]
+            for r, row in enumerate(rows)]
+    print(_table(["rank", "index", "value", "peak_s", "label"], body, right={0, 1, 2, 3}))
+    return 0
+
+
+def top_examples(args) -> int:
+    index = open_index(args.index_uri)
+    rows = index.top_examples(args.set, args.index, n=args.n, min_value=args.min_value, max_value=args.max_value,
+                              absolute=args.absolute)
+    if args.json:
+        _print_json(_drop_traces(rows, args.traces))
+        return 0
+    what = "|peak|" if args.absolute else "peak"
+    bounds = "".join(f", {name} {value:g}" for name, value in (("min", args.min_value), ("max", args.max_value))
+                     if value is not None)
+    print(f"set {args.set}, feature {args.index}: {len(rows)} clip(s) ranked by {what}{bounds}")
+    if not rows:
+        return 0
+    body = [[str(row["rank"]), row["clip_id"], _fmt(row["value"]), row["sign"], f"{row['peak_time_s']:.2f}",
+             _fmt(row["duration_s"], 3), _shorten(row["transcript"], 48)] for row in rows]
+    print(_table(["rank", "clip_id", "value", "sign", "peak_s", "dur_s", "transcript"], body, right={0, 2, 4, 5}))
+    return 0
+
+
+def feature(args) -> int:
+    index = open_index(args.index_uri)
+    info = index.feature(args.set, args.index)
+    if args.json:
+        _print_json(info)
+        return 0
+    stats = info["stats"]
+    print(f"set {info['set_id']} ({info['kind']}), feature {info['index']}")
+    lines = [
+        ("label", f"{info['label']} ({info.get('label_kind') or 'phone'})" if info.get("label") else "-"),
+        ("label precision/recall/F1", " / ".join(_fmt(info.get(k), 3) for k in
+                                                ("label_precision", "label_recall", "label_f1"))),
+        ("word label", f"{_fmt(info.get('word_label'))} (precision {_fmt(info.get('word_precision'), 3)})"),
+        ("density", f"{_fmt(stats.get('density'))} (frames > {_fmt(stats.get('fire_threshold'))})"),
+        ("mean", _fmt(stats.get("mean"))),
+        ("min / max", f"{_fmt(stats.get('min'))} / {_fmt(stats.get('max'))}"),
+        ("quantiles", ", ".join(f"q{k}={_fmt(v)}" for k, v in (stats.get("quantiles") or {}).items()) or "-"),
+        ("examples (top / bottom)", f"{_fmt(stats.get('n_top'))} / {_fmt(stats.get('n_bottom'))}"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"  {key:<{width}}  {value}")
+    return 0
+
+
+def sets(args) -> int:
+    index = open_index(args.index_uri)
+    rows = index.sets()
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print(f"no feature sets in {index.uri}")
+        return 0
+    body = [[row["set_id"], _fmt(row["model"]), _fmt(row["hook"]), row["kind"], str(row["n_features"]),
+             _fmt(row.get("n_clips")), row["created_at"].strftime("%Y-%m-%d %H:%M") if row.get("created_at") else "-"]
+            for row in rows]
+    print(_table(["set_id", "model", "hook", "kind", "features", "clips", "created (UTC)"], body, right={4, 5}))
+    return 0
+
+
+# ---------------------------------------------------------------- argparse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, traces: bool = False) -> None:
+    p.add_argument("--index-uri", default=None, metavar="URI",
+                   help="LanceDB feature index (default: settings.lancedb_uri(), i.e. $FREUD_LANCEDB_URI or "
+                        "<data dir>/lancedb)")
+    p.add_argument("--json", action="store_true", help="print the query result as JSON (NaN as null)")
+    if traces:
+        p.add_argument("--traces", action="store_true",
+                       help="include per-frame traces (one value per 20 ms frame) in the JSON")
+
+
+def add_parsers(sub) -> None:
+    """Register the feature-index subcommands on the `freud` subparsers."""
+    p = sub.add_parser("top-features", help="features most active on an audio file (runs Whisper)")
+    p.add_argument("audio", help="an audio file (anything ffmpeg decodes; .g722 is raw G.722)")
+    p.add_argument("--set", required=True, help="feature set id (see `freud sets`)")
+    p.add_argument("--n", type=_positive_int, default=32, help="how many features (default 32)")
+    _common(p, traces=True)
+    p.set_defaults(func=top_features)
+
+    p = sub.add_parser("top-examples", help="clips ranked by a feature's peak")
+    p.add_argument("--set", required=True, help="feature set id (see `freud sets`)")
+    p.add_argument("--index", type=int, required=True, help="feature index within the set")
+    p.add_argument("--n", type=_positive_int, default=20, help="how many clips (default 20)")
+    p.add_argument("--min", dest="min_value", type=_finite_float, default=None, metavar="V",
+                   help="keep clips whose signed peak is >= this")
+    p.add_argument("--max", dest="max_value", type=_finite_float, default=None, metavar="V",
+                   help="keep clips whose signed peak is <= this")
+    p.add_argument("--absolute", action="store_true",
+                   help="rank by |peak| over the top and bottom lists (with --max 0: most negative clips)")
+    _common(p, traces=True)
+    p.set_defaults(func=top_examples)
+
+    p = sub.add_parser("feature", help="a feature's statistics, label and label scores")
+    p.add_argument("--set", required=True, help="feature set id (see `freud sets`)")
+    p.add_argument("--index", type=int, required=True, help="feature index within the set")
+    _common(p)
+    p.set_defaults(func=feature)
+
+    p = sub.add_parser("sets", help="list the feature sets in the index")
+    _common(p)
+    p.set_defaults(func=sets)
