@@ -4,7 +4,7 @@
 import dagster as dg
 
 from freud_pipeline import settings
-from freud_pipeline.defs import activations, datasets, features, sae
+from freud_pipeline.defs import activations, datasets, features, latents, sae
 from freud_pipeline.defs.partitions import SPLITS, split_partitions
 from freud_pipeline.defs.resources import FreudStorage
 
@@ -13,7 +13,7 @@ ACTIVATION_ASSETS = [activations.activations]
 INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, features.sae_feature_index]
 DEFAULT_ASSETS = CORPUS_ASSETS + ACTIVATION_ASSETS + INDEX_ASSETS
 EXTERNAL_ASSETS = [datasets.librispeech, datasets.esc50, datasets.audioset, datasets.audio_folder,
-                   *activations.EXTERNAL_ACTIVATIONS]
+                   *activations.EXTERNAL_ACTIVATIONS, latents.sae_latents]
 
 # Partitioned and unpartitioned assets cannot share a job, so the default graph runs as three stages.
 corpus_job = dg.define_asset_job("corpus_job", selection=dg.AssetSelection.assets(*CORPUS_ASSETS),
