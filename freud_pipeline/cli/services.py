@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,9 @@ class Service:
 def dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or settings.data_dir() / "dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
+    instance_yaml = home / "dagster.yaml"
+    if not instance_yaml.exists():  # pool limits etc. (deploy/dagster.yaml); an operator's own file is kept
+        shutil.copyfile(settings.REPO_ROOT / "deploy" / "dagster.yaml", instance_yaml)
     os.environ["DAGSTER_HOME"] = str(home)  # Dagster requires an absolute path; children inherit it
     return home
 
@@ -43,7 +47,8 @@ def services(host: str, dagster_port: int, mlflow_port: int, app_port: int) -> l
         Service(
             "mlflow",
             [str(bin_dir / "mlflow"), "server", "--backend-store-uri", settings.mlflow_tracking_uri(),
-             "--default-artifact-root", (data / "mlartifacts").as_uri(), "--host", host, "--port", str(mlflow_port)],
+             "--default-artifact-root", (data / "mlartifacts").as_uri(), "--host", host, "--port", str(mlflow_port),
+             "--workers", "1"],  # one worker: the UI needs no more, and each costs a Python start
             f"http://{host}:{mlflow_port}", f"http://{host}:{mlflow_port}/health",
         ),
         Service(
@@ -66,7 +71,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_services(host="127.0.0.1", dagster_port=3000, mlflow_port=5000, app_port=8050, wait_s=180.0) -> list[Service]:
+def start_services(host="127.0.0.1", dagster_port=3000, mlflow_port=5000, app_port=8050, wait_s=300.0) -> list[Service]:
     """Start each UI in its own process group (so it survives this command), then wait until all answer."""
     stop_services(quiet=True)
     dagster_home()
