@@ -166,3 +166,30 @@ def test_topk_sae_latents_are_stored_sparse_and_read_back_exactly(collected, tmp
         assert ((stored[clip_id] != 0).sum(axis=1) <= 16).all()
     # 16 values + 16 indices per frame instead of 1536 dense values
     assert manifest["bytes"] < 0.1 * reader.n_frames * 1536 * 2
+
+
+def test_fast_modes_record_their_fidelity_against_the_faithful_mode(corpus, tmp_path):
+    manifest, root = corpus
+    short = manifest[manifest.duration_s < 30]
+    for mode in ("trimmed", "packed"):
+        result = collect_activations(short, tmp_path / mode, hooks=["encoder.blocks.1"], window_mode=mode,
+                                     batch_size=4, device="cpu", data_root=root)
+        fidelity = result["fidelity_vs_padded"]["encoder.blocks.1"]
+        assert fidelity["n_clips"] == len(short)
+        assert 0 < fidelity["frame_cosine_p01"] <= fidelity["frame_cosine_mean"] <= 1.0
+        lengths = {cid: len(a) for cid, a in ActivationReader(tmp_path / mode).iter_clips("encoder.blocks.1")}
+        assert lengths == {r.clip_id: int(np.ceil(r.duration_s / 0.02 - 1e-9)) for r in short.itertuples()}
+
+
+def test_streaming_mode_yields_what_collection_stores(collected, corpus):
+    from freud_pipeline.activations.streaming import StreamingActivations
+
+    manifest, root = corpus
+    stream = StreamingActivations(manifest.head(3), hooks=["encoder.blocks.2"], device="cpu", data_root=root,
+                                  shuffle_buffer_frames=256)
+    stored = dict(ActivationReader(collected).iter_clips("encoder.blocks.2", dtype=np.float32))
+    for clip_id, acts in stream.iter_clips("encoder.blocks.2"):
+        np.testing.assert_allclose(acts, stored[clip_id], atol=2e-2, rtol=1e-2)  # stored in float16
+    batches = list(stream.random_frames("encoder.blocks.2", batch_size=64, seed=0, epochs=1))
+    total = sum(len(a) for _, a in stream.iter_clips("encoder.blocks.2"))
+    assert all(b.shape == (64, 384) for b in batches) and len(batches) == total // 64

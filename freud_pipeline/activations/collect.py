@@ -180,6 +180,25 @@ def iter_clip_activations(
                     )
 
 
+def measure_fidelity(rows: pd.DataFrame, capture: EncoderCapture, shard_dir: Path, *, sample: int = 24,
+                     batch_size: int = 8, data_root: Path | None = None) -> dict:
+    """A fast mode's fidelity: its stored activations of a sample of clips against the faithful padded mode."""
+    from freud_pipeline.activations.fidelity import compare_modes
+    from freud_pipeline.activations.reader import ActivationReader
+
+    chosen = rows.sample(n=min(sample, len(rows)), random_state=0)
+    wanted = set(chosen["clip_id"])
+    stored_reader = ActivationReader(shard_dir)
+    report = {}
+    for hook in capture.hooks:
+        reference = {cid: acts[hook] for cid, _, acts in
+                     iter_clip_activations(chosen, capture, window_mode="padded", batch_size=batch_size,
+                                           data_root=data_root)}
+        stored = {cid: a for cid, a in stored_reader.iter_clips(hook, dtype=np.float32) if cid in wanted}
+        report[hook] = {k: round(v, 4) for k, v in compare_modes(reference, stored).items()}
+    return report
+
+
 def prepare_capture(model: str, hooks: list[str], device: str = "auto") -> EncoderCapture:
     whisper_model = load_model(model, device=resolve_device(device))
     if whisper_model.device.type == "cuda":
@@ -236,7 +255,13 @@ def collect_activations(
             on_progress(done, len(todo), audio_seconds / max(time.perf_counter() - started, 1e-9))
     bar.close()
     elapsed = time.perf_counter() - started
+    writer.flush()  # every clip on disk before the fidelity sample reads it back
+    fidelity = None
+    if window_mode != "padded" and writer.done:
+        fidelity = measure_fidelity(rows[rows["clip_id"].isin(writer.done)], capture, out_dir,
+                                    batch_size=batch_size, data_root=data_root)
     return writer.close(extra_metadata={
+        "fidelity_vs_padded": fidelity,
         "skipped": skipped,
         "elapsed_s": round(elapsed, 2),
         "audio_seconds_per_s": round(audio_seconds / max(elapsed, 1e-9), 2),

@@ -6,6 +6,7 @@ from freud_pipeline.activations.collect import collect_activations
 from freud_pipeline.audio.datasets import load_manifest
 from freud_pipeline.defs.partitions import SPLITS, audioset_partitions, librispeech_partitions, split_partitions
 from freud_pipeline.defs.resources import FreudStorage
+from freud_pipeline.diskspace import require_free_space
 
 
 class ActivationsConfig(dg.Config):
@@ -25,6 +26,7 @@ def collect_partition(context: dg.AssetExecutionContext, config: ActivationsConf
     manifest = load_manifest(manifest_path)
     rows = manifest[manifest["split"] == partition] if split_column_filter else manifest
     directory = storage.path("activations", config.model.replace("/", "_"), dataset, partition)
+    require_free_space(directory, what=f"collecting activations of {dataset}/{partition}")  # clear error, not ENOSPC
     result = collect_activations(
         rows, directory, model=config.model, hooks=config.hooks, dtype=config.dtype,
         window_mode=config.window_mode, batch_size=config.batch_size, device=config.device,
@@ -44,6 +46,8 @@ def collect_partition(context: dg.AssetExecutionContext, config: ActivationsConf
         "hooks": dg.MetadataValue.json(list(config.hooks)),
         "dtype": config.dtype,
         "window_mode": config.window_mode,
+        **({"fidelity_vs_padded": dg.MetadataValue.json(result["fidelity_vs_padded"])}
+           if result.get("fidelity_vs_padded") else {}),
         "directory": dg.MetadataValue.path(str(directory)),
     })
     return {"dataset": dataset, "split": partition, "directory": str(directory), "model": config.model,
