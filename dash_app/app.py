@@ -1,8 +1,9 @@
 """The FREUD feature browser: a multi-page Dash app over a FeatureIndex.
 
-Pages (dcc.Location routing, top nav): `/search` (feature search; the URL holds its state) and `/upload`
-(upload or record a clip and see its top features). `/audio/<clip_id>` serves a manifest clip's audio as WAV,
-looked up by id only (404 for unknown ids); no file path ever appears in a URL.
+Pages (dcc.Location routing, top nav): `/search` (feature search; the URL holds its state), `/upload`
+(upload or record a clip and see its top features), `/edit` (scale SAE features inside Whisper and compare
+transcripts) and `/runs` (SAE training runs from MLflow, side-by-side comparison). `/audio/<clip_id>` serves a
+manifest clip's audio as WAV, looked up by id only (404 for unknown ids); no file path ever appears in a URL.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from dash import Input, Output, State, dcc, html
 from flask import abort, request, send_file
 
 from dash_app.data import ClipNotFound, IndexAccess, IndexUnavailable
-from dash_app.pages import search, upload
+from dash_app.pages import edit, runs, search, upload
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-NAV = (("/search", "Feature search"), ("/upload", "Upload audio"))
+NAV = (("/search", "Feature search"), ("/upload", "Upload audio"), ("/edit", "Edit features"), ("/runs", "SAE runs"))
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -49,10 +50,20 @@ def _not_found(pathname: str) -> html.Div:
 
 
 def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, max_upload_mb: float = 50,
-               max_upload_seconds: float = 60.0, title: str = "FREUD") -> dash.Dash:
+               max_upload_seconds: float = 60.0, title: str = "FREUD", mlflow_uri: str | None = None) -> dash.Dash:
     """Build the app. `index` is a FeatureIndex (or anything with its query API); None opens the one under
-    `data_dir` (or the configured FREUD data directory) lazily, so the app starts before the pipeline has run."""
+    `data_dir` (or the configured FREUD data directory) lazily, so the app starts before the pipeline has run.
+    `mlflow_uri`: the MLflow store of the runs page (default: env MLFLOW_TRACKING_URI, else data_dir's mlflow.db).
+
+    Served by Flask's threaded server (`app.run` keeps Flask's default threaded=True): a slow callback (an edit,
+    an upload's inference) holds one request thread, and other users' searches are answered meanwhile."""
     access = IndexAccess(index, data_dir)
+
+    def mlflow_uri_of() -> str:
+        from freud_pipeline.features.runs import tracking_uri_for
+
+        return mlflow_uri or tracking_uri_for(data_dir)
+
     app = dash.Dash(
         __name__,
         title=title,
@@ -82,20 +93,25 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
             return search.layout(access, search_string)
         if path == upload.PATH:
             return upload.layout(access, max_upload_mb, max_upload_seconds, search_string)
+        if path == edit.PATH:
+            return edit.layout(access, max_upload_mb, max_upload_seconds, search_string)
+        if path == runs.PATH:
+            return runs.layout(access, mlflow_uri_of)
         return _not_found(pathname)
 
     @app.callback(
-        Output("nav-search", "className"),
-        Output("nav-upload", "className"),
+        *[Output(f"nav-{href.strip('/')}", "className") for href, _ in NAV],
         Input("url", "pathname"),
     )
     def highlight_nav(pathname):
         path = (pathname or "/").rstrip("/") or "/"
-        return ("nav-link active" if path in ("/", "/search") else "nav-link",
-                "nav-link active" if path == "/upload" else "nav-link")
+        path = "/search" if path == "/" else path
+        return tuple("nav-link active" if path == href else "nav-link" for href, _ in NAV)
 
     search.register(app, access)
     upload.register(app, access, max_upload_mb=max_upload_mb, max_upload_seconds=max_upload_seconds)
+    edit.register(app, access, max_upload_mb=max_upload_mb, max_upload_seconds=max_upload_seconds)
+    runs.register(app, access, mlflow_uri_of)
 
     # Playheads: read each player's currentTime and move its figure's line (no server round trip).
     app.clientside_callback(

@@ -24,7 +24,11 @@ def materialised(session_data_dir):
     run_config = demo_run_config(small=True)
     run_config["ops"]["asterisk_prompts"]["config"]["limit"] = 24
     run_config["ops"]["festival_speech"]["config"]["n_sentences"] = 8
-    run_config["ops"]["topk_sae"]["config"].update({"steps": 120, "batch_size": 256})
+    # A short SAE run, spliced into 4 held-out clips; thresholds a 120-step SAE meets with a margin (the demo
+    # config keeps the defaults: FVU <= 0.5, dead <= 50 %, CE recovered >= 0.5).
+    run_config["ops"]["topk_sae"]["config"].update({
+        "steps": 120, "batch_size": 256, "splice_clips": 4, "max_fvu": 0.8, "min_ce_recovered": 0.0,
+    })
     with dg.instance_for_test() as instance:
         results = materialize_default(run_config, instance)
         yield results, instance
@@ -72,3 +76,40 @@ def test_feature_index_answers_for_neurons_and_sae(materialised):
     examples = index.top_examples(neuron["set_id"], 0, n=5)
     assert 1 <= len(examples) <= 5
     assert [e["value"] for e in examples] == sorted((e["value"] for e in examples), reverse=True)
+
+
+def test_sae_is_evaluated_checked_and_registered(materialised):
+    from freud_pipeline import settings
+    from freud_pipeline.sae.registry import CHAMPION
+
+    results = materialised[0]
+    index_run = next(r for r in results if any(e.step_key == "topk_sae" for e in r.get_asset_materialization_events()))
+    sae = index_run.output_for_node("topk_sae")
+    # The blocking check ran and passed; its verdict is the one the registry acted on.
+    (evaluation,) = [e for e in index_run.get_asset_check_evaluations() if e.check_name == "sae_quality"]
+    assert evaluation.passed and evaluation.asset_key == dg.AssetKey("topk_sae")
+    assert {"fvu", "dead_pct", "ce_recovered", "threshold/fvu_max"} <= set(evaluation.metadata)
+    assert sae["quality"]["passed"] and sae["registry"]["promoted"]
+    assert sae["registry"]["name"] == "freud-sae.tiny_en.encoder_blocks_2.topk"
+
+    (materialization,) = [e.materialization for e in index_run.get_asset_materialization_events()
+                          if e.step_key == "topk_sae"]
+    metadata = materialization.metadata
+    assert metadata["mlflow_run"].value.startswith("http://127.0.0.1:5000/#/experiments/")
+    assert metadata["mlflow_run"].value.endswith(sae["run_id"])
+    for key in ("fvu", "explained_variance", "l0", "dead_pct", "dense_pct", "ce_original", "ce_spliced", "ce_zero",
+                "ce_mean", "ce_recovered", "wer_original", "wer_spliced"):
+        assert key in metadata, key
+    assert metadata["splice_n_clips"].value == 4
+    assert 0 <= metadata["fvu"].value <= 0.8 and metadata["ce_zero"].value > metadata["ce_original"].value
+
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri())
+    run = client.get_run(sae["run_id"])
+    assert run.data.tags["dagster_run_id"] == index_run.run_id
+    assert run.data.tags["dagster_asset_key"] == "topk_sae" and run.data.tags["whisper_model"] == "tiny.en"
+    assert run.data.tags["dataset_version"] and run.data.tags["quality_check"] == "passed"
+    assert {"splice/ce_recovered", "splice/wer_spliced", "eval/fvu", "eval/dead_fraction"} <= set(run.data.metrics)
+    assert "eval/quality_report.json" in {a.path for a in client.list_artifacts(sae["run_id"], "eval")}
+    champion = client.get_model_version_by_alias(sae["registry"]["name"], CHAMPION)
+    assert champion.run_id == sae["run_id"] and champion.source == f"runs:/{sae['run_id']}/checkpoint"
+    assert champion.tags["quality_check"] == "passed"

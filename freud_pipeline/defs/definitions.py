@@ -7,13 +7,16 @@ from freud_pipeline import settings
 from freud_pipeline.defs import activations, datasets, features, latents, sae
 from freud_pipeline.defs.partitions import SPLITS, split_partitions
 from freud_pipeline.defs.resources import FreudStorage
+from freud_pipeline.defs import checks, executors, incoming, schedules, sensors
 
 CORPUS_ASSETS = [datasets.asterisk_prompts, datasets.festival_speech, datasets.default_corpus]
 ACTIVATION_ASSETS = [activations.activations]
-INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, features.sae_feature_index]
+# The SAE feature index rebuilds by itself when a new SAE lands (eager automation condition, defs/schedules.py).
+INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, schedules.rebuild_on_new_sae(features.sae_feature_index)]
 DEFAULT_ASSETS = CORPUS_ASSETS + ACTIVATION_ASSETS + INDEX_ASSETS
 EXTERNAL_ASSETS = [datasets.librispeech, datasets.esc50, datasets.audioset, datasets.audio_folder,
                    *activations.EXTERNAL_ACTIVATIONS, latents.sae_latents]
+INCOMING_ASSETS = incoming.INCOMING_ASSETS  # new audio arriving in FREUD_WATCH_DIR, one dynamic partition per batch
 
 # Partitioned and unpartitioned assets cannot share a job, so the default graph runs as three stages.
 corpus_job = dg.define_asset_job("corpus_job", selection=dg.AssetSelection.assets(*CORPUS_ASSETS),
@@ -39,9 +42,13 @@ def resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=DEFAULT_ASSETS + EXTERNAL_ASSETS,
-    jobs=[corpus_job, activations_job, index_job],
+    assets=DEFAULT_ASSETS + EXTERNAL_ASSETS + INCOMING_ASSETS,
+    jobs=[corpus_job, activations_job, index_job, incoming.incoming_job, schedules.sae_retrain_job],
     resources=resources(),
+    asset_checks=checks.CHECKS + sae.SAE_CHECKS,  # sae_quality: the blocking gate on the trained SAE
+    sensors=sensors.SENSORS,
+    schedules=schedules.SCHEDULES,
+    executor=executors.freud_executor(),  # multiprocess by default; celery via run config or FREUD_EXECUTOR
 )
 
 

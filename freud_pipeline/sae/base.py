@@ -8,18 +8,63 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 
-@dataclass
 class ForwardOutput:
-    x_hat: Tensor
-    latents: Tensor  # dense [N, n_latents]
-    loss_parts: dict[str, Tensor]  # always holds "loss", the scalar the trainer minimises
+    """x_hat, latents (dense [N, n_latents]) and loss_parts (always holds "loss", the scalar the trainer minimises).
+
+    An architecture that selects latents sparsely may pass `latents` as a zero-argument function and the active
+    entries as `active=(rows, cols, values)`: the dense matrix, the largest tensor of a training step, is then
+    built only if someone reads `.latents`, and the firing statistics the trainer needs every step come from the
+    entries alone.
+    """
+
+    __slots__ = ("x_hat", "_latents", "loss_parts", "active", "n_latents")
+
+    def __init__(
+        self,
+        x_hat: Tensor,
+        latents: Tensor | Callable[[], Tensor],
+        loss_parts: dict[str, Tensor],
+        active: tuple[Tensor, Tensor, Tensor] | None = None,
+        n_latents: int | None = None,
+    ):
+        if active is not None and n_latents is None:
+            raise ValueError("ForwardOutput: pass n_latents with the active entries")
+        self.x_hat = x_hat
+        self._latents = latents
+        self.loss_parts = loss_parts
+        self.active = active
+        self.n_latents = n_latents
+
+    @property
+    def latents(self) -> Tensor:
+        if callable(self._latents):
+            self._latents = self._latents()
+        return self._latents
+
+    @property
+    def n_frames(self) -> int:
+        return self.x_hat.shape[0]
+
+    @torch.no_grad()
+    def fired_counts(self) -> Tensor:
+        """Per latent, on how many frames of this batch it was non-zero (int64 [n_latents])."""
+        if self.active is None:
+            return (self.latents != 0).sum(0)
+        _, cols, values = self.active
+        return torch.bincount(cols[values != 0], minlength=self.n_latents)
+
+    @torch.no_grad()
+    def l0(self) -> float:
+        """Mean number of non-zero latents per frame."""
+        if self.active is None:
+            return float((self.latents != 0).sum(-1).double().mean())
+        return float((self.active[2] != 0).sum()) / max(1, self.n_frames)
 
 
 class SparseAutoencoder(nn.Module, ABC):

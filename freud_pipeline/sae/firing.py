@@ -13,8 +13,13 @@ class FiringTracker:
 
     @torch.no_grad()
     def update(self, latents: Tensor) -> None:
-        self.frames_since_fired += latents.shape[0]
-        self.frames_since_fired[(latents != 0).any(0)] = 0
+        self.update_fired(latents.shape[0], (latents != 0).any(0))
+
+    @torch.no_grad()
+    def update_fired(self, n_frames: int, fired: Tensor) -> None:
+        """`fired` [n_latents]: which latents were non-zero on at least one of the batch's `n_frames` frames."""
+        self.frames_since_fired += n_frames
+        self.frames_since_fired.masked_fill_(fired.to(self.frames_since_fired.device, torch.bool), 0)
 
     def dead_mask(self) -> Tensor:
         return self.frames_since_fired >= self.dead_after_frames

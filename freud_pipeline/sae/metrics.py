@@ -113,9 +113,9 @@ def evaluate_sae(
         sum_r += residual.sum(0)
         sum_r2 += residual.pow(2).sum(0)
         sq_err += float(residual.pow(2).sum())
-        fired = out.latents != 0
+        fired = out.fired_counts()
         active += float(fired.sum())
-        fire_counts += fired.sum(0)
+        fire_counts += fired.to(fire_counts)
     sae.train(was_training)
     total_var = float((sum_x2 - sum_x.pow(2) / n).sum())
     residual_var = float((sum_r2 - sum_r.pow(2) / n).sum())

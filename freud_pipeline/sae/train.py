@@ -25,7 +25,7 @@ from freud_pipeline.sae.checkpoint import CFG_FILE, WEIGHTS_FILE, CheckpointErro
 from freud_pipeline.sae.config import TrainConfig
 from freud_pipeline.sae.density_plot import write_density_plot
 from freud_pipeline.sae.firing import FiringTracker
-from freud_pipeline.sae.metrics import DENSE_FREQUENCY, evaluate_sae, fvu, l0
+from freud_pipeline.sae.metrics import DENSE_FREQUENCY, evaluate_sae, fvu
 from freud_pipeline.sae.resume import capture_rng, load_trainer_state, restore_rng, save_trainer_state
 from freud_pipeline.sae.scaling import estimate_input_scale, folded_copy
 from freud_pipeline.sae.sources import FrameStream, as_frame_source
@@ -71,8 +71,11 @@ def _lr_factor(cfg: TrainConfig):
 
 
 def _optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Optimizer:
-    cls = torch.optim.RAdam if cfg.optimiser == "radam" else torch.optim.Adam
-    return cls(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimiser == "radam":
+        return torch.optim.RAdam(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel does Adam's element-wise update in one pass: a few times faster than the default on CPU.
+    fused = sae.device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in sae.parameters())
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
@@ -84,14 +87,13 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
         )
 
 
-def _step_metrics(out: ForwardOutput, x: torch.Tensor, tracker: FiringTracker) -> dict[str, float]:
-    latents = out.latents.detach()
+def _step_metrics(out: ForwardOutput, x: torch.Tensor, tracker: FiringTracker, fired_counts: torch.Tensor):
     return {
         **{("loss" if k == "loss" else f"loss_{k}"): float(v.detach()) for k, v in out.loss_parts.items()},
         "fvu": fvu(x, out.x_hat.detach().float()),
-        "l0": l0(latents),
+        "l0": out.l0(),
         "dead_pct": 100 * tracker.dead_fraction(),
-        "dense_pct": 100 * float(((latents != 0).float().mean(0) > DENSE_FREQUENCY).float().mean()),
+        "dense_pct": 100 * float((fired_counts / x.shape[0] > DENSE_FREQUENCY).double().mean()),
     }
 
 
@@ -211,11 +213,12 @@ def train_sae(
             optimizer.step()
             scheduler.step()
             sae.after_optimizer_step()
-            tracker.update(out.latents)
+            fired_counts = out.fired_counts()
+            tracker.update_fired(x.shape[0], fired_counts > 0)
             frames_done += x.shape[0]
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                metrics = _step_metrics(out, x, tracker) | {
+                metrics = _step_metrics(out, x, tracker, fired_counts) | {
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "frames_per_s": frames_done / (time.perf_counter() - started),
