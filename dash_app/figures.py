@@ -78,7 +78,7 @@ def padded_range(values: Sequence[float], value_range: tuple[float, float] | Non
     return [lo - pad, hi + pad]
 
 
-def clip_figure(
+def clip_figure_dict(
     mel: np.ndarray,
     trace: Sequence[float] | None = None,
     *,
@@ -89,88 +89,60 @@ def clip_figure(
     shade_scale: float | None = None,
     trace_offset_frames: int = 0,
     value_range: tuple[float, float] | None = None,
-) -> go.Figure:
+) -> dict:
     """Log-mel heatmap (cropped to the clip) with the activation trace on a secondary axis and shading per frame.
 
-    layout.shapes[0] is the playhead (moved in the browser by assets/freud.js).
+    A plain figure dict: building go.Figure objects validates every array and dominated a search's cost (20
+    figures per page). layout.shapes[0] is the playhead (moved in the browser by assets/freud.js).
     """
     n_mels, frames = mel.shape
     duration = frames * MEL_HOP_SECONDS
     pooled, column_s = _pool_columns(mel, MAX_MEL_COLUMNS)
     x = (np.arange(pooled.shape[1]) + 0.5) * column_s
-    fig = go.Figure()
-    fig.add_trace(
-        go.Heatmap(
-            z=np.round(pooled, 3).astype(np.float32),
-            x=np.round(x, 4),
-            y=np.arange(n_mels),
-            colorscale="gray",
-            showscale=False,
-            hoverinfo="skip",
-            name="log-mel",
-        )
-    )
     parts = trace_parts(trace, n_mels, trace_name, scale=shade_scale, offset_frames=trace_offset_frames)
-    fig.add_trace(
-        go.Bar(
-            x=parts["times"],
-            y=parts["heights"],
-            base=-0.5,
-            width=FRAME_SECONDS,
-            marker={"color": parts["colours"], "line": {"width": 0}},
-            hoverinfo="skip",
-            showlegend=False,
-            name="shading",
-        )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=parts["times"],
-            y=parts["values"],
-            yaxis="y2",
-            mode="lines",
-            line={"color": TRACE_COLOUR, "width": 1.6},
-            name=trace_name,
-            hovertemplate="%{x:.2f} s: %{y:.3f}<extra></extra>",
-            showlegend=False,
-        )
-    )
     peak_x = [peak_time_s] if peak_time_s is not None and peak_value is not None else []
     peak_y = [peak_value] if peak_x else []
-    fig.add_trace(
-        go.Scatter(
-            x=peak_x,
-            y=peak_y,
-            yaxis="y2",
-            mode="markers",
-            marker={"symbol": "triangle-down", "size": 10, "color": TRACE_COLOUR, "line": {"color": "black", "width": 1}},
-            name="peak",
-            hovertemplate="peak %{y:.3f} at %{x:.2f} s<extra></extra>",
-            showlegend=False,
-        )
-    )
-    y2_range = padded_range(parts["values"], value_range)
-    fig.update_layout(
-        height=height,
-        margin={"l": 48, "r": 56, "t": 8, "b": 36},
-        bargap=0,
-        barmode="overlay",
-        hovermode="closest",
-        plot_bgcolor="black",
-        paper_bgcolor="white",
-        xaxis={"title": {"text": "time (s)", "standoff": 2}, "range": [0, duration], "showgrid": False, "zeroline": False},
-        yaxis={"title": {"text": "mel bin", "standoff": 2}, "range": [-0.5, n_mels - 0.5], "showgrid": False,
-               "zeroline": False, "fixedrange": True},
-        yaxis2={"title": {"text": trace_name, "standoff": 2}, "overlaying": "y", "side": "right", "showgrid": False,
-                "zeroline": True, "zerolinecolor": "rgba(255,179,0,0.45)", "range": y2_range, "fixedrange": True,
-                "tickmode": "auto", "nticks": 6},
-        shapes=[
-            {"type": "line", "xref": "x", "yref": "paper", "x0": 0, "x1": 0, "y0": 0, "y1": 1,
-             "line": {"color": PLAYHEAD_COLOUR, "width": 2}, "name": "playhead"}
-        ],
-        uirevision="clip",
-    )
-    return fig
+    data = [
+        {"type": "heatmap", "z": np.round(pooled.astype(np.float64), 2).tolist(), "x": np.round(x, 4).tolist(),
+         "y": list(range(n_mels)), "colorscale": "Greys", "reversescale": True, "showscale": False,
+         "hoverinfo": "skip", "name": "log-mel"},
+        {"type": "bar", "x": parts["times"], "y": parts["heights"], "base": -0.5, "width": FRAME_SECONDS,
+         "marker": {"color": parts["colours"], "line": {"width": 0}}, "hoverinfo": "skip", "showlegend": False,
+         "name": "shading"},
+        {"type": "scatter", "x": parts["times"], "y": parts["values"], "yaxis": "y2", "mode": "lines",
+         "line": {"color": TRACE_COLOUR, "width": 1.6}, "name": trace_name,
+         "hovertemplate": "%{x:.2f} s: %{y:.3f}<extra></extra>", "showlegend": False},
+        {"type": "scatter", "x": peak_x, "y": peak_y, "yaxis": "y2", "mode": "markers",
+         "marker": {"symbol": "triangle-down", "size": 10, "color": TRACE_COLOUR,
+                    "line": {"color": "black", "width": 1}},
+         "name": "peak", "hovertemplate": "peak %{y:.3f} at %{x:.2f} s<extra></extra>", "showlegend": False},
+    ]
+    layout = {
+        "height": height,
+        "margin": {"l": 48, "r": 56, "t": 8, "b": 36},
+        "bargap": 0,
+        "barmode": "overlay",
+        "hovermode": "closest",
+        "plot_bgcolor": "black",
+        "paper_bgcolor": "white",
+        "xaxis": {"title": {"text": "time (s)", "standoff": 2}, "range": [0, duration], "showgrid": False,
+                  "zeroline": False},
+        "yaxis": {"title": {"text": "mel bin", "standoff": 2}, "range": [-0.5, n_mels - 0.5], "showgrid": False,
+                  "zeroline": False, "fixedrange": True},
+        "yaxis2": {"title": {"text": trace_name, "standoff": 2}, "overlaying": "y", "side": "right",
+                   "showgrid": False, "zeroline": True, "zerolinecolor": "rgba(255,179,0,0.45)",
+                   "range": padded_range(parts["values"], value_range), "fixedrange": True, "tickmode": "auto",
+                   "nticks": 6},
+        "shapes": [{"type": "line", "xref": "x", "yref": "paper", "x0": 0, "x1": 0, "y0": 0, "y1": 1,
+                    "line": {"color": PLAYHEAD_COLOUR, "width": 2}, "name": "playhead"}],
+        "uirevision": "clip",
+    }
+    return {"data": data, "layout": layout}
+
+
+def clip_figure(mel: np.ndarray, trace: Sequence[float] | None = None, **kwargs) -> go.Figure:
+    """`clip_figure_dict` as a go.Figure, for callers that modify the figure further."""
+    return go.Figure(clip_figure_dict(mel, trace, **kwargs))
 
 
 def histogram_figure(hist: dict, *, index: int, min_value: float | None = None, max_value: float | None = None,

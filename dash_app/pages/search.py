@@ -31,7 +31,7 @@ from dash_app.data import (
     set_options,
     validate_search,
 )
-from dash_app.figures import clip_figure, histogram_figure
+from dash_app.figures import clip_figure_dict, histogram_figure
 from dash_app.pages.upload import clip_href
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
         # the peak of |a| for absolute searches; value is the signed peak the index reports
         # frames, for long clips whose stored trace is a window around the peak
         offset = int(ex.get("trace_offset_frame", ex.get("trace_offset")) or 0)
-        figure = clip_figure(clip.mel, trace, peak_time_s=peak_time,
+        figure = clip_figure_dict(clip.mel, trace, peak_time_s=peak_time,
                              peak_value=_signed_at(trace, peak_time, peak_value, offset),
                              shade_scale=shade_scale, trace_offset_frames=offset, value_range=value_range)
         graph = dcc.Graph(id=graph_id, figure=figure, config={"displayModeBar": False, "responsive": True},

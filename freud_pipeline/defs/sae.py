@@ -202,7 +202,10 @@ def _frames_dirs(config: SaeAssetConfig, storage: FreudStorage, activations: dic
         if missing:
             raise dg.Failure(f"the activations asset has no {', '.join(missing)} partition(s); it has "
                              f"{', '.join(sorted(dirs))}")
-        model = config.model or activations[config.train_split]["model"]
+        model = activations[config.train_split]["model"]
+        if config.model and config.model != model:
+            raise dg.Failure(f"model {config.model!r} was asked for, but the activations asset holds {model!r} "
+                             f"activations; name the `dataset` collected with {config.model!r}, or leave `model` empty")
         return model, {"train": Path(dirs[config.train_split]), "eval": Path(dirs[config.eval_split])}
     if not config.model:
         raise dg.Failure(f"dataset {config.dataset!r} needs `model` (the Whisper model its activations came from)")

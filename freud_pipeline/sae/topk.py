@@ -22,17 +22,45 @@ def sparse_decode(W_dec: Tensor, rows: Tensor, cols: Tensor, values: Tensor, n_r
     return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype))
 
 
-def sparse_transpose_product(
-    rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor, n_cols: int, by_col: Tensor | None = None
-) -> Tensor:
-    """Sᵀ @ dense for the sparse [n_rows, n_cols] matrix S with entries (rows, cols, values): [n_cols, d].
+def _exclusive_cumsum(counts: Tensor) -> Tensor:
+    return torch.cumsum(counts, 0) - counts
 
-    An embedding bag over the entries sorted by column (one bag per column), which on CPU is several times faster
-    than torch.sparse.mm of the same product. `by_col`: the sorting permutation, if already known."""
-    if by_col is None:
-        by_col = torch.argsort(cols, stable=True)
-    offsets = torch.searchsorted(cols[by_col], torch.arange(n_cols, device=cols.device))
-    return F.embedding_bag(rows[by_col], dense, offsets, mode="sum", per_sample_weights=values[by_col].to(dense.dtype))
+
+class Entries:
+    """The active entries (rows ascending, cols) of a sparse [n_rows, n_cols] matrix, indexed both ways.
+
+    Every product a top-k layer needs is an embedding bag: by row (decode: one bag per frame) or by column
+    (weight gradients: one bag per latent, over the entries sorted by column). The column order is computed once,
+    on first use, and shared by the encoder's and the decoder's backward."""
+
+    def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_cols: int):
+        self.rows, self.cols, self.n_rows, self.n_cols = rows, cols, n_rows, n_cols
+        self.row_offsets = _exclusive_cumsum(torch.bincount(rows, minlength=n_rows))
+        self._by_col: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(permutation sorting the entries by column, their rows in that order, one offset per column)."""
+        if self._by_col is None:
+            order = torch.argsort(self.cols, stable=True)
+            offsets = _exclusive_cumsum(torch.bincount(self.cols, minlength=self.n_cols))
+            self._by_col = (order, self.rows[order], offsets)
+        return self._by_col
+
+    def decode(self, weight: Tensor, values: Tensor) -> Tensor:
+        """[n_rows, d]: per row, the sum of values_j * weight[cols_j] (no autograd)."""
+        return F.embedding_bag(self.cols, weight, self.row_offsets, mode="sum", per_sample_weights=values)
+
+    def transpose_product(self, values: Tensor, dense: Tensor) -> Tensor:
+        """Sᵀ @ dense for S = this matrix holding `values`: [n_cols, d] (no autograd)."""
+        order, rows_by_col, offsets = self.by_col()
+        return F.embedding_bag(rows_by_col, dense, offsets, mode="sum", per_sample_weights=values[order])
+
+    def entry_dots(self, dense: Tensor, weight: Tensor) -> Tensor:
+        """Per entry j, dense[rows_j] · weight[cols_j]: the gradient of `decode` with respect to its values."""
+        # The kernel behind embedding_bag's per_sample_weights gradient; `rows` is its offset2bag.
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            dense, weight, self.cols, self.row_offsets, self.rows, 0, -1
+        )
 
 
 class _ChosenPreActivations(torch.autograd.Function):
@@ -41,18 +69,46 @@ class _ChosenPreActivations(torch.autograd.Function):
     [N, n] x [n, d] products and [N, n] masks) would be most of a training step on CPU."""
 
     @staticmethod
-    def forward(ctx, centered, weight, bias, rows, cols, chosen):
-        ctx.save_for_backward(centered, weight, rows, cols)
+    def forward(ctx, centered, weight, bias, chosen, entries):
+        ctx.save_for_backward(centered, weight)
+        ctx.entries = entries
         return chosen.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        centered, weight, rows, cols = ctx.saved_tensors
-        n_latents, n_rows = weight.shape[0], centered.shape[0]
-        grad_centered = sparse_decode(weight, rows, cols, grad, n_rows).to(centered.dtype)
-        grad_weight = sparse_transpose_product(rows, cols, grad, centered, n_latents).to(weight.dtype)
-        grad_bias = weight.new_zeros(n_latents).index_add_(0, cols, grad.to(weight.dtype))
-        return grad_centered, grad_weight, grad_bias, None, None, None
+        centered, weight = ctx.saved_tensors
+        entries: Entries = ctx.entries
+        grad_centered = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_centered = entries.decode(weight, grad.to(weight.dtype)).to(centered.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = entries.transpose_product(grad.to(centered.dtype), centered).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = weight.new_zeros(weight.shape[0]).index_add_(0, entries.cols, grad.to(weight.dtype))
+        return grad_centered, grad_weight, grad_bias, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Σ_j values_j · weight[cols_j] per row, with the weight gradient as a by-column embedding bag (sharing the
+    column sort with the encoder's backward) instead of embedding_bag's own sort-and-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, weight, values, entries):
+        ctx.save_for_backward(weight, values)
+        ctx.entries = entries
+        return entries.decode(weight, values.to(weight.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, values = ctx.saved_tensors
+        entries: Entries = ctx.entries
+        grad = grad.to(weight.dtype).contiguous()
+        grad_weight = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = entries.transpose_product(values.to(weight.dtype), grad)
+        if ctx.needs_input_grad[1]:
+            grad_values = entries.entry_dots(grad, weight).to(values.dtype)
+        return grad_weight, grad_values, None
 
 
 def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -103,8 +159,9 @@ class TopKSAE(SparseAutoencoder):
         with torch.no_grad():  # the dense pass only picks the winners; autograd sees just those (see above)
             pre = self.encoder(centered).relu_()
             rows, cols, chosen = self.select(pre)
-        values = self._differentiable(centered, rows, cols, chosen)
-        x_hat = sparse_decode(self.W_dec, rows, cols, values, x.shape[0]) + self.b_dec
+            entries = Entries(rows, cols, x.shape[0], self.n_latents)
+        values = self._differentiable(centered, entries, chosen)
+        x_hat = _SparseDecode.apply(self.W_dec, values, entries) + self.b_dec
         fvu = fraction_of_variance_unexplained(x, x_hat)
         auxk = self.auxk_loss(pre, centered, x - x_hat, dead_mask) if self.training else x_hat.new_zeros(())
         return ForwardOutput(
@@ -116,9 +173,9 @@ class TopKSAE(SparseAutoencoder):
             n_latents=self.n_latents,
         )
 
-    def _differentiable(self, centered: Tensor, rows: Tensor, cols: Tensor, chosen: Tensor) -> Tensor:
+    def _differentiable(self, centered: Tensor, entries: Entries, chosen: Tensor) -> Tensor:
         # ReLU again so that a chosen entry at exactly 0 passes no gradient, as the dense ReLU would.
-        return F.relu(_ChosenPreActivations.apply(centered, self.encoder.weight, self.encoder.bias, rows, cols, chosen))
+        return F.relu(_ChosenPreActivations.apply(centered, self.encoder.weight, self.encoder.bias, chosen, entries))
 
     def auxk_loss(self, pre: Tensor, centered: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
         if dead_mask is None or not bool(dead_mask.any()):
@@ -127,11 +184,11 @@ class TopKSAE(SparseAutoencoder):
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(self.k_aux, len(dead))
         with torch.no_grad():
-            chosen, picked = pre[:, dead].topk(k_aux, dim=-1, sorted=False)
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)
-        cols = dead[picked].reshape(-1)
-        values = self._differentiable(centered, rows, cols, chosen.reshape(-1))
-        residual_hat = sparse_decode(self.W_dec, rows, cols, values, pre.shape[0])
+            chosen, picked = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)  # 2x pre[:, dead]
+            rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)
+            entries = Entries(rows, dead[picked].reshape(-1), pre.shape[0], self.n_latents)
+        values = self._differentiable(centered, entries, chosen.reshape(-1))
+        residual_hat = _SparseDecode.apply(self.W_dec, values, entries)
         # Normalised by the residual's variance so the loss stays O(1) however good the main reconstruction gets.
         return fraction_of_variance_unexplained(residual, residual_hat)
 

@@ -60,7 +60,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _lr_factor(cfg: TrainConfig):
+def lr_factor(cfg: TrainConfig):
     def factor(steps_done: int) -> float:
         warm = min(1.0, (steps_done + 1) / max(1, cfg.warmup_steps))
         if cfg.schedule == "cosine":
@@ -70,7 +70,7 @@ def _lr_factor(cfg: TrainConfig):
     return factor
 
 
-def _optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Optimizer:
     if cfg.optimiser == "radam":
         return torch.optim.RAdam(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # The fused kernel does Adam's element-wise update in one pass: a few times faster than the default on CPU.
@@ -85,6 +85,33 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
             "cannot resume: the config differs from the checkpoint's in "
             + ", ".join(f"{f} ({saved.get(f)!r} -> {getattr(cfg, f)!r})" for f in changed)
         )
+
+
+def training_step(
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    tracker: FiringTracker,
+    grad_clip: float | None,
+    autocast=contextlib.nullcontext(),
+) -> tuple[ForwardOutput, torch.Tensor, torch.Tensor]:
+    """One optimisation step on the batch x (already scaled): (forward output, gradient norm, per-latent counts
+    of the frames each fired on). benchmarks/train.py times exactly this."""
+    sae.train()
+    with autocast:
+        out = sae(x, dead_mask=tracker.dead_mask())
+    optimizer.zero_grad(set_to_none=True)
+    out.loss_parts["loss"].backward()
+    sae.before_optimizer_step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip or math.inf)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    sae.after_optimizer_step()
+    fired_counts = out.fired_counts()
+    tracker.update_fired(x.shape[0], fired_counts > 0)
+    return out, grad_norm, fired_counts
 
 
 def _step_metrics(out: ForwardOutput, x: torch.Tensor, tracker: FiringTracker, fired_counts: torch.Tensor):
@@ -160,8 +187,8 @@ def train_sae(
     sae = architecture_class(cfg.architecture).from_cfg({"d_in": d_in, "d_sae": n_latents, **cfg.model_dump()})
     sae.metadata = {"hook_name": cfg.hook, "model_name": model_name}
     sae.to(device)
-    optimizer = _optimizer(cfg, sae)
-    scheduler = LambdaLR(optimizer, _lr_factor(cfg))
+    optimizer = make_optimizer(cfg, sae)
+    scheduler = LambdaLR(optimizer, lr_factor(cfg))
     tracker = FiringTracker(n_latents, cfg.dead_after_frames, device)
     if saved is not None:
         sae.load_state_dict(saved["sae"])
@@ -203,18 +230,9 @@ def train_sae(
         started, frames_done = time.perf_counter(), 0
         for step in range(start + 1, cfg.steps + 1):
             x = next(stream).to(device, torch.float32) * scale
-            sae.train()
-            with autocast:
-                out = sae(x, dead_mask=tracker.dead_mask())
-            optimizer.zero_grad(set_to_none=True)
-            out.loss_parts["loss"].backward()
-            sae.before_optimizer_step()
-            grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
-            scheduler.step()
-            sae.after_optimizer_step()
-            fired_counts = out.fired_counts()
-            tracker.update_fired(x.shape[0], fired_counts > 0)
+            out, grad_norm, fired_counts = training_step(
+                sae, x, optimizer, scheduler, tracker, cfg.grad_clip, autocast
+            )
             frames_done += x.shape[0]
 
             if step % cfg.log_every == 0 or step == cfg.steps:
