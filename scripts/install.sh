@@ -32,8 +32,17 @@ stamp=.venv/.freud-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "Installing Python packages into .venv (first time: a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  # pip (not uv) so that the CPU-capable torch wheel already on this machine's disk is used when present.
-  .venv/bin/python -m pip install -q -e ".[test]"
+  # pip (not uv) so that a torch wheel already on this machine's disk is used when present. Warnings about
+  # missing local index folders are noise from some machines' pip.conf and are filtered out.
+  quiet() {
+    local log status=0
+    log=$(mktemp)
+    "$@" >"$log" 2>&1 || status=$?
+    grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+    rm -f "$log"
+    return "$status"
+  }
+  quiet .venv/bin/python -m pip install -q --upgrade pip
+  quiet .venv/bin/python -m pip install -q -e ".[test]"
   echo "$want" > "$stamp"
 fi
