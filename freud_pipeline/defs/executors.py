@@ -1,0 +1,113 @@
+"""One executor for every job, chosen by run config: in-process, multiprocess (default) or dagster-celery.
+
+The same definitions run on one machine (multiprocess: each step in its own process) and on many (celery:
+each step becomes a task on a Redis broker that any `dagster-celery worker` picks up). Steps exchange only
+small dicts of paths through the filesystem IO manager; shards, checkpoints and LanceDB are addressed by path
+or URI under FREUD_DATA_DIR, so every worker must see the same data directory (a shared volume).
+
+Default: FREUD_EXECUTOR (multiprocess | in_process | celery; default multiprocess). For celery the broker and
+result backend come from FREUD_CELERY_BROKER / FREUD_CELERY_BACKEND (default redis://127.0.0.1:6379/0).
+Per run, in the launchpad or a run config file:
+
+    execution:
+      config:
+        celery:
+          broker: redis://broker:6379/0
+          backend: redis://broker:6379/0
+
+`execute_in_process` (tests, `freud demo`) ignores the executor and runs in the calling process.
+"""
+
+import os
+
+import dagster as dg
+from dagster import Array, Field, Noneable, Permissive, Selector, StringSource
+from dagster._core.definitions.executor_definition import (
+    IN_PROC_CONFIG,
+    MULTI_PROC_CONFIG,
+    _core_in_process_executor_creation,
+    _core_multiprocess_executor_creation,
+    multiple_process_executor_requirements,
+)
+from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+from dagster._core.execution.retries import RetryMode, get_retries_config
+
+from freud_pipeline import settings
+from freud_pipeline.errors import FreudError
+
+KINDS = ("multiprocess", "in_process", "celery")
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+CELERY_CONFIG = Field(
+    {
+        "broker": Field(Noneable(StringSource), is_required=False, description="Celery broker URL (Redis)."),
+        "backend": Field(Noneable(StringSource), is_required=False, description="Celery result backend URL."),
+        "include": Field(Array(str), is_required=False, description="Modules every worker imports."),
+        "config_source": Field(Noneable(Permissive()), is_required=False,
+                               description="More Celery settings (lower-case names)."),
+        "retries": get_retries_config(),
+    },
+    description="Each step as a task on a Celery broker, run by `dagster-celery worker` processes.",
+)
+
+
+def celery_defaults() -> dict:
+    broker = os.environ.get("FREUD_CELERY_BROKER") or DEFAULT_BROKER
+    return {"broker": broker, "backend": os.environ.get("FREUD_CELERY_BACKEND") or broker}
+
+
+def default_executor_config() -> dict:
+    kind = os.environ.get("FREUD_EXECUTOR", "").strip() or "multiprocess"
+    if kind not in KINDS:
+        raise FreudError(f"FREUD_EXECUTOR={kind!r} is not an executor; choose one of {', '.join(KINDS)}")
+    return {"celery": celery_defaults()} if kind == "celery" else {kind: {}}
+
+
+def _requirements(config: dict):
+    return [] if "in_process" in config else multiple_process_executor_requirements()
+
+
+def _create(init_context: dg.InitExecutorContext) -> dg.Executor:
+    (kind, config), = init_context.executor_config.items()
+    if kind == "in_process":
+        return _core_in_process_executor_creation(config)
+    if kind == "multiprocess":
+        return _core_multiprocess_executor_creation(config)
+    try:
+        from dagster_celery.executor import CeleryExecutor
+    except ImportError:
+        raise FreudError("the celery executor needs dagster-celery and the redis client in this environment "
+                         "(see docs/OPERATING.md, 'dagster-celery with Redis')") from None
+    return CeleryExecutor(broker=config.get("broker"), backend=config.get("backend"), include=config.get("include"),
+                          config_source=config.get("config_source"), retries=RetryMode.from_config(config["retries"]))
+
+
+def freud_executor(default: dict | None = None) -> dg.ExecutorDefinition:
+    """The executor definition, defaulting to `default` (else FREUD_EXECUTOR, read now)."""
+    return dg.ExecutorDefinition(
+        name="freud",
+        config_schema=Field(
+            Selector({"multiprocess": MULTI_PROC_CONFIG, "in_process": IN_PROC_CONFIG, "celery": CELERY_CONFIG}),
+            default_value=default or default_executor_config(),
+        ),
+        requirements=_requirements,
+        executor_creation_fn=_create,
+        description="multiprocess (default), in_process, or celery (dagster-celery workers on a Redis broker).",
+    )
+
+
+def reconstructable_job(name: str, module: str = "freud_pipeline.defs.definitions",
+                        attribute: str = "defs") -> ReconstructableJob:
+    """A job that other processes (multiprocess children, celery workers) can load by module and name."""
+    repo = ReconstructableRepository.for_module(module, attribute, working_directory=str(settings.REPO_ROOT))
+    return repo.get_reconstructable_job(name)
+
+
+def gpu_op_tags(gpus: int | None = None) -> dict:
+    """Op tags that make a step's Kubernetes pod request GPUs (k8s_job_executor / celery-k8s), e.g.
+    `@dg.asset(op_tags=gpu_op_tags())`. FREUD_K8S_GPUS (default 0: no tag, CPU pods) sets the count."""
+    count = int(os.environ.get("FREUD_K8S_GPUS", "0") or 0) if gpus is None else gpus
+    if count <= 0:
+        return {}
+    # The limit alone makes the scheduler place the pod on a node with free GPUs (NVIDIA device plugin).
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": count}}}}}
