@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(ffmpeg festival festvox-us-slt-hts asterisk-core-sounds-en-g722 asterisk-core-sounds-en
-              chromium chromium-driver)
+              chromium chromium-driver redis-server)
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
