@@ -31,7 +31,7 @@ VENV_BIN = Path(sys.executable).parent
 HAVE_CELERY = importlib.util.find_spec("dagster_celery") is not None and importlib.util.find_spec("redis") is not None
 if not (REDIS_SERVER and HAVE_CELERY):
     pytest.skip("needs redis-server (apt-get install redis-server) and dagster-celery + redis in the venv "
-                "(docs/OPERATING.md, 'Scale-out')", allow_module_level=True)
+                "(docs/OPERATING.md, 'dagster-celery with Redis')", allow_module_level=True)
 
 SPLITS = ("train", "dev", "test")
 SUBSET = {"asterisk_prompts": {"config": {"limit": 8, "align": False}},
