@@ -8,7 +8,7 @@
    Trainer's step for one SAE (unit-norm decoder, forward with the dead mask, fvu + auxk/32, backward, removal of
    the decoder-parallel gradient, Adam, dead-latent bookkeeping).
 2. Peak memory of each step: a fresh subprocess per implementation runs a few steps; the increase of its peak RSS
-   (ru_maxrss) over the peak before the first step is the step's memory.
+   (VmHWM, reset just before the first step) over its RSS before that step is the step's memory.
 3. The demo SAE (configs/train/demo_topk.yaml): train_sae on real tiny.en encoder.blocks.2 activations of the
    default corpus (data/activations/tiny.en/default_corpus/{train,dev}, collected into a temporary directory if
    absent), its wall time, final dev FVU, and CE recovered when spliced into 8 held-out clips.
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -218,12 +217,21 @@ def _memory_child(which: str, batches_file: str, steps: int, threads: int) -> No
         import_sparsify(Path(os.environ["FREUD_BENCH_SPARSIFY"]))
     batches = torch.load(batches_file)  # 2 x 6 MB: reading the shards here would set the peak before any step
     impl = (Ours if which == "ours" else Sparsify)(batches[0])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # /proc's VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report the parent's peak.
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _proc_status_kb("VmRSS")
     for i in range(steps):
         impl.step(batches[i % 2])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_mb": after / 1024, "before_steps_mb": before / 1024,
-                      "step_peak_mb": (after - before) / 1024}))
+    peak = _proc_status_kb("VmHWM")
+    print(json.dumps({"peak_rss_mb": peak / 1024, "before_steps_mb": before / 1024,
+                      "step_peak_mb": (peak - before) / 1024}))
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
 def peak_memory(batches, scratch: Path, sparsify_path: Path, threads: int, steps: int = 3) -> dict:
