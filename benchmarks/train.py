@@ -13,9 +13,13 @@
    default corpus (data/activations/tiny.en/default_corpus/{train,dev}, collected into a temporary directory if
    absent), its wall time, final dev FVU, and CE recovered when spliced into 8 held-out clips.
 
-sparsify is not a dependency: install it apart from the venv, e.g.
-  .venv/bin/pip install --no-deps --target .venv/extras/sparsify eai-sparsify==1.3.3 <its missing deps>
-and point --sparsify-path at that directory (default .venv/extras/sparsify). SPARSIFY_DISABLE_TRITON=1 is set.
+sparsify is not a dependency: install it apart from the venv (its dependencies are all absent from our pins, so
+nothing of ours changes), and point --sparsify-path at that directory (default .venv/extras/sparsify):
+  .venv/bin/pip install --no-deps --target .venv/extras/sparsify eai-sparsify==1.3.3 accelerate==1.15.0 \
+      datasets==5.2.0 einops==0.8.2 hf-xet==1.8.0 httpcore2==2.16.2 httpx2==2.16.2 huggingface_hub==2.4.0 \
+      natsort==8.4.0 schedulefree==1.4.1 shellingham==1.5.4 simple-parsing==0.1.9 tokenizers==0.23.3 \
+      transformers==5.24.0 truststore==0.10.5 typer==0.29.2 xxhash==4.1.0
+(the list `pip install --dry-run eai-sparsify==1.3.3` reports as missing). SPARSIFY_DISABLE_TRITON=1 is set.
 
 Run: .venv/bin/python benchmarks/train.py [--threads 2] [--repeats 5] [--json out.json] [--skip-demo]
 """
@@ -165,7 +169,11 @@ class Sparsify:
 def import_sparsify(path: Path) -> None:
     if str(path) not in sys.path:
         sys.path.append(str(path))  # after the venv: never shadows our torch/numpy pins
-    import sparsify  # noqa: F401
+    try:
+        import sparsify  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"sparsify is not importable from {path} ({exc}); install it there as the module "
+                         f"docstring says (python benchmarks/train.py --help)") from None
 
 
 # --- 1. side-by-side throughput ----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def materialize_asset(defs: dg.Definitions, asset: str, partition: str | None = 
             if not result.success:
                 return result
     selection = dg.AssetSelection.assets(key)
-    assets = list(defs.assets)
+    assets = list(defs.assets) + list(defs.asset_checks or [])
     run_config = {"ops": {asset: {"config": config}}} if config else {}
     return dg.materialize(assets, selection=selection, run_config=run_config, instance=instance,
                           partition_key=partition, resources=defs.resources, raise_on_error=False)

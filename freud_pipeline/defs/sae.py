@@ -286,7 +286,7 @@ def topk_sae(
     if registry:
         client.set_tag(result.run_id, "registered_model", registry["name"])
         client.set_tag(result.run_id, "registered_version", registry["version"])
-        client.set_tag(result.run_id, "champion", str(registry["promoted"]).lower())
+        client.set_tag(result.run_id, "promoted_to_champion", str(registry["promoted"]).lower())
 
     metadata = {
         "mlflow_run_id": result.run_id,
