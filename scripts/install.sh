@@ -28,23 +28,37 @@ if [ ! -x .venv/bin/python ]; then
   echo "Creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
+# Warnings about missing local index folders are noise from some machines' pip.conf and are filtered out.
+quiet() {
+  local log status=0
+  log=$(mktemp)
+  "$@" >"$log" 2>&1 || status=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
+  return "$status"
+}
 stamp=.venv/.freud-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "Installing Python packages into .venv (first time: a few minutes)"
-  # pip (not uv) so that a torch wheel already on this machine's disk is used when present. Warnings about
-  # missing local index folders are noise from some machines' pip.conf and are filtered out.
-  quiet() {
-    local log status=0
-    log=$(mktemp)
-    "$@" >"$log" 2>&1 || status=$?
-    grep -v "is ignored: it is neither a file nor a directory" "$log" || true
-    rm -f "$log"
-    return "$status"
-  }
+  # pip (not uv) so that a torch wheel already on this machine's disk is used when present.
   quiet .venv/bin/python -m pip install -q --upgrade pip
   quiet .venv/bin/python -m pip install -q -e ".[test]"
   # Scale-out executor; no release matches dagster 1.13.28 exactly (see pyproject.toml).
   quiet .venv/bin/python -m pip install -q --no-deps dagster-celery==0.29.27
   echo "$want" > "$stamp"
+fi
+
+# sae-lens, only to check that SAELens loads our SAE checkpoints as saved (tests/test_sae_interop.py); not a FREUD
+# dependency. Installed apart from the venv, without dependency resolution: its requirements would add ~50
+# packages (wandb, transformer-lens, ...). These are the ones `import sae_lens` needs that the venv lacks; they
+# are put on sys.path after the venv's packages, in a subprocess, so none of our pins is shadowed.
+SAE_LENS_DIR=.venv/extras/sae_lens
+if [ ! -d "$SAE_LENS_DIR/sae_lens-6.54.12.dist-info" ]; then
+  echo "Installing sae-lens 6.54.12 into $SAE_LENS_DIR (interop test only)"
+  rm -rf "$SAE_LENS_DIR"
+  quiet .venv/bin/python -m pip install -q --no-deps --target "$SAE_LENS_DIR" sae-lens==6.54.12 \
+      transformer-lens==3.9.0 transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 datasets==5.2.0 \
+      xxhash==4.1.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 einops==0.8.2 better-abc==0.0.3 \
+      jaxtyping==0.3.11 simple-parsing==0.1.9 wandb==0.31.0
 fi

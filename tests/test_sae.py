@@ -148,16 +148,18 @@ def test_batchtopk_keeps_k_per_frame_on_average_and_learns_a_threshold(frames, m
 
 
 def test_l1_trains_tied_with_unit_columns_on_a_numpy_array(frames, mlflow_uri, tmp_path):
-    cfg = quick_config(architecture="l1", eval_every=0)
+    cfg = quick_config(architecture="l1", eval_every=0, optimiser="radam", optimiser_eps=1e-5)  # as tiny_l1.yaml
     result = train_sae(
         frames["train"].numpy(), cfg, out_dir=tmp_path, mlflow_tracking_uri=mlflow_uri, experiment="test-sae"
     )
+    assert load_trainer_state(tmp_path)["optimizer"]["param_groups"][0]["eps"] == 1e-5
+    assert MlflowClient(mlflow_uri).get_run(result.run_id).data.params["optimiser_eps"] == "1e-05"
     loss = history(mlflow_uri, result.run_id, "loss")
     assert loss[-1] < 0.7 * loss[0]
     sae = result.sae
     assert isinstance(sae, L1SAE)
     torch.testing.assert_close(sae.decoder.weight.norm(dim=0), torch.ones(sae.n_latents))
-    tensors = load_file(tmp_path / "sae.safetensors")
+    tensors = load_file(tmp_path / "sae_weights.safetensors")
     torch.testing.assert_close(tensors["W_enc"], tensors["W_dec"].T)
     assert result.metrics["l0"] < sae.n_latents / 2  # the L1 penalty made it sparse
     assert "dead_pct" in result.metrics and "loss_l1" in result.metrics
@@ -205,7 +207,7 @@ def test_mlflow_run_has_params_step_metrics_and_artifacts(topk_run, mlflow_uri):
     artifacts = {a.path for a in client.list_artifacts(topk_run.run_id)}
     assert {"checkpoint", "eval_report.json", "feature_density.png"} <= artifacts
     assert {a.path for a in client.list_artifacts(topk_run.run_id, "checkpoint")} == {
-        "checkpoint/sae.safetensors", "checkpoint/cfg.json",
+        "checkpoint/sae_weights.safetensors", "checkpoint/cfg.json",
     }  # fmt: skip
     report = json.loads((topk_run.checkpoint_dir / "eval_report.json").read_text())
     assert report["fvu"] == pytest.approx(topk_run.metrics["eval/fvu"]) and sum(report["histogram"]["counts"]) > 0
@@ -223,7 +225,8 @@ def test_resumed_run_ends_with_identical_weights(frames, mlflow_uri, tmp_path):
         resume_from=tmp_path / "whole" / "checkpoints" / "step_00000012",
     )  # fmt: skip
     assert resumed.run_id != whole.run_id
-    a, b = load_file(tmp_path / "whole" / "sae.safetensors"), load_file(tmp_path / "resumed" / "sae.safetensors")
+    weights = "sae_weights.safetensors"
+    a, b = load_file(tmp_path / "whole" / weights), load_file(tmp_path / "resumed" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state_a = load_trainer_state(tmp_path / "whole")
     state_b = load_trainer_state(tmp_path / "resumed")
@@ -233,6 +236,38 @@ def test_resumed_run_ends_with_identical_weights(frames, mlflow_uri, tmp_path):
             frames["train"], cfg.model_copy(update={"batch_size": 128}), out_dir=tmp_path / "bad",
             mlflow_tracking_uri=mlflow_uri, experiment="test-sae", resume_from=tmp_path / "whole",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("optimiser", ["adam", "radam"])
+def test_optimiser_eps_takes_effect(optimiser):
+    from freud_pipeline.sae.train import make_optimizer
+
+    assert TrainConfig(hook=HOOK).optimiser_eps == 1e-8  # PyTorch's default for both: the behaviour before the field
+
+    def trained_weight(eps: float) -> torch.Tensor:
+        sae = TopKSAE(8, 32, k=4)
+        with torch.no_grad():
+            sae.b_dec.zero_()
+        optimizer = make_optimizer(quick_config(optimiser=optimiser, optimiser_eps=eps, lr=1e-2), sae)
+        assert [g["eps"] for g in optimizer.param_groups] == [eps]
+        for _ in range(10):  # RAdam applies the adaptive (eps-dependent) step from its 6th step on
+            for p in sae.parameters():
+                p.grad = torch.full_like(p, 1e-6)  # gradients near eps: eps decides the step size
+            optimizer.step()
+        return sae.b_dec.detach().clone()
+
+    moved_default, moved_large = -trained_weight(1e-8), -trained_weight(1e-5)
+    assert (moved_large > 0).all() and (moved_large < 0.5 * moved_default).all()
+
+
+def test_resume_accepts_trainer_states_from_before_optimiser_eps():
+    from freud_pipeline.sae.train import _check_resumable
+
+    saved = quick_config().model_dump()
+    del saved["optimiser_eps"]  # trainer states written before the field: trained with PyTorch's default
+    _check_resumable(saved, quick_config())
+    with pytest.raises(CheckpointError, match="optimiser_eps"):
+        _check_resumable(saved, quick_config(optimiser_eps=1e-5))
 
 
 def test_saved_sae_takes_raw_activations(topk_run, frames):
@@ -280,10 +315,11 @@ def test_checkpoint_round_trip(arch, tmp_path):
         sae.threshold.fill_(0.1)
     save_checkpoint(sae, tmp_path, {"hook_name": HOOK, "model_name": "tiny.en"})
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["d_in"] == 48 and cfg["d_sae"] == 96 and cfg["architecture"] == arch
+    assert cfg["d_in"] == 48 and cfg["d_sae"] == 96 and cfg["freud_architecture"] == arch
+    assert cfg["architecture"] == {"topk": "topk", "l1": "standard", "batchtopk": "jumprelu"}[arch]  # SAELens'
     assert cfg["hook_name"] == HOOK and cfg["model_name"] == "tiny.en" and cfg["normalize_activations"] == "none"
     assert cfg["dtype"] == "float32" and cfg["k"] == (None if arch == "l1" else 6)
-    tensors = load_file(tmp_path / "sae.safetensors")
+    tensors = load_file(tmp_path / "sae_weights.safetensors")
     assert tensors["W_enc"].shape == (48, 96) and tensors["W_dec"].shape == (96, 48)
     assert tensors["b_enc"].shape == (96,) and tensors["b_dec"].shape == (48,)
     loaded = load_checkpoint(tmp_path)
@@ -294,6 +330,60 @@ def test_checkpoint_round_trip(arch, tmp_path):
         torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat)
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_checkpoints_of_the_old_layout_still_load(arch, tmp_path):
+    """Before the SAELens layout: sae.safetensors, our architecture name in `architecture`, a scalar threshold."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sae = ARCHITECTURES[arch](48, 96, **({} if arch == "l1" else {"k": 6})).eval()
+    with torch.no_grad():
+        for p in sae.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    tensors = {k: v.detach().clone().contiguous() for k, v in sae.export_tensors().items()}
+    if arch == "batchtopk":
+        tensors["threshold"] = torch.tensor(0.3)
+        sae.threshold.fill_(0.3)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(tensors, old / "sae.safetensors", metadata={"format": "pt"})
+    cfg = {"dtype": "float32", "normalize_activations": "none", "hook_name": HOOK, "model_name": "tiny.en", "k": None,
+           **sae.cfg, "step": 7}  # fmt: skip
+    (old / "cfg.json").write_text(json.dumps(cfg))
+    loaded = load_checkpoint(old)
+    assert type(loaded) is type(sae) and loaded.metadata["hook_name"] == HOOK and loaded.metadata["step"] == 7
+    x = 3 * torch.randn(20, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x))
+        torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat)
+    # Saved again, it is in the new layout, without the stale old weights file, and its metadata carries over.
+    save_checkpoint(loaded, old)
+    assert sorted(p.name for p in old.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    resaved = json.loads((old / "cfg.json").read_text())
+    assert resaved["freud_architecture"] == arch and resaved["step"] == 7 and resaved["hook_name"] == HOOK
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(old).encode(x), sae.encode(x))
+
+
+def test_checkpoints_that_are_not_ours_are_refused(tmp_path):
+    sae = BatchTopKSAE(8, 16, k=2).eval()
+    save_checkpoint(sae, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
+    del cfg["freud_architecture"]  # e.g. a JumpReLU SAE SAELens trained: not necessarily a BatchTopK SAE
+    (tmp_path / "a" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="freud_architecture"):
+        load_checkpoint(tmp_path / "a")
+    from safetensors.torch import save_file
+
+    save_checkpoint(sae, tmp_path / "b")
+    tensors = load_file(tmp_path / "b" / "sae_weights.safetensors")
+    tensors["threshold"] = torch.linspace(0, 1, 16)  # per-latent thresholds: JumpReLU, not BatchTopK
+    save_file(tensors, tmp_path / "b" / "sae_weights.safetensors")
+    with pytest.raises(CheckpointError, match="threshold differs"):
+        load_checkpoint(tmp_path / "b")
 
 
 def test_original_freud_checkpoints_load(tmp_path):
@@ -369,6 +459,13 @@ def test_tensor_source_serves_full_reshuffled_batches():
 def test_configs_validate():
     demo = demo_config()
     assert demo.architecture == "topk" and demo.expansion_factor == 16 and demo.k == 32 and demo.hook == HOOK
+    # demo_config is configs/train/demo_topk.yaml (what benchmarks/train.py measured), apart from its device.
+    import yaml
+
+    from freud_pipeline.defs.sae import SaeAssetConfig, train_config
+
+    run = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/train/demo_topk.yaml").read_text())
+    assert train_config(SaeAssetConfig(**run["config"]), "tiny.en") == demo_config(device="cpu")
     with pytest.raises(ValueError):
         TrainConfig(hook=HOOK, architecture="gated")
     with pytest.raises(ValueError):

@@ -246,6 +246,9 @@ def test_original_values_of_tiny_topk_and_tiny_l1():
     assert (tiny_l1["n_latents"], tiny_l1["lr"], tiny_l1["optimiser"], tiny_l1["schedule"]) == (
         200, 4e-4, "radam", "cosine")
     assert tiny_l1["recon_alpha"] == 1e4
+    # The original L1 recipe's optimiser eps (PyTorch's default, and TrainConfig's, is 1e-8).
+    large_v3_l1 = yaml.safe_load((REPO / "configs/train/large_v3_l1.yaml").read_text())["config"]
+    assert tiny_l1["optimiser_eps"] == 1e-5 and large_v3_l1["optimiser_eps"] == 1e-5
 
 
 def test_asset_config_exposes_every_train_config_field():
@@ -262,10 +265,11 @@ def test_asset_config_exposes_every_train_config_field():
 # --- checkpoint format vs SAELens conventions (docs/SAE_FORMAT.md) -----------------------------------------------
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "l1"])
 def test_checkpoint_follows_saelens_tensor_conventions(arch, tmp_path):
-    """SAELens: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; encode is
-    act((x - b_dec) @ W_enc + b_enc) when apply_b_dec_to_input, decode is f @ W_dec + b_dec; cfg.json holds
-    d_in, d_sae, dtype, normalize_activations ("none": weights take raw activations), hook_name, model_name, and
-    k for topk. Our weights file is named sae.safetensors (EleutherAI's name), SAELens' sae_weights.safetensors."""
+    """SAELens: sae_weights.safetensors with W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+    (JumpReLU adds threshold [d_sae]); encode is act((x - b_dec) @ W_enc + b_enc) when apply_b_dec_to_input, decode
+    is f @ W_dec + b_dec; cfg.json holds architecture (topk | standard | jumprelu), d_in, d_sae, dtype,
+    normalize_activations ("none": weights take raw activations), hook_name, model_name, and k for topk.
+    tests/test_sae_interop.py loads trained checkpoints with the real sae-lens; this test needs no sae-lens."""
     torch.manual_seed(0)
     kwargs = {"k": 4} if arch != "l1" else {}
     sae = ARCHITECTURES[arch](16, 64, **kwargs)
@@ -278,19 +282,21 @@ def test_checkpoint_follows_saelens_tensor_conventions(arch, tmp_path):
     sae.after_optimizer_step()  # unit decoder rows (columns for the tied L1), as every trained checkpoint has
     sae.metadata = {"hook_name": "encoder.blocks.2", "model_name": "tiny.en"}
     directory = save_checkpoint(sae.eval(), tmp_path / arch)
-    assert sorted(p.name for p in directory.iterdir()) == ["cfg.json", "sae.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
 
     cfg = json.loads((directory / "cfg.json").read_text())
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (16, 64, "float32", "none")
     assert cfg["hook_name"] == "encoder.blocks.2" and cfg["model_name"] == "tiny.en"
-    assert cfg["architecture"] == arch and (cfg["k"] == 4 if arch != "l1" else cfg["k"] is None)
+    assert cfg["apply_b_dec_to_input"] is True and cfg["reshape_activations"] == "none"
+    assert cfg["architecture"] == {"topk": "topk", "l1": "standard", "batchtopk": "jumprelu"}[arch]
+    assert cfg["freud_architecture"] == arch and (cfg["k"] == 4 if arch != "l1" else cfg["k"] is None)
 
-    with safe_open(str(directory / "sae.safetensors"), framework="pt") as f:
+    with safe_open(str(directory / "sae_weights.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         assert f.metadata() == {"format": "pt"}
     expected = {"W_enc": (16, 64), "b_enc": (64,), "W_dec": (64, 16), "b_dec": (16,)}
     if arch == "batchtopk":
-        expected["threshold"] = ()
+        expected["threshold"] = (64,)  # JumpReLU's per-latent threshold, one value for all
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in tensors.values())
 
@@ -301,6 +307,7 @@ def test_checkpoint_follows_saelens_tensor_conventions(arch, tmp_path):
         values, index = pre.topk(4, dim=-1)
         latents = torch.zeros_like(pre).scatter(-1, index, values)
     elif arch == "batchtopk":  # inference: JumpReLU with one threshold for every latent
+        assert bool((tensors["threshold"] == 0.5).all())
         latents = pre * (pre > tensors["threshold"])
     else:  # tied L1: b_dec is stored as zeros, so it is SAELens' "standard" SAE
         assert torch.count_nonzero(tensors["b_dec"]) == 0

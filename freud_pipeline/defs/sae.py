@@ -67,6 +67,7 @@ class SaeAssetConfig(dg.Config):
     scale_batches: int = 4
     lr: float = 1e-3
     optimiser: str = "adam"  # adam | radam
+    optimiser_eps: float = 1e-8  # the original FREUD L1 recipe: 1e-5
     schedule: str = "cosine"  # cosine | linear-warmup
     warmup_steps: int = 20  # capped at steps // 2
     steps: int = 600

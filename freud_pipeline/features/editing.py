@@ -149,11 +149,11 @@ def _cached_sae(checkpoint: str, device: str, _stamp: float):
 
 def load_sae(checkpoint: str | Path, device: str = "cpu"):
     """The SAE of a checkpoint directory, reloaded when its weights file changes."""
-    from freud_pipeline.sae.checkpoint import WEIGHTS_FILE, CheckpointError
+    from freud_pipeline.sae.checkpoint import WEIGHTS_FILE, CheckpointError, weights_path
 
     path = Path(checkpoint)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
+    weights = weights_path(path)  # either layout: sae_weights.safetensors, or the legacy sae.safetensors
+    if weights is None:
         raise EditError(f"the SAE checkpoint {path} is missing ({WEIGHTS_FILE} not found); retrain or rebuild the set")
     try:
         with _LOAD_LOCK:

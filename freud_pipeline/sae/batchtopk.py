@@ -73,9 +73,17 @@ class BatchTopKSAE(TopKSAE):
         self.threshold.div_(scale)
 
     def export_tensors(self) -> dict[str, Tensor]:
-        return {**super().export_tensors(), "threshold": self.threshold}
+        # Per latent, as SAELens' JumpReLU SAE (the architecture it saves BatchTopK SAEs as) stores it.
+        return {**super().export_tensors(), "threshold": self.threshold.expand(self.n_latents)}
 
     @torch.no_grad()
     def load_exported(self, tensors: dict[str, Tensor]) -> None:
         super().load_exported(tensors)
-        self.threshold.copy_(tensors["threshold"])
+        threshold = tensors["threshold"]  # [d_sae], or a scalar in checkpoints written before the JumpReLU layout
+        if threshold.dim() > 0:
+            if threshold.shape != (self.n_latents,):
+                raise ValueError(f"threshold has shape {tuple(threshold.shape)}; expected () or ({self.n_latents},)")
+            if not bool((threshold == threshold[0]).all()):
+                raise ValueError("threshold differs between latents; a BatchTopK SAE has one threshold for all")
+            threshold = threshold[0]
+        self.threshold.copy_(threshold)

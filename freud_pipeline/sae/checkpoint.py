@@ -1,8 +1,14 @@
-"""SAE checkpoints on disk: `sae.safetensors` + `cfg.json` in SAELens' layout, plus the original FREUD's `.pth`.
+"""SAE checkpoints on disk: `sae_weights.safetensors` + `cfg.json`, loadable as saved by SAELens' `SAE.load_from_disk`;
+plus the original FREUD's `.pth`. The format is described in docs/SAE_FORMAT.md.
 
-sae.safetensors holds W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in] (BatchTopK adds a
-scalar `threshold`; the tied L1 SAE stores its one matrix both ways and a zero b_dec). Weights always take raw
-activations (any training-time input scaling is folded in), hence normalize_activations "none".
+sae_weights.safetensors holds W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in] (BatchTopK adds
+`threshold` [d_sae], one value repeated, as SAELens' JumpReLU SAE wants it; the tied L1 SAE stores its one matrix
+both ways and a zero b_dec). Weights always take raw activations (any training-time input scaling is folded in),
+hence normalize_activations "none". cfg.json's `architecture` is SAELens' name for the equations (topk, standard,
+jumprelu); ours is `freud_architecture`.
+
+Checkpoints written before that layout (`sae.safetensors`, our architecture names in `architecture`, a scalar
+threshold) still load.
 """
 
 from __future__ import annotations
@@ -14,15 +20,32 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from freud_pipeline.errors import FreudError
-from freud_pipeline.sae.architectures import architecture_class
+from freud_pipeline.sae.architectures import ARCHITECTURES, architecture_class
 from freud_pipeline.sae.base import SparseAutoencoder
 
-WEIGHTS_FILE = "sae.safetensors"
+WEIGHTS_FILE = "sae_weights.safetensors"  # SAELens' name
+LEGACY_WEIGHTS_FILE = "sae.safetensors"  # checkpoints written before the SAELens layout
 CFG_FILE = "cfg.json"
+
+# Our architecture -> the SAELens architecture with the same inference equations (docs/SAE_FORMAT.md).
+SAELENS_ARCHITECTURE = {"topk": "topk", "l1": "standard", "batchtopk": "jumprelu"}
+# Keys describing the file format rather than the SAE: always written by save_checkpoint, never kept as metadata.
+_FORMAT_KEYS = (
+    "architecture", "freud_architecture", "d_in", "d_sae", "dtype", "normalize_activations", "apply_b_dec_to_input",
+    "reshape_activations",
+)  # fmt: skip
 
 
 class CheckpointError(FreudError, ValueError):
     """An SAE checkpoint is missing, incomplete or in a format this version cannot read."""
+
+
+def weights_path(directory: str | Path) -> Path | None:
+    """The weights file of a checkpoint directory (the SAELens name, else the legacy one); None if neither exists."""
+    for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
 
 
 def save_checkpoint(sae: SparseAutoencoder, directory: str | Path, extra_cfg: dict | None = None) -> Path:
@@ -32,29 +55,62 @@ def save_checkpoint(sae: SparseAutoencoder, directory: str | Path, extra_cfg: di
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in sae.export_tensors().items()}
     dtype = str(tensors["W_dec"].dtype).removeprefix("torch.")
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    cfg = {"dtype": dtype, "normalize_activations": "none", "hook_name": None, "model_name": None, "k": None}
+    legacy = directory / LEGACY_WEIGHTS_FILE
+    if legacy.is_file():  # overwriting a checkpoint of the old layout: do not leave stale weights beside the new
+        legacy.unlink()
+    cfg = {"k": None}
     cfg.update(sae.cfg)
     cfg.update(extra_cfg or {})
+    cfg.update({
+        "architecture": SAELENS_ARCHITECTURE[sae.architecture],
+        "freud_architecture": sae.architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.n_latents,
+        "dtype": dtype,
+        "normalize_activations": "none",
+        "apply_b_dec_to_input": True,
+        "reshape_activations": "none",
+    })  # fmt: skip
+    # SAELens reads a cfg.json without sae_lens_version as its pre-6.0 flat format, and that path fails on a null
+    # hook_name: unknown placement keys are left out rather than written as null.
+    for key in ("hook_name", "model_name"):
+        if cfg.get(key) is None:
+            cfg.pop(key, None)
     (directory / CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
     return directory
 
 
+def checkpoint_architecture(cfg: dict) -> str:
+    """Our architecture name of a checkpoint's cfg.json (either layout)."""
+    if "freud_architecture" in cfg:
+        return cfg["freud_architecture"]
+    architecture = cfg.get("architecture", "topk")
+    if architecture not in ARCHITECTURES:  # e.g. "standard" or "jumprelu" without freud_architecture
+        raise ValueError(
+            f"architecture {architecture!r} without freud_architecture: not a FREUD checkpoint (SAELens' own SAEs "
+            f"are not tied L1 or BatchTopK SAEs in general)"
+        )
+    return architecture
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     directory = Path(directory)
-    weights, cfg_path = directory / WEIGHTS_FILE, directory / CFG_FILE
-    if not (weights.is_file() and cfg_path.is_file()):
+    weights, cfg_path = weights_path(directory), directory / CFG_FILE
+    if weights is None or not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not an SAE checkpoint: it needs both {WEIGHTS_FILE} and {CFG_FILE}")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("normalize_activations", "none") != "none":
         raise CheckpointError(
             f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported; only 'none'"
         )
+    if not cfg.get("apply_b_dec_to_input", True):
+        raise CheckpointError(f"{cfg_path}: apply_b_dec_to_input=false is not supported")
     try:
-        sae = architecture_class(cfg.get("architecture", "topk")).from_cfg(cfg)
+        sae = architecture_class(checkpoint_architecture(cfg)).from_cfg(cfg)
+        sae.load_exported(load_file(weights))
     except ValueError as exc:
         raise CheckpointError(f"{cfg_path}: {exc}") from exc
-    sae.load_exported(load_file(weights))
-    sae.metadata = {k: v for k, v in cfg.items() if k not in sae.cfg}
+    sae.metadata = {k: v for k, v in cfg.items() if k not in sae.cfg and k not in _FORMAT_KEYS}
     return sae.to(device).eval()
 
 

@@ -1,10 +1,11 @@
 """The MLflow model registry of trained SAEs: one registered model per (Whisper model, hook, architecture).
 
-Every trained run's checkpoint artifact (`runs:/<run id>/checkpoint`: sae.safetensors + cfg.json) becomes a new
-version of `freud-sae.<model>.<hook>.<architecture>` (dots and dashes of the parts become underscores, e.g.
-`freud-sae.tiny_en.encoder_blocks_2.topk`). The alias `champion` names the version to use. It moves to a new
-version only when that version passes the quality check (`check_thresholds`, the rule the Dagster asset check
-`sae_quality` applies) *and* beats the current champion on CE recovered (`promote_if_better`).
+Every trained run's checkpoint artifact (`runs:/<run id>/checkpoint`: sae_weights.safetensors + cfg.json, which
+SAELens loads as saved) becomes a new version of `freud-sae.<model>.<hook>.<architecture>` (dots and dashes of the
+parts become underscores, e.g. `freud-sae.tiny_en.encoder_blocks_2.topk`; the architecture is ours: topk, l1 or
+batchtopk). The alias `champion` names the version to use. It moves to a new version only when that version passes
+the quality check (`check_thresholds`, the rule the Dagster asset check `sae_quality` applies) *and* beats the
+current champion on CE recovered (`promote_if_better`).
 
 Version tags written here: `quality_check` (passed|failed), `quality_failures`, the headline metrics
 (`metric.<name>`), `promotion` (the reason the alias moved or not), plus whatever the caller adds
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CHAMPION = "champion"
 NAME_PREFIX = "freud-sae"
-CHECKPOINT_ARTIFACT = "checkpoint"  # the artifact folder train_sae uploads sae.safetensors and cfg.json to
+CHECKPOINT_ARTIFACT = "checkpoint"  # the artifact folder train_sae uploads the checkpoint files to
 RANKING_METRIC = "ce_recovered"
 
 
@@ -171,7 +172,7 @@ def promote_if_better(
 
 
 def download_champion(client: MlflowClient, name: str, dst: str | Path) -> Path:
-    """The champion's checkpoint (sae.safetensors + cfg.json) downloaded under `dst`; load it with
+    """The champion's checkpoint (sae_weights.safetensors + cfg.json) downloaded under `dst`; load it with
     `freud_pipeline.sae.load_checkpoint`."""
     version = champion_version(client, name)
     if version is None:

@@ -1,7 +1,7 @@
 """Everything a training run needs to continue bit-for-bit where it stopped: `trainer_state.pt`.
 
 Weights here are the unfolded (scaled-input) ones the optimiser works on; the folded, shippable SAE sits next to
-it as sae.safetensors. Only tensors and plain Python values are stored, so it loads with weights_only=True.
+it as sae_weights.safetensors. Only tensors and plain Python values are stored, so it loads with weights_only=True.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train an SAE on frames from a frame source, tracked as one MLflow run, resumable bit-for-bit.
 
-Layout of `out_dir` after a run: sae.safetensors + cfg.json (the final SAE, taking raw activations),
+Layout of `out_dir` after a run: sae_weights.safetensors + cfg.json (the final SAE, taking raw activations),
 trainer_state.pt (to resume or extend), eval_report.json, feature_density.png, checkpoints/step_XXXXXXXX/.
 """
 
@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 # Changing any of these between a checkpoint and its resumption would silently train a different model.
 _TRAJECTORY_FIELDS = (
     "architecture", "hook", "expansion_factor", "n_latents", "k", "k_aux", "auxk_alpha", "l1_alpha",
-    "recon_alpha", "threshold_decay", "normalize_inputs", "scale_batches", "lr", "optimiser", "schedule",
-    "warmup_steps", "batch_size", "grad_clip", "weight_decay", "seed", "dead_after_frames",
+    "recon_alpha", "threshold_decay", "normalize_inputs", "scale_batches", "lr", "optimiser", "optimiser_eps",
+    "schedule", "warmup_steps", "batch_size", "grad_clip", "weight_decay", "seed", "dead_after_frames",
 )  # fmt: skip
 
 
@@ -72,18 +72,22 @@ def lr_factor(cfg: TrainConfig):
 
 def make_optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Optimizer:
     if cfg.optimiser == "radam":
-        return torch.optim.RAdam(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.RAdam(sae.parameters(), lr=cfg.lr, eps=cfg.optimiser_eps, weight_decay=cfg.weight_decay)
     # The fused kernel does Adam's element-wise update in one pass: a few times faster than the default on CPU.
     fused = sae.device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in sae.parameters())
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    return torch.optim.Adam(
+        sae.parameters(), lr=cfg.lr, eps=cfg.optimiser_eps, weight_decay=cfg.weight_decay, fused=fused or None
+    )
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    changed = [f for f in _TRAJECTORY_FIELDS if saved.get(f) != getattr(cfg, f)]
+    # A field missing from an older trainer state did not exist yet: that run trained with the field's default.
+    saved = {f: saved.get(f, TrainConfig.model_fields[f].default) for f in _TRAJECTORY_FIELDS}
+    changed = [f for f in _TRAJECTORY_FIELDS if saved[f] != getattr(cfg, f)]
     if changed:
         raise CheckpointError(
             "cannot resume: the config differs from the checkpoint's in "
-            + ", ".join(f"{f} ({saved.get(f)!r} -> {getattr(cfg, f)!r})" for f in changed)
+            + ", ".join(f"{f} ({saved[f]!r} -> {getattr(cfg, f)!r})" for f in changed)
         )
 
 
