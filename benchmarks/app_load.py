@@ -6,8 +6,8 @@
    --build), else a small one built in a temporary directory the way tests/test_app.py builds it (8 Asterisk
    prompts, tiny.en encoder.blocks.2.mlp.1 neuron set) plus, as tests/test_app_edit_runs.py does, a briefly trained TopK SAE on
    encoder.blocks.2 indexed as an SAE set (so --edit-clients has something to edit).
-2. The app as users get it: `python -m dash_app --host 127.0.0.1 --port <free port> --data-dir DIR` in a
-   subprocess (Flask's threaded server).
+2. The app as users get it: `python -m dash_app --host 127.0.0.1 --port <free port> --data-dir DIR --workers N`
+   in a subprocess (gunicorn with N worker processes, 2 by default; --workers 1: Flask's threaded server).
 3. --clients threads, each with its own keep-alive HTTP connection, make --requests feature searches each: the
    exact request the search page makes, POST /_dash-update-component for the callback whose inputs are
    url.search and search-page.id (its output string and ids read from /_dash-dependencies), for a random
@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=16, help="searches before timing (caches clip audio)")
     parser.add_argument("--max-seconds", type=float, default=600, help="stop the load after this long")
     parser.add_argument("--timeout", type=float, default=60, help="per-request timeout (s)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="app worker processes (python -m dash_app --workers; 1 = Flask's threaded server)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -261,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / f"freud-app-load-{port}.log"
     env = {**os.environ, "FREUD_DATA_DIR": str(data)}
-    command = [sys.executable, "-m", "dash_app", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data)]
+    command = [sys.executable, "-m", "dash_app", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
+               "--workers", str(args.workers)]
+    print(f"server: python -m dash_app --workers {args.workers}"
+          + (" (gunicorn, 8 threads each)" if args.workers > 1 else " (Flask's threaded server)"), flush=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)

@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from dash_app.app import create_app
 
 __all__ = ["create_app", "main"]
 
 
-def _env_port() -> int:
-    raw = os.environ.get("FREUD_APP_PORT", "8050")
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(f"FREUD_APP_PORT must be a port number, not {raw!r}") from None
+        raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
+
+
+def _env_port() -> int:
+    return _env_int("FREUD_APP_PORT", 8050)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,8 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None,
                         help="FREUD data directory holding lancedb/ (default: env FREUD_DATA_DIR or <repo>/data)")
     parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload accepted (MB)")
-    parser.add_argument("--debug", action="store_true", help="Dash debug mode (development only)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes (default env FREUD_APP_WORKERS, else 2): more than 1 serves the app "
+                             "with gunicorn (threads in each), so searches use every core; 1 uses Flask's threaded "
+                             "server")
+    parser.add_argument("--threads", type=int, default=8, help="request threads per gunicorn worker")
+    parser.add_argument("--debug", action="store_true", help="Dash debug mode (development only; implies 1 worker)")
     args = parser.parse_args(argv)
+    workers = args.workers if args.workers is not None else _env_int("FREUD_APP_WORKERS", 2)
+    if workers < 1 or args.threads < 1:
+        parser.error("--workers and --threads must be at least 1")
     port = args.port if args.port is not None else _env_port()
     if not 0 < port < 65536:
         parser.error(f"--port must be 1..65535, not {port}")
@@ -38,6 +50,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything (index, manifest paths, model cache) follows one data directory.
         os.environ["FREUD_DATA_DIR"] = os.path.abspath(os.path.expanduser(args.data_dir))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(data_dir=args.data_dir, max_upload_mb=args.max_upload_mb)
-    app.run(host=args.host, port=port, debug=args.debug)
+    def make_app():
+        return create_app(data_dir=args.data_dir, max_upload_mb=args.max_upload_mb)
+
+    if workers == 1 or args.debug:
+        make_app().run(host=args.host, port=port, debug=args.debug)
+    else:
+        serve_with_gunicorn(lambda: make_app().server, host=args.host, port=port, workers=workers,
+                            threads=args.threads)
     return 0
+
+
+def serve_with_gunicorn(make_server: Callable[[], Any], *, host: str, port: int, workers: int, threads: int) -> None:
+    """Serve the app with gunicorn: `workers` processes, each building its own app after the fork (LanceDB's
+    runtime and torch must not be inherited across a fork), `threads` request threads in each, so a slow edit
+    holds one thread while searches go on in the others."""
+    from gunicorn.app.base import BaseApplication
+
+    class _Server(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", threads)
+            self.cfg.set("timeout", 300)  # an edit of a long clip on a busy CPU takes a while
+            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("accesslog", None)
+            self.cfg.set("limit_request_line", 8190)
+            self.cfg.set("control_socket_disable", True)  # no socket under ~/.gunicorn: several apps may run
+
+        def load(self):
+            return make_server()
+
+    _Server().run()

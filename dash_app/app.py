@@ -58,6 +58,7 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
     Served by Flask's threaded server (`app.run` keeps Flask's default threaded=True): a slow callback (an edit,
     an upload's inference) holds one request thread, and other users' searches are answered meanwhile."""
     access = IndexAccess(index, data_dir)
+    _fast_json()
 
     def mlflow_uri_of() -> str:
         from freud_pipeline.features.runs import tracking_uri_for
@@ -122,6 +123,18 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
 
     _register_audio_route(app, access)
     return app
+
+
+def _fast_json() -> None:
+    """Serialise callback responses with orjson: Dash goes through plotly's JSON encoder, whose default engine
+    encodes a search page's figures three times over (encode, decode, encode)."""
+    import plotly.io as pio
+
+    try:
+        import orjson  # noqa: F401
+    except ImportError:  # a dependency, but the app still works without it
+        return
+    pio.json.config.default_engine = "orjson"
 
 
 def _register_audio_route(app: dash.Dash, access: IndexAccess) -> None:

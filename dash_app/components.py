@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from dash import dcc, html
+from dash.development.base_component import Component
 
 from dash_app.data import EMPTY_INDEX_HINT, audio_url, search_href
 
@@ -172,12 +173,23 @@ def transcript_view(text: str | None, words: list[dict] | None = None, peak_time
                     window_s: float = 0.06) -> html.Div:
     """The transcript; with word alignments, the words under the peak are highlighted."""
     if words and peak_time_s is not None:
-        spans = []
+        # runs of words: plain text, and a <mark> for the words under the peak (one element per run, not per word:
+        # a search page shows 20 transcripts)
+        runs: list[tuple[bool, list[str]]] = []
         for w in words:
             start, end = float(w.get("start_s", 0)), float(w.get("end_s", 0))
             hit = start - window_s <= peak_time_s <= end + window_s
-            spans += [html.Mark(w.get("label", "")) if hit else html.Span(w.get("label", "")), " "]
-        return html.Div(spans, className="transcript")
+            if runs and runs[-1][0] == hit:
+                runs[-1][1].append(str(w.get("label", "")))
+            else:
+                runs.append((hit, [str(w.get("label", ""))]))
+        parts: list = []
+        for i, (hit, labels) in enumerate(runs):
+            text = " ".join(labels)
+            parts.append(html.Mark(text) if hit else text)
+            if i < len(runs) - 1:
+                parts.append(" ")
+        return html.Div(parts, className="transcript")
     return html.Div(text or "(no transcript)", className="transcript" + ("" if text else " muted"))
 
 
@@ -195,3 +207,19 @@ def audio_player(src: str, graph_id: str, readout_id: str, *, player_id: str | N
 
 def download_link(clip_id: str) -> html.A:
     return html.A("download WAV", href=audio_url(clip_id, download=True), className="download", download="")
+
+
+def plain_json(value: Any) -> Any:
+    """A component tree as the plain dicts Dash sends (type, namespace, props), numpy arrays left in place.
+
+    Dash serialises callback output with plotly's encoder: with orjson it is one C call for plain data, but a
+    tree of component objects makes it fall back to walking every node in Python (~4x slower for a search page)."""
+    if isinstance(value, Component):
+        out = value.to_plotly_json()
+        out["props"] = {k: plain_json(v) for k, v in out["props"].items()}
+        return out
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    return value

@@ -13,6 +13,8 @@ import io
 import logging
 import math
 import threading
+import time
+import uuid
 import wave
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -221,12 +223,15 @@ def wav_bytes(audio: np.ndarray, sr: int = SAMPLE_RATE) -> bytes:
 def clip_log_mel(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
     """Whisper's log-mel [n_mels, frames] of a clip, cropped to its real length (100 frames/s).
 
-    Clips up to 30 s are padded like Whisper runs them (so values match what the model saw), then cropped.
+    The values are those of the padded 30 s window Whisper runs: the clip gets 0.2 s of the same zero padding
+    (more than one 25 ms STFT window, so no frame inside the clip sees the difference) instead of all of it,
+    which made a short clip's spectrogram cost ~70 ms.
     """
     from freud_pipeline.whisper.hooks import log_mel
 
     n_samples = len(audio)
-    mel = log_mel(audio, n_mels, pad=n_samples <= 30 * SAMPLE_RATE)
+    tail = np.zeros(int(0.2 * SAMPLE_RATE), np.float32)
+    mel = log_mel(np.concatenate([np.asarray(audio, np.float32), tail]), n_mels, pad=False)
     frames = max(1, min(mel.shape[-1], math.ceil(n_samples / (MEL_HOP_SECONDS * SAMPLE_RATE))))
     return mel[:, :frames].cpu().numpy().astype(np.float32)
 
@@ -236,6 +241,18 @@ class _LRU:
         self.size = size
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
     def get_or_make(self, key, make: Callable[[], Any]):
         with self._lock:
@@ -248,6 +265,29 @@ class _LRU:
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
         return value
+
+
+class AudioStore:
+    """Decoded uploads by random token (bounded; the oldest go first)."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, audio) -> str:
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._items[token] = audio
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return token
+
+    def get(self, token: str):
+        with self._lock:
+            if token in self._items:
+                self._items.move_to_end(token)
+            return self._items.get(token)
 
 
 @dataclass
@@ -269,13 +309,20 @@ class ClipAudio:
 class IndexAccess:
     """Lazily opened FeatureIndex plus clip audio caches. Thread-safe enough for Flask's threaded server."""
 
+    SETS_TTL_S = 1.0
+
     def __init__(self, index: Any | None = None, data_dir: str | Path | None = None, n_mels: int = 80):
         self._index = index
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
         self.n_mels = n_mels
         self._lock = threading.Lock()
         self._clips = _LRU(128)
+        self._rows = _LRU(4096)  # manifest rows (transcript, words) of the clips shown
         self._wavs = _LRU(64)
+        self._spectrograms = _LRU(2048)
+        self._pages = _LRU(128)  # rendered search pages: the same link (a shared URL, back button) costs nothing
+        self._sets_cache: tuple[float, list[dict]] | None = None
+        self.uploads = AudioStore()  # decoded uploads and recordings by random token (upload and edit pages)
 
     # -- the index ------------------------------------------------------------------------------------------
     @property
@@ -299,6 +346,12 @@ class IndexAccess:
             raise IndexUnavailable(f"The feature index cannot be opened ({exc}). {EMPTY_INDEX_HINT}") from exc
 
     def sets(self) -> list[dict]:
+        """The index's feature sets, re-read at most every SETS_TTL_S (every callback asks; a build shows up
+        within that time, as with the index's own read consistency interval)."""
+        with self._lock:
+            cached = self._sets_cache
+        if cached is not None and time.monotonic() - cached[0] < self.SETS_TTL_S:
+            return [dict(s) for s in cached[1]]
         try:
             sets = list(self.index.sets())
         except IndexUnavailable:
@@ -307,7 +360,21 @@ class IndexAccess:
             raise IndexUnavailable(f"The feature index cannot be read ({exc}). {EMPTY_INDEX_HINT}") from exc
         for s in sets:
             s["set_id"] = str(s["set_id"])
-        return sets
+        with self._lock:
+            self._sets_cache = (time.monotonic(), sets)
+        return [dict(s) for s in sets]
+
+    @staticmethod
+    def builds(sets: list[dict]) -> tuple:
+        """What identifies the index's current content: cached pages are valid while it is unchanged."""
+        return tuple(sorted((str(s["set_id"]), str(s.get("build_id") or s.get("created_at"))) for s in sets))
+
+    def cached_page(self, key):
+        """A page rendered earlier for `key` (which includes `builds(...)`), or None."""
+        return self._pages.get(key)
+
+    def cache_page(self, key, page) -> None:
+        self._pages.put(key, page)
 
     def status(self) -> tuple[list[dict], str | None]:
         """(sets, message): message says why there is nothing to show, or None."""
@@ -321,13 +388,16 @@ class IndexAccess:
 
     # -- clips ----------------------------------------------------------------------------------------------
     def clip_row(self, clip_id: str) -> dict:
-        try:
-            row = self.index.clip(clip_id)
-        except (KeyError, LookupError, ValueError) as exc:
-            raise ClipNotFound(clip_id) from exc
-        if not row:
-            raise ClipNotFound(clip_id)
-        return dict(row)
+        def make() -> dict:
+            try:
+                row = self.index.clip(clip_id)
+            except (KeyError, LookupError, ValueError) as exc:
+                raise ClipNotFound(clip_id) from exc
+            if not row:
+                raise ClipNotFound(clip_id)
+            return dict(row)
+
+        return dict(self._rows.get_or_make(clip_id, make))
 
     def clip_path(self, row: dict) -> Path:
         """The clip's audio file: the manifest `path` (relative to the data directory this app was given), else
@@ -357,6 +427,12 @@ class IndexAccess:
             return ClipAudio(clip_id, audio, clip_log_mel(audio, self.n_mels))
 
         return self._clips.get_or_make(clip_id, make)
+
+    def clip_spectrogram(self, clip_id: str):
+        """The clip's log-mel as a cached `figures.Spectrogram` image (it does not depend on the feature)."""
+        from dash_app.figures import spectrogram_image
+
+        return self._spectrograms.get_or_make(clip_id, lambda: spectrogram_image(self.clip_audio(clip_id).mel))
 
     def clip_wav(self, clip_id: str) -> bytes:
         return self._wavs.get_or_make(clip_id, lambda: wav_bytes(self.clip_audio(clip_id).audio))

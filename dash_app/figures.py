@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from PIL import Image
 
 from dash_app.data import FRAME_SECONDS, MEL_HOP_SECONDS
 
@@ -16,9 +20,11 @@ NEGATIVE_RGB = (235, 40, 40)
 TRACE_COLOUR = "#ffb300"
 PLAYHEAD_COLOUR = "#00e5ff"
 SHADE_MAX_OPACITY = 0.55
+GREY_LEVELS = 16
+_GREY_PALETTE = [round(v * 255 / (GREY_LEVELS - 1)) for v in range(GREY_LEVELS) for _ in range(3)]
 
-# Trace order in clip figures (the upload page patches traces 1 and 2 by position).
-HEATMAP, SHADING, LINE, PEAK = 0, 1, 2, 3
+# Trace order in clip figures (the upload page patches traces by position).
+SPECTROGRAM, SHADING, LINE, PEAK = 0, 1, 2, 3
 
 
 def _pool_columns(mel: np.ndarray, max_columns: int) -> tuple[np.ndarray, float]:
@@ -34,32 +40,59 @@ def _pool_columns(mel: np.ndarray, max_columns: int) -> tuple[np.ndarray, float]
     return pooled, MEL_HOP_SECONDS * factor
 
 
-def shading_colours(trace: Sequence[float], scale: float | None = None) -> list[str]:
-    """One rgba colour per 20 ms frame: green positive, red negative, opacity by |a| / scale.
+@dataclass(frozen=True)
+class Spectrogram:
+    """A clip's log-mel as a greyscale PNG (data URI) plus its geometry: what a clip figure draws underneath.
 
-    `scale` defaults to the trace's own max |a| (as the original); the search page passes the max |a| over all
-    results shown, so a clip where the feature barely moves is not painted as strongly as the top clip."""
-    values = np.asarray(trace, dtype=np.float64)
-    if values.size == 0:
-        return []
-    peak = float(scale) if scale else (float(np.max(np.abs(values))) or 1.0)
-    colours = []
-    for v in values:
-        r, g, b = POSITIVE_RGB if v >= 0 else NEGATIVE_RGB
-        colours.append(f"rgba({r},{g},{b},{SHADE_MAX_OPACITY * min(1.0, abs(v) / peak):.3f})")
-    return colours
+    Sent as an image, not a heatmap of numbers: 80 x 1500 floats of JSON per 30 s clip made a 20-result search
+    page about a megabyte and its serialisation most of a search's cost. It does not depend on the feature, so
+    the app caches one per clip id."""
+
+    uri: str
+    n_mels: int
+    columns: int
+    column_s: float
+    duration_s: float
+
+
+def spectrogram_image(mel: np.ndarray, max_columns: int = MAX_MEL_COLUMNS) -> Spectrogram:
+    """Encode a log-mel [n_mels, frames] (100 frames/s) as a PNG: loud is dark, as on a printed spectrogram."""
+    n_mels, frames = mel.shape
+    pooled, column_s = _pool_columns(np.asarray(mel, dtype=np.float32), max_columns)
+    lo, hi = float(pooled.min()), float(pooled.max())
+    level = (pooled - lo) / ((hi - lo) or 1.0)
+    # Row 0 of the image is drawn at y0 = 0, the bottom of the non-reversed axis: the lowest mel bin.
+    # 16 grey levels in a 4-bit palette PNG: a third of the bytes of 8-bit grey, and a background does not need more.
+    image = Image.fromarray(np.round((GREY_LEVELS - 1) * (1.0 - level)).astype(np.uint8), mode="P")
+    image.putpalette(_GREY_PALETTE)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", bits=4, compress_level=6)
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return Spectrogram(uri, n_mels, pooled.shape[1], column_s, frames * MEL_HOP_SECONDS)
+
+
+def shading_colorscale() -> list[list]:
+    """Red (negative) -> transparent (0) -> green (positive): the shading row is coloured by the trace itself."""
+    (r0, g0, b0), (r1, g1, b1) = NEGATIVE_RGB, POSITIVE_RGB
+    return [[0.0, f"rgba({r0},{g0},{b0},{SHADE_MAX_OPACITY})"], [0.5, "rgba(0,0,0,0)"],
+            [1.0, f"rgba({r1},{g1},{b1},{SHADE_MAX_OPACITY})"]]
 
 
 def trace_parts(trace: Sequence[float] | None, n_mels: int, name: str = "activation", *, scale: float | None = None,
                 offset_frames: int = 0) -> dict:
-    """Data for the shading bars and the trace line (used to build and to patch figures)."""
+    """Data for the shading row and the trace line (used to build figures and to patch them in place).
+
+    One value per 20 ms frame, positioned by x0/dx (no time array). `scale` is the |a| that gets full shading:
+    the trace's own max by default (as the original); the search page passes the max over all results shown,
+    so a clip where the feature barely moves is not painted as strongly as the top clip."""
     values = np.asarray(trace if trace is not None else [], dtype=np.float64)
-    times = (np.arange(values.size) + offset_frames + 0.5) * FRAME_SECONDS
+    peak = float(scale) if scale else (float(np.max(np.abs(values))) if values.size else 0.0) or 1.0
     return {
-        "times": np.round(times, 4).tolist(),
-        "values": np.round(values, 5).tolist(),
-        "colours": shading_colours(values, scale),
-        "heights": [n_mels] * int(values.size),
+        "x0": round((offset_frames + 0.5) * FRAME_SECONDS, 4),
+        "dx": FRAME_SECONDS,
+        # a float32 array: orjson writes it in one call (a list would be walked value by value)
+        "values": values.astype(np.float32),
+        "scale": peak,
         "name": name,
     }
 
@@ -79,7 +112,7 @@ def padded_range(values: Sequence[float], value_range: tuple[float, float] | Non
 
 
 def clip_figure_dict(
-    mel: np.ndarray,
+    mel: np.ndarray | Spectrogram,
     trace: Sequence[float] | None = None,
     *,
     peak_time_s: float | None = None,
@@ -90,27 +123,25 @@ def clip_figure_dict(
     trace_offset_frames: int = 0,
     value_range: tuple[float, float] | None = None,
 ) -> dict:
-    """Log-mel heatmap (cropped to the clip) with the activation trace on a secondary axis and shading per frame.
+    """Log-mel image (cropped to the clip) with the activation trace on a secondary axis and shading per frame.
 
-    A plain figure dict: building go.Figure objects validates every array and dominated a search's cost (20
-    figures per page). layout.shapes[0] is the playhead (moved in the browser by assets/freud.js).
+    `mel` is the log-mel array or its cached `Spectrogram`. A plain figure dict: building go.Figure objects
+    validates every array and dominated a search's cost (20 figures per page). layout.shapes[0] is the playhead
+    (moved in the browser by assets/freud.js).
     """
-    n_mels, frames = mel.shape
-    duration = frames * MEL_HOP_SECONDS
-    pooled, column_s = _pool_columns(mel, MAX_MEL_COLUMNS)
-    x = (np.arange(pooled.shape[1]) + 0.5) * column_s
+    spec = mel if isinstance(mel, Spectrogram) else spectrogram_image(mel)
+    n_mels, duration = spec.n_mels, spec.duration_s
     parts = trace_parts(trace, n_mels, trace_name, scale=shade_scale, offset_frames=trace_offset_frames)
     peak_x = [peak_time_s] if peak_time_s is not None and peak_value is not None else []
     peak_y = [peak_value] if peak_x else []
     data = [
-        {"type": "heatmap", "z": np.round(pooled.astype(np.float64), 2).tolist(), "x": np.round(x, 4).tolist(),
-         "y": list(range(n_mels)), "colorscale": "Greys", "reversescale": True, "showscale": False,
+        {"type": "image", "source": spec.uri, "x0": spec.column_s / 2, "dx": spec.column_s, "y0": 0, "dy": 1,
          "hoverinfo": "skip", "name": "log-mel"},
-        {"type": "bar", "x": parts["times"], "y": parts["heights"], "base": -0.5, "width": FRAME_SECONDS,
-         "marker": {"color": parts["colours"], "line": {"width": 0}}, "hoverinfo": "skip", "showlegend": False,
-         "name": "shading"},
-        {"type": "scatter", "x": parts["times"], "y": parts["values"], "yaxis": "y2", "mode": "lines",
-         "line": {"color": TRACE_COLOUR, "width": 1.6}, "name": trace_name,
+        {"type": "heatmap", "z": parts["values"][None, :], "x0": parts["x0"], "dx": parts["dx"], "y0": (n_mels - 1) / 2,
+         "dy": n_mels, "zmin": -parts["scale"], "zmax": parts["scale"], "colorscale": shading_colorscale(),
+         "showscale": False, "hoverinfo": "skip", "name": "shading"},
+        {"type": "scatter", "x0": parts["x0"], "dx": parts["dx"], "y": parts["values"], "yaxis": "y2",
+         "mode": "lines", "line": {"color": TRACE_COLOUR, "width": 1.6}, "name": trace_name,
          "hovertemplate": "%{x:.2f} s: %{y:.3f}<extra></extra>", "showlegend": False},
         {"type": "scatter", "x": peak_x, "y": peak_y, "yaxis": "y2", "mode": "markers",
          "marker": {"symbol": "triangle-down", "size": 10, "color": TRACE_COLOUR,
@@ -120,15 +151,13 @@ def clip_figure_dict(
     layout = {
         "height": height,
         "margin": {"l": 48, "r": 56, "t": 8, "b": 36},
-        "bargap": 0,
-        "barmode": "overlay",
         "hovermode": "closest",
         "plot_bgcolor": "black",
         "paper_bgcolor": "white",
         "xaxis": {"title": {"text": "time (s)", "standoff": 2}, "range": [0, duration], "showgrid": False,
                   "zeroline": False},
         "yaxis": {"title": {"text": "mel bin", "standoff": 2}, "range": [-0.5, n_mels - 0.5], "showgrid": False,
-                  "zeroline": False, "fixedrange": True},
+                  "zeroline": False, "fixedrange": True, "autorange": False, "scaleanchor": False},
         "yaxis2": {"title": {"text": trace_name, "standoff": 2}, "overlaying": "y", "side": "right",
                    "showgrid": False, "zeroline": True, "zerolinecolor": "rgba(255,179,0,0.45)",
                    "range": padded_range(parts["values"], value_range), "fixedrange": True, "tickmode": "auto",
@@ -141,46 +170,53 @@ def clip_figure_dict(
 
 
 def clip_figure(mel: np.ndarray, trace: Sequence[float] | None = None, **kwargs) -> go.Figure:
-    """`clip_figure_dict` as a go.Figure, for callers that modify the figure further."""
-    return go.Figure(clip_figure_dict(mel, trace, **kwargs))
+    """`clip_figure_dict` as a go.Figure, for callers that modify the figure further or patch it. Its arrays
+    are plain lists: go.Figure sends numpy arrays as typed arrays, and a Patch assigning lists over those was
+    not redrawn in the browser (the upload page's overlay test caught it)."""
+    figure = clip_figure_dict(mel, trace, **kwargs)
+    for item in figure["data"]:
+        for key in ("z", "y"):
+            if isinstance(item.get(key), np.ndarray):
+                item[key] = item[key].tolist()
+    return go.Figure(figure)
 
 
 def histogram_figure(hist: dict, *, index: int, min_value: float | None = None, max_value: float | None = None,
-                     height: int = 220) -> go.Figure:
-    """Counts of every clip's peak value (log y), with the active min/max filter drawn as lines."""
+                     height: int = 220) -> dict:
+    """Counts of every clip's peak value (log y), with the active min/max filter drawn as lines (a plain dict)."""
     edges = np.asarray(hist.get("bin_edges") or [], dtype=np.float64)
     counts = np.asarray(hist.get("counts") or [], dtype=np.float64)
-    fig = go.Figure()
+    data = []
     if edges.size >= 2 and counts.size == edges.size - 1:
         centres = (edges[:-1] + edges[1:]) / 2
-        widths = np.diff(edges)
-        fig.add_trace(
-            go.Bar(
-                x=centres,
-                y=np.where(counts > 0, counts, np.nan),
-                width=widths,
-                marker={"color": "#5c6bc0", "line": {"width": 0}},
-                customdata=np.stack([edges[:-1], edges[1:]], axis=1),
-                hovertemplate="%{customdata[0]:.3g} to %{customdata[1]:.3g}: %{y} clips<extra></extra>",
-                name="clips",
-            )
-        )
+        data.append({
+            "type": "bar", "x": centres.tolist(), "y": [c if c > 0 else None for c in counts.tolist()],
+            "width": np.diff(edges).tolist(), "marker": {"color": "#5c6bc0", "line": {"width": 0}},
+            "customdata": np.stack([edges[:-1], edges[1:]], axis=1).tolist(),
+            "hovertemplate": "%{customdata[0]:.3g} to %{customdata[1]:.3g}: %{y} clips<extra></extra>",
+            "name": "clips",
+        })
+    shapes, annotations = [], []
     for value, label in ((min_value, "min"), (max_value, "max")):
         if value is not None:
-            fig.add_vline(x=value, line={"color": "#d81b60", "dash": "dash", "width": 1.5},
-                          annotation_text=label, annotation_position="top")
+            shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": value, "x1": value, "y0": 0, "y1": 1,
+                           "line": {"color": "#d81b60", "dash": "dash", "width": 1.5}})
+            annotations.append({"x": value, "xref": "x", "y": 1, "yref": "paper", "text": label, "showarrow": False,
+                                "yanchor": "bottom", "font": {"color": "#d81b60"}})
     total = int(counts.sum()) if counts.size else 0
-    fig.update_layout(
-        height=height,
-        margin={"l": 52, "r": 12, "t": 30, "b": 40},
-        title={"text": f"Peak of feature {index} in each clip ({total} clips)", "font": {"size": 13}, "x": 0.01},
-        xaxis={"title": {"text": "peak activation of the clip", "standoff": 4}},
-        yaxis={"title": {"text": "clips (log)", "standoff": 4}, "type": "log", "dtick": "D2"},
-        bargap=0.02,
-        showlegend=False,
-        plot_bgcolor="#fafafa",
-    )
-    return fig
+    layout = {
+        "height": height,
+        "margin": {"l": 52, "r": 12, "t": 30, "b": 40},
+        "title": {"text": f"Peak of feature {index} in each clip ({total} clips)", "font": {"size": 13}, "x": 0.01},
+        "xaxis": {"title": {"text": "peak activation of the clip", "standoff": 4}},
+        "yaxis": {"title": {"text": "clips (log)", "standoff": 4}, "type": "log", "dtick": "D2"},
+        "bargap": 0.02,
+        "showlegend": False,
+        "plot_bgcolor": "#fafafa",
+        "shapes": shapes,
+        "annotations": annotations,
+    }
+    return {"data": data, "layout": layout}
 
 
 def top_features_figure(features: list[dict], *, set_label: str = "", selected: int | None = None,

@@ -228,11 +228,11 @@ def test_search_shows_results_with_spectrograms_and_histogram(dash_duo, feature_
     assert _n_results(dash_duo) == 5
     assert f"index={strong_feature}" in dash_duo.driver.current_url
     assert dash_duo.find_element("#feature-card .card-title").text.startswith(f"Feature {strong_feature}")
-    # heatmap + shading + trace line in each result figure; the histogram has log y
+    # spectrogram image + shading + trace line in each result figure; the histogram has log y
     fig = dash_duo.driver.execute_script(
         "var gd = document.querySelector('#clip-graph-0 .js-plotly-plot');"
         "return {types: gd.data.map(d => d.type), shapes: gd.layout.shapes.length};")
-    assert fig["types"][:3] == ["heatmap", "bar", "scatter"] and fig["shapes"] >= 1
+    assert fig["types"][:3] == ["image", "heatmap", "scatter"] and fig["shapes"] >= 1
     ytype = dash_duo.driver.execute_script(
         "return document.querySelector('#search-histogram .js-plotly-plot')._fullLayout.yaxis.type;")
     assert ytype == "log"
@@ -367,9 +367,11 @@ def test_upload_wav_shows_top_features(dash_duo, feature_index, upload_wav):
     bar = dash_duo.find_elements("#upload-bars .bars .point")[2]
     ActionChains(dash_duo.driver).move_to_element(bar).click().perform()
     dash_duo.wait_for_contains_text("#upload-feature-link", f"feature {third}", timeout=30)
-    name = dash_duo.driver.execute_script(
-        "return document.querySelector('#upload-graph .js-plotly-plot').data[2].name;")
-    assert name == f"feature {third}"
+    from dash.testing.wait import until
+
+    # the link and the figure patch come in one response, but Plotly redraws the figure asynchronously
+    until(lambda: dash_duo.driver.execute_script(
+        "return document.querySelector('#upload-graph .js-plotly-plot').data[2].name;") == f"feature {third}", 10)
     assert f"index={third}" in dash_duo.find_element("#upload-search-link").get_attribute("href")
     _shot(dash_duo, "upload-top-features")
 
@@ -491,10 +493,15 @@ def test_main_parses_flags(monkeypatch):
 
     import dash_app
 
-    seen = {}
+    seen, served = {}, {}
     monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+    monkeypatch.setattr(dash_app, "serve_with_gunicorn", lambda make, **kw: served.update(kw, app=make()))
     monkeypatch.setenv("FREUD_APP_PORT", "8123")
-    assert dash_app.main([]) == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["debug"] is False
-    assert dash_app.main(["--host", "0.0.0.0", "--port", "9000"]) == 0
-    assert seen["host"] == "0.0.0.0" and seen["port"] == 9000
+    monkeypatch.delenv("FREUD_APP_WORKERS", raising=False)
+    assert dash_app.main([]) == 0  # default: gunicorn, 2 workers
+    assert served["host"] == "127.0.0.1" and served["port"] == 8123 and served["workers"] == 2 and not seen
+    assert served["app"].url_map is not None  # each worker builds the Flask server of a real app
+    assert dash_app.main(["--host", "0.0.0.0", "--port", "9000", "--workers", "1"]) == 0
+    assert seen["host"] == "0.0.0.0" and seen["port"] == 9000 and seen["debug"] is False
+    monkeypatch.setenv("FREUD_APP_WORKERS", "3")
+    assert dash_app.main(["--threads", "4"]) == 0 and served["workers"] == 3 and served["threads"] == 4

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,15 +174,50 @@ def test_runs_listing_and_comparison(sae_world, tmp_path):
 
 
 def test_app_is_served_threaded(monkeypatch):
-    """`python -m dash_app` serves with Flask's threaded server: a slow edit holds one thread only."""
+    """`python -m dash_app --workers 1` serves with Flask's threaded server: a slow edit holds one thread only."""
     import werkzeug.serving
 
     import dash_app
 
     seen = {}
     monkeypatch.setattr(werkzeug.serving, "run_simple", lambda *a, **kw: seen.update(kw))
-    assert dash_app.main(["--port", "8123"]) == 0
+    assert dash_app.main(["--port", "8123", "--workers", "1"]) == 0
     assert seen["threaded"] is True
+
+
+def test_app_is_served_by_gunicorn_workers(tmp_path):
+    """The default server: gunicorn with 2 worker processes (threads in each) on 127.0.0.1, answering pages."""
+    import http.client
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dash_app", "--port", str(port), "--data-dir", str(tmp_path)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline and status is None:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/search")
+                response = conn.getresponse()
+                response.read()
+                conn.request("GET", "/audio/no-such-clip")
+                missing = conn.getresponse().status
+                status = response.status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200 and missing == 404
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "Using worker: gthread" in out and out.count("Booting worker") == 2
+    assert f"Listening at: http://127.0.0.1:{port}" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from dash_app.data import SearchState, default_set, set_label, validate_search, wav_bytes
-from dash_app.figures import clip_figure, histogram_figure, shading_colours, top_features_figure
+from dash_app.figures import (
+    clip_figure,
+    histogram_figure,
+    shading_colorscale,
+    spectrogram_image,
+    top_features_figure,
+)
 
 SETS = [
     {"set_id": "n1", "model": "tiny.en", "hook": "encoder.blocks.2.mlp.1", "kind": "neuron", "n_features": 1536,
@@ -51,21 +57,45 @@ def test_clip_figure_layers_and_shading():
     mel = np.random.default_rng(0).standard_normal((80, 150)).astype(np.float32)
     trace = np.sin(np.linspace(0, 6, 75)) * 3
     fig = clip_figure(mel, trace, peak_time_s=0.5, peak_value=3.0)
-    assert [t.type for t in fig.data] == ["heatmap", "bar", "scatter", "scatter"]
+    assert [t.type for t in fig.data] == ["image", "heatmap", "scatter", "scatter"]
+    assert fig.data[0].source.startswith("data:image/png;base64,") and fig.data[0].dx == pytest.approx(0.01)
     assert fig.layout.xaxis.range == (0, 1.5) and fig.layout.shapes[0].name == "playhead"
-    assert len(fig.data[1].marker.color) == 75
-    colours = shading_colours([1.0, -2.0, 0.0])
-    assert colours[0].startswith("rgba(0,200,70") and colours[1].startswith("rgba(235,40,40")
-    assert colours[2].endswith(",0.000)")
+    # the shading row: one cell per 20 ms frame over all mel bins, coloured by the trace (red < 0 < green)
+    shading = fig.data[1]
+    assert shading.type == "heatmap" and len(shading.z[0]) == 75 and shading.dy == 80 and shading.y0 == 39.5
+    assert shading.zmin == -shading.zmax == pytest.approx(-3.0, rel=1e-3)
+    assert fig.data[2].x0 == pytest.approx(0.01) and fig.data[2].dx == pytest.approx(0.02)
+    scale = shading_colorscale()
+    assert scale[0][1].startswith("rgba(235,40,40") and scale[1][1] == "rgba(0,0,0,0)"
+    assert scale[2][1].startswith("rgba(0,200,70")
     # a shared scale keeps a weak clip faint
-    assert shading_colours([0.01], scale=10.0)[0].endswith(",0.001)")
+    weak = clip_figure(mel, [0.01, 0.02], shade_scale=10.0)
+    assert weak.data[1].zmax == 10.0
     long_mel = np.zeros((80, 3000), np.float32)  # 30 s clip: pooled for display
-    assert len(clip_figure(long_mel, np.zeros(1500)).data[0].x) <= 1200
+    spec = spectrogram_image(long_mel)
+    assert spec.columns <= 1200 and spec.duration_s == pytest.approx(30.0)
+    assert clip_figure(long_mel, np.zeros(1500)).layout.xaxis.range == (0, 30.0)
+
+
+def test_spectrogram_image_is_the_log_mel_loud_dark_low_bins_first():
+    import base64
+    import io
+
+    from PIL import Image
+
+    mel = np.zeros((80, 100), np.float32)
+    mel[3, :] = 2.0  # one loud low band
+    spec = spectrogram_image(mel)
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(spec.uri.split(",", 1)[1]))).convert("L"))
+    assert pixels.shape == (80, 100) and pixels.dtype == np.uint8
+    assert (pixels[3] == 0).all() and (pixels[np.arange(80) != 3] == 255).all()
 
 
 def test_histogram_and_bars():
     hist = histogram_figure({"bin_edges": [0, 1, 2, 3], "counts": [5, 0, 1]}, index=3, min_value=0.5)
-    assert hist.layout.yaxis.type == "log" and len(hist.data[0].x) == 3
+    assert hist["layout"]["yaxis"]["type"] == "log" and len(hist["data"][0]["x"]) == 3
+    assert hist["data"][0]["y"][1] is None  # empty bins are gaps on the log axis
+    assert hist["layout"]["shapes"][0]["x0"] == 0.5 and hist["layout"]["annotations"][0]["text"] == "min"
     bars = top_features_figure([{"index": 7, "value": 2.0, "peak_time_s": 0.1, "label": "sh"},
                                 {"index": 2, "value": 1.0}], selected=7)
     assert list(bars.data[0].x) == ["7", "2"]

@@ -1,4 +1,4 @@
-"""Feature editing: /edit[?clip=<clip_id>][&set=<set_id>][&features=12:0,40:1.5]
+"""Feature editing: /edit[?clip=<clip_id> | ?upload=<token>][&set=<set_id>][&features=12:0,40:1.5]
 
 Upload or record a clip (or load a dataset clip by id), pick an SAE feature set, list features with factors
 (0 ablates, -1 flips, 2 doubles), and see three transcripts (original, SAE reconstruction spliced in, edited;
@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import threading
-import uuid
-from collections import OrderedDict
 from urllib.parse import parse_qs, quote
 
 import plotly.graph_objects as go
@@ -46,41 +43,19 @@ INS = {"background": "#c8e6c9", "borderRadius": "3px", "padding": "0 2px", "text
 DEL = {"background": "#ffcdd2", "borderRadius": "3px", "padding": "0 2px", "color": "#8e2424"}
 
 
-def edit_href(clip_id: str | None = None, set_id: str | None = None) -> str:
+def edit_href(clip_id: str | None = None, set_id: str | None = None, features: str | None = None,
+              upload: str | None = None) -> str:
+    """/edit with a dataset clip (or an upload's token), a set and a features spec such as "12:0"."""
     params = []
-    if clip_id:
-        params.append(f"clip={quote(str(clip_id), safe='')}")
-    if set_id:
-        params.append(f"set={quote(str(set_id), safe='')}")
+    for key, value in (("clip", clip_id), ("upload", upload), ("set", set_id), ("features", features)):
+        if value:
+            params.append(f"{key}={quote(str(value), safe='')}")
     return PATH + ("?" + "&".join(params) if params else "")
 
 
 def _params(search: str | None) -> dict[str, str]:
     parsed = parse_qs((search or "").lstrip("?"))
     return {k: v[-1] for k, v in parsed.items() if v}
-
-
-class _AudioStore:
-    """Decoded uploads by random token (bounded; the oldest go first)."""
-
-    def __init__(self, size: int = 32):
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, audio) -> str:
-        token = uuid.uuid4().hex
-        with self._lock:
-            self._items[token] = audio
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return token
-
-    def get(self, token: str):
-        with self._lock:
-            if token in self._items:
-                self._items.move_to_end(token)
-            return self._items.get(token)
 
 
 def _sae_sets(sets: list[dict]) -> list[dict]:
@@ -109,6 +84,8 @@ def layout(access: IndexAccess, max_upload_mb: float, max_upload_seconds: float,
     params = _params(search)
     chosen = next((s for s in saes if s["set_id"] == params.get("set")), saes[0])
     clip_id = params.get("clip")
+    upload_token = params.get("upload")
+    request = {"clip_id": clip_id} if clip_id else {"token": upload_token} if upload_token else None
     return html.Div(
         [
             html.H2("Edit features"),
@@ -208,7 +185,7 @@ def layout(access: IndexAccess, max_upload_mb: float, max_upload_seconds: float,
                 ],
                 className="controls",
             ),
-            dcc.Store(id="edit-clip-request", data={"clip_id": clip_id} if clip_id else None),
+            dcc.Store(id="edit-clip-request", data=request),
             dcc.Store(id="edit-record-data"),
             dcc.Store(id="edit-source"),
             dcc.Loading(
@@ -430,7 +407,7 @@ ERRORS = ("audio", "clip", "set", "features", "factor")
 def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_seconds: float) -> None:
     from freud_pipeline.features.editing import EditError, edit_clip, parse_edits, parse_factor
 
-    uploads = _AudioStore()
+    uploads = access.uploads  # shared with the upload page, whose links hand a clip over by token
     limit_bytes = int(max_upload_mb * 1024 * 1024)
 
     def source_audio(source: dict | None):
@@ -468,7 +445,15 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
 
         trigger = ctx.triggered_id
         keep = (no_update,) * 5
-        if trigger in ("edit-clip-go", "edit-clip-id") or (trigger in (None, "edit-clip-request") and request):
+        if trigger in (None, "edit-clip-request") and request and request.get("token"):
+            audio = uploads.get(str(request["token"]))  # a clip analysed on the upload page
+            if audio is None:
+                return (no_update, no_update, "The server no longer holds that upload (restarted or too many since); "
+                        "upload it again.", "", no_update)
+            source = {"kind": "upload", "token": str(request["token"]), "label": "clip from the upload page",
+                      "duration_s": len(audio) / SAMPLE_RATE}
+            player = "data:audio/wav;base64," + base64.b64encode(wav_bytes(audio)).decode("ascii")
+        elif trigger in ("edit-clip-go", "edit-clip-id") or (trigger in (None, "edit-clip-request") and request):
             clip_id = (clip_value or "").strip() if trigger in ("edit-clip-go", "edit-clip-id") else \
                 str(request.get("clip_id") or "")
             if not clip_id:
@@ -618,11 +603,12 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         """A link to /edit?clip=... while on /edit (same path: the page is not rebuilt) loads that clip."""
         if (pathname or "").rstrip("/") != PATH:
             return no_update, no_update
-        clip_id = _params(search).get("clip")
-        wanted = {"clip_id": clip_id} if clip_id else None
+        params = _params(search)
+        clip_id, token = params.get("clip"), params.get("upload")
+        wanted = {"clip_id": clip_id} if clip_id else {"token": token} if token else None
         if not wanted or wanted == current:
             return no_update, no_update
-        return wanted, clip_id
+        return wanted, clip_id or no_update
 
     app.clientside_callback(
         _RECORD_JS,

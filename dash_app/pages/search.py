@@ -16,6 +16,7 @@ from dash_app.components import (
     fmt,
     no_sae_notice,
     notice,
+    plain_json,
     transcript_view,
 )
 from dash_app.data import (
@@ -32,6 +33,7 @@ from dash_app.data import (
     validate_search,
 )
 from dash_app.figures import clip_figure_dict, histogram_figure
+from dash_app.pages.edit import edit_href
 from dash_app.pages.upload import clip_href
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,9 @@ def layout(access: IndexAccess, search: str | None) -> html.Div:
 
 
 def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | None,
-                 value_range: tuple[float, float] | None, set_id: str, value_name: str = "peak") -> html.Div:
+                 value_range: tuple[float, float] | None, set_id: str, value_name: str = "peak",
+                 edit_feature: int | None = None) -> html.Div:
+    """One result card; `edit_feature` (SAE sets) adds a link that ablates the feature in this clip on /edit."""
     clip_id = str(ex["clip_id"])
     graph_id, readout_id = f"clip-graph-{i}", f"clip-readout-{i}"
     trace = ex.get("trace") or []
@@ -177,13 +181,13 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
     )
     words = None
     try:
-        clip = access.clip_audio(clip_id)
+        spectrogram = access.clip_spectrogram(clip_id)
         row = access.clip_row(clip_id)
         words = row.get("words") if isinstance(row.get("words"), list) else None
         # the peak of |a| for absolute searches; value is the signed peak the index reports
         # frames, for long clips whose stored trace is a window around the peak
         offset = int(ex.get("trace_offset_frame", ex.get("trace_offset")) or 0)
-        figure = clip_figure_dict(clip.mel, trace, peak_time_s=peak_time,
+        figure = clip_figure_dict(spectrogram, trace, peak_time_s=peak_time,
                              peak_value=_signed_at(trace, peak_time, peak_value, offset),
                              shade_scale=shade_scale, trace_offset_frames=offset, value_range=value_range)
         graph = dcc.Graph(id=graph_id, figure=figure, config={"displayModeBar": False, "responsive": True},
@@ -194,6 +198,8 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
                 html.Span(id=readout_id, className="readout"),
                 download_link(clip_id),
                 dcc.Link("top features of this clip →", href=clip_href(clip_id, set_id), className="download"),
+                *([dcc.Link("ablate it here (edit) →", href=edit_href(clip_id, set_id, f"{edit_feature}:0"),
+                            className="download edit-link")] if edit_feature is not None else []),
             ],
             className="player-row",
         )
@@ -239,8 +245,8 @@ def render(access: IndexAccess, search: str | None):
     index = checked.index
     index_api = access.index
     try:
-        feature = index_api.feature(set_id, index) or {}
-        hist = index_api.feature_histogram(set_id, index) or {}
+        feature = dict(index_api.feature(set_id, index, histogram=True) or {})
+        hist = feature.pop("histogram", None) or {}
         try:
             similar = index_api.similar_features(set_id, index, n=10) or []
         except Exception:  # noqa: BLE001 - similar features are a bonus
@@ -290,8 +296,28 @@ def render(access: IndexAccess, search: str | None):
     lo, hi = (min(values), max(values)) if values else (0.0, 0.0)
     scale = max(abs(lo), abs(hi)) or None
     value_name = "|peak|" if checked.absolute else "min" if checked.negative else "peak"
-    items = [_result_item(access, i, dict(ex), scale, (lo, hi), set_id, value_name) for i, ex in enumerate(examples)]
+    editable = index if checked.set_info.get("kind") == "sae" else None
+    items = [_result_item(access, i, dict(ex), scale, (lo, hi), set_id, value_name, editable)
+             for i, ex in enumerate(examples)]
     return summary, html.Div([count, *items], className="results"), {}
+
+
+def render_cached(access: IndexAccess, search: str | None):
+    """`render`, cached per (URL state, index builds): a feature's page only changes when the index is rebuilt.
+    Pages with errors or without an index are not cached (they are cheap, and their cause may go away)."""
+    sets, message = access.status()
+    if message:
+        return render(access, search)
+    key = ("search", SearchState.from_search(search).to_search(), access.builds(sets))
+    hit = access.cached_page(key)
+    if hit is not None:
+        return hit
+    summary, items, errors = render(access, search)
+    # as plain JSON-ready data: Dash then serialises it in one orjson call instead of walking the components
+    result = (plain_json(summary), plain_json(items), errors)
+    if not errors:
+        access.cache_page(key, result)
+    return result
 
 
 def label_matches(access: IndexAccess, set_id: str, label: str):
@@ -438,7 +464,7 @@ def register(app, access: IndexAccess) -> None:
     def results(search, _page, pathname):
         if not is_search_path(pathname):
             return (no_update,) * (2 + len(CONTROLS))
-        summary, items, errors = render(access, search)
+        summary, items, errors = render_cached(access, search)
         return summary, items, *[errors.get(c, "") for c in CONTROLS]
 
 

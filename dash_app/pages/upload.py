@@ -164,7 +164,18 @@ def _decode_contents(contents: str) -> bytes:
     return base64.b64decode(data)
 
 
-def _feature_link(set_id: str, feature: dict) -> list:
+def _edit_link(set_id: str, index: int, clip: dict | None) -> list:
+    """A link that opens this clip on /edit with the feature ablated (SAE sets only: neurons are not editable)."""
+    if not clip:
+        return []
+    from dash_app.pages.edit import edit_href
+
+    href = edit_href(clip.get("clip_id"), set_id, f"{index}:0", upload=clip.get("token"))
+    return [" · ", dcc.Link("ablate it on the edit page →", href=href, id="upload-edit-link")]
+
+
+def _feature_link(set_id: str, feature: dict, clip: dict | None = None) -> list:
+    """`clip`: {"clip_id": ...} or {"token": ...} for the edit link, None when the set is not an SAE set."""
     index = int(feature["index"])
     label = feature.get("label")
     return [
@@ -175,16 +186,19 @@ def _feature_link(set_id: str, feature: dict) -> list:
                   className="muted"),
         " · ",
         dcc.Link("open in feature search →", href=search_href(set_id, index), id="upload-search-link"),
+        *_edit_link(set_id, index, clip),
     ]
 
 
 def _patch_overlay(patch: Patch, feature: dict, n_mels: int) -> None:
     parts = trace_parts(feature.get("trace") or [], n_mels, f"feature {int(feature['index'])}")
-    patch["data"][SHADING]["x"] = parts["times"]
-    patch["data"][SHADING]["y"] = parts["heights"]
-    patch["data"][SHADING]["marker"]["color"] = parts["colours"]
-    patch["data"][LINE]["x"] = parts["times"]
-    patch["data"][LINE]["y"] = parts["values"]
+    values = parts["values"].tolist()  # plain lists: a Patch's operations are not serialised like a figure
+    patch["data"][SHADING]["z"] = [values]
+    patch["data"][SHADING]["x0"] = parts["x0"]
+    patch["data"][SHADING]["zmin"] = -parts["scale"]
+    patch["data"][SHADING]["zmax"] = parts["scale"]
+    patch["data"][LINE]["x0"] = parts["x0"]
+    patch["data"][LINE]["y"] = values
     patch["data"][LINE]["name"] = parts["name"]
     peak_t, peak_v = feature.get("peak_time_s"), feature.get("value")
     patch["data"][PEAK]["x"] = [peak_t] if peak_t is not None else []
@@ -290,8 +304,12 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         bars = top_features_figure(features, set_label=set_label(info), selected=top["index"] if top else None)
         src = src or "data:audio/wav;base64," + base64.b64encode(wav_bytes(audio)).decode("ascii")
         summary = f"{filename or 'clip'} · {len(audio) / SAMPLE_RATE:.2f} s · {len(features)} features of {set_label(info)}"
-        link = _feature_link(str(set_id), top) if top else "No feature is active on this clip."
-        return "", "", SHOWN, summary, figure, src, bars, {"set_id": str(set_id), "features": features}, source, link
+        edit_clip = None
+        if info.get("kind") == "sae":  # hand the clip to the edit page: by id, or the decoded upload by token
+            edit_clip = {"clip_id": filename} if source == "clip" else {"token": access.uploads.put(audio)}
+        link = _feature_link(str(set_id), top, edit_clip) if top else "No feature is active on this clip."
+        stored = {"set_id": str(set_id), "features": features, "edit_clip": edit_clip}
+        return "", "", SHOWN, summary, figure, src, bars, stored, source, link
 
     @app.callback(
         Output("upload-graph", "figure", allow_duplicate=True),
@@ -316,7 +334,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
             "#ff6f00" if int(f["index"]) == index else ("#43a047" if float(f.get("value") or 0) >= 0 else "#e53935")
             for f in stored["features"]
         ]
-        return graph, bars, _feature_link(stored["set_id"], feature)
+        return graph, bars, _feature_link(stored["set_id"], feature, stored.get("edit_clip"))
 
     @app.callback(
         Output("upload-clip", "data"),

@@ -73,6 +73,7 @@ class FeatureIndex:
         self._sets: dict[str, dict] = {}
         self._sets_at = -math.inf
         self._clip_cache: dict[str, dict] = {}
+        self._vectors: dict[str, tuple[np.ndarray, list]] = {}  # small sets' unit vectors, by vectors table
 
     # ------------------------------------------------------------ plumbing
 
@@ -148,19 +149,27 @@ class FeatureIndex:
             out.append(item)
         return out
 
-    def feature(self, set_id: str, index: int) -> dict:
+    def feature(self, set_id: str, index: int, histogram: bool = False) -> dict:
+        """Statistics, label and scores of a feature; histogram=True adds `histogram` (as `feature_histogram`
+        returns it) from the same read."""
         def read(set_row):
             rows = self._feature_rows(set_row, [index], [
                 "density", "mean", "max", "min", "quantiles", "label", "label_kind", "label_precision",
-                "label_recall", "label_f1", "word_label", "word_precision", "n_top", "n_bottom"])
+                "label_recall", "label_f1", "word_label", "word_precision", "n_top", "n_bottom",
+                *(["hist_counts", "hist_edges"] if histogram else [])])
             if index not in rows:
                 return None
+            hist = {"bin_edges": rows[index].pop("hist_edges"), "counts": rows[index].pop("hist_counts")} \
+                if histogram else None
             row = {k: _clean(v) for k, v in rows[index].items()}
             levels = set_row["quantile_levels"] or []
             row["quantiles"] = {f"{q:g}": _clean(v) for q, v in zip(levels, rows[index]["quantiles"] or [])}
             stats = {k: row.pop(k) for k in ("mean", "max", "min", "quantiles", "n_top", "n_bottom")}
             stats.update(density=row["density"], fire_threshold=_clean(set_row["fire_threshold"]))
-            return {"set_id": set_id, "kind": set_row["kind"], **row, "stats": stats}
+            out = {"set_id": set_id, "kind": set_row["kind"], **row, "stats": stats}
+            if hist is not None:
+                out["histogram"] = hist
+            return out
 
         return self._lookup(set_id, index, read)
 
@@ -233,6 +242,8 @@ class FeatureIndex:
             table = self._table(set_row["vectors_table"])
             if table is None:
                 return None
+            if set_row["n_features"] < store.VECTOR_INDEX_MIN_ROWS:
+                return self._similar_in_memory(set_row["vectors_table"], table, index, n)
             try:
                 own = table.search().where(f"index = {int(index)}").select(["vector"]).limit(1).to_list()
                 if not own:
@@ -250,6 +261,30 @@ class FeatureIndex:
         method = self._set(set_id)["vector_kind"]
         return [{"index": h["index"], "similarity": float(1.0 - h["_distance"]), "label": h["label"],
                  "method": method} for h in hits if h["index"] != index][:n]
+
+    def _similar_in_memory(self, name: str, table, index: int, n: int) -> list[dict] | None:
+        """Exact dot-product neighbours from the set's unit vectors held in memory: a set below the size that
+        gets an ANN index is scanned flat by LanceDB anyway, and a numpy product is ~10x cheaper than its query."""
+        cached = self._vectors.get(name)
+        if cached is None:
+            try:
+                data = table.search().select(["index", "vector", "label"]).limit(None).to_arrow()
+            except (OSError, RuntimeError, ValueError):  # the table of a retired build was just dropped
+                self._tables.pop(name, None)
+                return None
+            order = np.argsort(data.column("index").to_numpy())
+            vectors = data.column("vector").combine_chunks().flatten().to_numpy().reshape(data.num_rows, -1)
+            cached = (np.ascontiguousarray(vectors[order], dtype=np.float32),
+                      [data.column("label")[int(i)].as_py() for i in order])
+            if len(self._vectors) >= 8:
+                self._vectors.pop(next(iter(self._vectors)))
+            self._vectors[name] = cached
+        vectors, labels = cached
+        if not 0 <= index < len(vectors):
+            return None
+        dots = vectors @ vectors[index]
+        top = np.argsort(-dots, kind="stable")[: n + 1]
+        return [{"index": int(j), "_distance": float(1.0 - dots[j]), "label": labels[j]} for j in top]
 
     def features_by_label(self, set_id: str, label: str, limit: int = 100) -> list[dict]:
         """Features whose phone label or word label is `label` (case-insensitive), best F1 first."""
