@@ -296,6 +296,32 @@ def test_edit_page_upload_errors_and_flip(dash_duo, sae_world, top_latent, clip_
     _shot(dash_duo, "edit-upload-flip")
 
 
+def test_search_and_upload_pages_link_into_the_edit_page(dash_duo, sae_world, top_latent, clip_dir):
+    """An SAE feature's search result and an uploaded clip's feature open /edit with that feature ablated."""
+    set_id = sae_world["set_id"]
+    dash_duo.start_server(_app(sae_world))
+    dash_duo.driver.get(dash_duo.server_url + f"/search?set={set_id}&index={top_latent}&n=3")
+    dash_duo.wait_for_element("#result-0 .edit-link", timeout=60)
+    href = dash_duo.find_element("#result-0 .edit-link").get_attribute("href")
+    clip_id = dash_duo.find_element("#result-0 .clip-id").text
+    assert f"/edit?clip={clip_id}" in href and f"features={top_latent}%3A0" in href
+    dash_duo.find_element("#result-0 .edit-link").click()
+    dash_duo.wait_for_contains_text("#edit-source-summary", clip_id, timeout=60)
+    assert dash_duo.find_element("#edit-features").get_attribute("value") == f"{top_latent}:0"
+    # the upload page hands its (uploaded) clip over by token, not by path
+    dash_duo.driver.get(dash_duo.server_url + f"/upload?set={set_id}")
+    dash_duo.find_element("#upload-audio input").send_keys(str(clip_dir / "clips" / "hello-world.wav"))
+    dash_duo.wait_for_element("#upload-edit-link", timeout=90)
+    href = dash_duo.find_element("#upload-edit-link").get_attribute("href")
+    assert "/edit?upload=" in href and "clips" not in href and "%3A0" in href
+    # a JS click: the link may wrap onto two lines, and Selenium aims at the centre of its bounding box
+    dash_duo.driver.execute_script("arguments[0].click();", dash_duo.find_element("#upload-edit-link"))
+    dash_duo.wait_for_contains_text("#edit-source-summary", "clip from the upload page", timeout=60)
+    dash_duo.find_element("#edit-go").click()
+    dash_duo.wait_for_element("#edit-graph .js-plotly-plot", timeout=120)
+    assert dash_duo.find_element("#edit-features-error").text == ""
+
+
 def test_edit_page_without_sae_set(dash_duo, feature_index_stub):
     from dash_app import create_app
 
