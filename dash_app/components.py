@@ -8,6 +8,7 @@ from typing import Any
 from dash import dcc, html
 from dash.development.base_component import Component
 
+from dash_app import wire
 from dash_app.data import EMPTY_INDEX_HINT, audio_url, search_href
 
 
@@ -170,8 +171,8 @@ def _similar_item(item: Any) -> tuple[int | None, float | None, str | None]:
 
 
 def transcript_view(text: str | None, words: list[dict] | None = None, peak_time_s: float | None = None,
-                    window_s: float = 0.06) -> html.Div:
-    """The transcript; with word alignments, the words under the peak are highlighted."""
+                    window_s: float = 0.06) -> dict:
+    """The transcript; with word alignments, the words under the peak are highlighted (a wire-format element)."""
     if words and peak_time_s is not None:
         # runs of words: plain text, and a <mark> for the words under the peak (one element per run, not per word:
         # a search page shows 20 transcripts)
@@ -186,40 +187,36 @@ def transcript_view(text: str | None, words: list[dict] | None = None, peak_time
         parts: list = []
         for i, (hit, labels) in enumerate(runs):
             text = " ".join(labels)
-            parts.append(html.Mark(text) if hit else text)
+            parts.append(wire.html("Mark", text) if hit else text)
             if i < len(runs) - 1:
                 parts.append(" ")
-        return html.Div(parts, className="transcript")
-    return html.Div(text or "(no transcript)", className="transcript" + ("" if text else " muted"))
+        return wire.html("Div", parts, className="transcript")
+    return wire.html("Div", text or "(no transcript)", className="transcript" + ("" if text else " muted"))
 
 
-def audio_player(src: str, graph_id: str, readout_id: str, *, player_id: str | None = None) -> html.Audio:
+def audio_player(src: str, graph_id: str, readout_id: str, *, player_id: str | None = None) -> dict:
     """An HTML5 player tied to a clip figure: assets/freud.js draws its playhead and fills the readout."""
-    return html.Audio(
-        src=src,
-        controls=True,
-        preload="metadata",
-        id=player_id or f"{graph_id}-audio",
-        className="freud-audio",
-        **{"data-graph": graph_id, "data-readout": readout_id},
-    )
+    return wire.html("Audio", src=src, controls=True, preload="metadata", id=player_id or f"{graph_id}-audio",
+                     className="freud-audio", **{"data-graph": graph_id, "data-readout": readout_id})
 
 
-def download_link(clip_id: str) -> html.A:
-    return html.A("download WAV", href=audio_url(clip_id, download=True), className="download", download="")
+def download_link(clip_id: str) -> dict:
+    return wire.html("A", "download WAV", href=audio_url(clip_id, download=True), className="download", download="")
 
 
 def plain_json(value: Any) -> Any:
     """A component tree as the plain dicts Dash sends (type, namespace, props), numpy arrays left in place.
 
     Dash serialises callback output with plotly's encoder: with orjson it is one C call for plain data, but a
-    tree of component objects makes it fall back to walking every node in Python (~4x slower for a search page)."""
+    tree of component objects makes it fall back to walking every node in Python (~4x slower for a search page).
+    Only components, lists and wire-format elements (`dash_app.wire`) are descended into: other dicts (figures,
+    styles, configs) hold no components."""
     if isinstance(value, Component):
         out = value.to_plotly_json()
         out["props"] = {k: plain_json(v) for k, v in out["props"].items()}
         return out
     if isinstance(value, (list, tuple)):
         return [plain_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, dict) and "props" in value and "namespace" in value:
+        return {**value, "props": {k: plain_json(v) for k, v in value["props"].items()}}
     return value

@@ -32,6 +32,7 @@ from dash_app.data import (
     set_options,
     validate_search,
 )
+from dash_app import wire
 from dash_app.figures import clip_figure_dict, histogram_figure
 from dash_app.pages.edit import edit_href
 from dash_app.pages.upload import clip_href
@@ -160,8 +161,9 @@ def layout(access: IndexAccess, search: str | None) -> html.Div:
 
 def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | None,
                  value_range: tuple[float, float] | None, set_id: str, value_name: str = "peak",
-                 edit_feature: int | None = None) -> html.Div:
-    """One result card; `edit_feature` (SAE sets) adds a link that ablates the feature in this clip on /edit."""
+                 edit_feature: int | None = None) -> dict:
+    """One result card (wire-format elements: a page has 20 of them); `edit_feature` (SAE sets) adds a link
+    that ablates the feature in this clip on /edit."""
     clip_id = str(ex["clip_id"])
     graph_id, readout_id = f"clip-graph-{i}", f"clip-readout-{i}"
     trace = ex.get("trace") or []
@@ -169,13 +171,16 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
     peak_time = ex.get("peak_time_s")
     lo = min(trace) if len(trace) else None
     hi = max(trace) if len(trace) else None
-    header = html.Div(
+    header = wire.html(
+        "Div",
         [
-            html.Span(f"#{ex.get('rank', i + 1)}", className="rank"),
-            html.Span(clip_id, className="clip-id"),
-            html.Span([f"{value_name} ", html.Strong(fmt(float(peak_value)) if peak_value is not None else "–"),
-                       f" at {float(peak_time):.2f} s" if peak_time is not None else ""], className="peak"),
-            html.Span(f"trace max {fmt(float(hi))} · min {fmt(float(lo))}" if hi is not None else "", className="muted"),
+            wire.html("Span", f"#{ex.get('rank', i + 1)}", className="rank"),
+            wire.html("Span", clip_id, className="clip-id"),
+            wire.html("Span", [f"{value_name} ",
+                               wire.html("Strong", fmt(float(peak_value)) if peak_value is not None else "–"),
+                               f" at {float(peak_time):.2f} s" if peak_time is not None else ""], className="peak"),
+            wire.html("Span", f"trace max {fmt(float(hi))} · min {fmt(float(lo))}" if hi is not None else "",
+                      className="muted"),
         ],
         className="result-header",
     )
@@ -184,37 +189,33 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
         spectrogram = access.clip_spectrogram(clip_id)
         row = access.clip_row(clip_id)
         words = row.get("words") if isinstance(row.get("words"), list) else None
-        # the peak of |a| for absolute searches; value is the signed peak the index reports
         # frames, for long clips whose stored trace is a window around the peak
         offset = int(ex.get("trace_offset_frame", ex.get("trace_offset")) or 0)
+        # the marker sits on the signed trace value at the peak (for |a| searches too)
         figure = clip_figure_dict(spectrogram, trace, peak_time_s=peak_time,
-                             peak_value=_signed_at(trace, peak_time, peak_value, offset),
-                             shade_scale=shade_scale, trace_offset_frames=offset, value_range=value_range)
-        graph = dcc.Graph(id=graph_id, figure=figure, config={"displayModeBar": False, "responsive": True},
-                          className="clip-graph")
-        player = html.Div(
-            [
-                audio_player(audio_url(clip_id), graph_id, readout_id),
-                html.Span(id=readout_id, className="readout"),
-                download_link(clip_id),
-                dcc.Link("top features of this clip →", href=clip_href(clip_id, set_id), className="download"),
-                *([dcc.Link("ablate it here (edit) →", href=edit_href(clip_id, set_id, f"{edit_feature}:0"),
-                            className="download edit-link")] if edit_feature is not None else []),
-            ],
+                                  peak_value=_signed_at(trace, peak_time, peak_value, offset),
+                                  shade_scale=shade_scale, trace_offset_frames=offset, value_range=value_range)
+        graph = wire.dcc("Graph", id=graph_id, figure=figure, config={"displayModeBar": False, "responsive": True},
+                         className="clip-graph")
+        links = [wire.dcc("Link", "top features of this clip →", href=clip_href(clip_id, set_id), className="download")]
+        if edit_feature is not None:
+            links.append(wire.dcc("Link", "ablate it here (edit) →", className="download edit-link",
+                                  href=edit_href(clip_id, set_id, f"{edit_feature}:0")))
+        player = wire.html(
+            "Div",
+            [audio_player(audio_url(clip_id), graph_id, readout_id), wire.html("Span", id=readout_id, className="readout"),
+             download_link(clip_id), *links],
             className="player-row",
         )
     except ClipNotFound:
         graph = notice(f"The audio of clip {clip_id} is not available (its file is missing).", "warning")
-        player = html.Div()
+        player = wire.html("Div")
     except Exception as exc:  # noqa: BLE001 - one broken clip must not hide the others
         log.exception("cannot show clip %s", clip_id)
         graph = notice(f"Clip {clip_id} cannot be shown: {exc}", "error")
-        player = html.Div()
-    return html.Div(
-        [header, transcript_view(ex.get("transcript"), words, peak_time), graph, player],
-        className="result card",
-        id=f"result-{i}",
-    )
+        player = wire.html("Div")
+    return wire.html("Div", [header, transcript_view(ex.get("transcript"), words, peak_time), graph, player],
+                     className="result card", id=f"result-{i}")
 
 
 def _signed_at(trace, peak_time, fallback, offset: int = 0):
