@@ -9,9 +9,13 @@ No file path ever comes from a request: audio is looked up by clip id only.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -429,10 +433,40 @@ class IndexAccess:
         return self._clips.get_or_make(clip_id, make)
 
     def clip_spectrogram(self, clip_id: str):
-        """The clip's log-mel as a cached `figures.Spectrogram` image (it does not depend on the feature)."""
-        from dash_app.figures import spectrogram_image
+        """The clip's log-mel as a `figures.Spectrogram` image (it does not depend on the feature), cached in
+        memory and on disk under <data dir>/cache/spectrograms: decoding a clip (an ffmpeg process) and its
+        log-mel cost tens of ms, and every worker process and restart would otherwise pay them again."""
+        from dash_app.figures import Spectrogram, spectrogram_image
 
-        return self._spectrograms.get_or_make(clip_id, lambda: spectrogram_image(self.clip_audio(clip_id).mel))
+        def make():
+            path = self.clip_path(self.clip_row(clip_id))
+            try:
+                stat = path.stat()
+            except OSError:
+                raise ClipNotFound(clip_id) from None
+            # the file's identity is part of the key: a replaced clip gets a new image
+            key = hashlib.sha1(f"{clip_id}\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.n_mels}".encode())
+            cached = self._spectrogram_dir() / f"{key.hexdigest()}.json"
+            try:
+                return Spectrogram(**json.loads(cached.read_text()))
+            except (OSError, ValueError, TypeError):
+                pass
+            spec = spectrogram_image(self.clip_audio(clip_id).mel)
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}")
+                tmp.write_text(json.dumps(dataclasses.asdict(spec)))
+                os.replace(tmp, cached)  # atomic: another worker reads a whole file or none
+            except OSError:
+                log.warning("cannot write the spectrogram cache under %s", cached.parent)
+            return spec
+
+        return self._spectrograms.get_or_make(clip_id, make)
+
+    def _spectrogram_dir(self) -> Path:
+        from freud_pipeline.settings import data_dir
+
+        return (self.data_dir or data_dir()) / "cache" / "spectrograms"
 
     def clip_wav(self, clip_id: str) -> bytes:
         return self._wavs.get_or_make(clip_id, lambda: wav_bytes(self.clip_audio(clip_id).audio))

@@ -136,3 +136,29 @@ def test_main_rejects_bad_ports(argv):
 
     with pytest.raises(SystemExit):
         dash_app.main(argv)
+
+
+def test_clip_spectrograms_are_cached_on_disk_per_audio_file(tmp_path):
+    """A second app process (another gunicorn worker, a restart) reads the image instead of decoding again."""
+    from dash_app.data import IndexAccess
+    from freud_pipeline.audio.decode import write_wav
+
+    audio = (0.1 * np.sin(np.linspace(0, 800, 16000))).astype(np.float32)
+    write_wav(tmp_path / "a.wav", audio)
+
+    class Index:  # the one call IndexAccess makes for a clip: its manifest row
+        def clip(self, clip_id):
+            if clip_id != "a":
+                raise KeyError(clip_id)
+            return {"clip_id": "a", "path": "a.wav"}
+
+    first = IndexAccess(Index(), tmp_path).clip_spectrogram("a")
+    files = list((tmp_path / "cache" / "spectrograms").glob("*.json"))
+    assert len(files) == 1 and first.columns == 100 and first.duration_s == pytest.approx(1.0)
+    second = IndexAccess(Index(), tmp_path)
+    second.clip_audio = None  # a fresh access must not decode the clip again
+    assert second.clip_spectrogram("a") == first
+    write_wav(tmp_path / "a.wav", audio[:8000])  # the file changed: a new image
+    assert IndexAccess(Index(), tmp_path).clip_spectrogram("a").duration_s == pytest.approx(0.5)
+    with pytest.raises(KeyError):
+        IndexAccess(Index(), tmp_path).clip_spectrogram("b")
