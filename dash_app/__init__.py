@@ -38,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "with gunicorn (threads in each), so searches use every core; 1 uses Flask's threaded "
                              "server")
     parser.add_argument("--threads", type=int, default=8, help="request threads per gunicorn worker")
+    parser.add_argument("--keepalive", type=int, default=None,
+                        help="seconds a gunicorn worker keeps an idle connection (default env FREUD_APP_KEEPALIVE, "
+                             "else 0): 0 closes it after each response, so the next request goes to whichever "
+                             "worker is free (measured: 115 vs 77 searches/s with 20 clients on 2 cores); raise "
+                             "it when clients are far away and no proxy keeps connections for them")
     parser.add_argument("--debug", action="store_true", help="Dash debug mode (development only; implies 1 worker)")
     args = parser.parse_args(argv)
     workers = args.workers if args.workers is not None else _env_int("FREUD_APP_WORKERS", 2)
@@ -50,18 +55,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything (index, manifest paths, model cache) follows one data directory.
         os.environ["FREUD_DATA_DIR"] = os.path.abspath(os.path.expanduser(args.data_dir))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     def make_app():
         return create_app(data_dir=args.data_dir, max_upload_mb=args.max_upload_mb)
 
     if workers == 1 or args.debug:
         make_app().run(host=args.host, port=port, debug=args.debug)
     else:
+        keepalive = args.keepalive if args.keepalive is not None else _env_int("FREUD_APP_KEEPALIVE", 0)
         serve_with_gunicorn(lambda: make_app().server, host=args.host, port=port, workers=workers,
-                            threads=args.threads)
+                            threads=args.threads, keepalive=keepalive)
     return 0
 
 
-def serve_with_gunicorn(make_server: Callable[[], Any], *, host: str, port: int, workers: int, threads: int) -> None:
+def serve_with_gunicorn(make_server: Callable[[], Any], *, host: str, port: int, workers: int, threads: int,
+                        keepalive: int = 0) -> None:
     """Serve the app with gunicorn: `workers` processes, each building its own app after the fork (LanceDB's
     runtime and torch must not be inherited across a fork), `threads` request threads in each, so a slow edit
     holds one thread while searches go on in the others."""
@@ -75,6 +83,7 @@ def serve_with_gunicorn(make_server: Callable[[], Any], *, host: str, port: int,
             self.cfg.set("threads", threads)
             self.cfg.set("timeout", 300)  # an edit of a long clip on a busy CPU takes a while
             self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("keepalive", keepalive)
             self.cfg.set("accesslog", None)
             self.cfg.set("limit_request_line", 8190)
             self.cfg.set("control_socket_disable", True)  # no socket under ~/.gunicorn: several apps may run
