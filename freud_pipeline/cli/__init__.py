@@ -63,7 +63,9 @@ def _collect(args) -> int:
 def _app(args) -> int:
     from dash_app import main as app_main
 
-    return app_main(["--host", args.host, "--port", str(args.port)] + (["--data-dir", args.data_dir] if args.data_dir else []))
+    return app_main(["--host", args.host, "--port", str(args.port)]
+                    + (["--data-dir", args.data_dir] if args.data_dir else [])
+                    + (["--workers", str(args.workers)] if args.workers else []))
 
 
 def _stop(args) -> int:
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--workers", type=int, default=None,
+                   help="gunicorn worker processes (default 2, env FREUD_APP_WORKERS; 1: Flask's threaded server)")
     p.set_defaults(func=_app)
 
     p = sub.add_parser("stop", help="stop the UIs started by `freud demo`")
