@@ -14,16 +14,9 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from freud_pipeline.audio.datasets._common import align_with_cache, convert_all, slug
-from freud_pipeline.audio.datasets.manifest import (
-    DatasetBuild,
-    assign_split,
-    finish_build,
-    relative_path,
-    resolve_data_root,
-)
-from freud_pipeline.audio.decode import SAMPLE_RATE
-from freud_pipeline.audio.text import normalise_transcript
+from freud_pipeline.audio.datasets._common import slug
+from freud_pipeline.audio.datasets.folder import build_from_files
+from freud_pipeline.audio.datasets.manifest import DatasetBuild, resolve_data_root
 from freud_pipeline.errors import DatasetUnavailableError
 
 FileState = tuple[int, int]  # (size in bytes, mtime in ns)
@@ -132,29 +125,8 @@ def build_audio_files(
         raise DatasetUnavailableError(
             f"the watched folder {folder} does not exist (any more): mount or recreate it, or set FREUD_WATCH_DIR")
     out_dir, data_root = Path(out_dir).resolve(), resolve_data_root(data_root)
-    names = {rel: slug(rel) for rel in files}
     present = [rel for rel in files if (folder / rel).is_file()]
     skipped = [(str(folder / rel), "FileNotFoundError: deleted or moved after the sensor listed it")
                for rel in files if rel not in present]
-    jobs = [(folder / rel, out_dir / "audio" / f"{names[rel]}.wav", None) for rel in present]
-    durations, failed = convert_all(jobs, workers, desc=source)
-    skipped += failed
-
-    rows = []
-    for rel, (src, dst, _) in zip(present, jobs):
-        if dst not in durations:
-            continue
-        sidecar = src.with_suffix(".txt")
-        transcript = (normalise_transcript(sidecar.read_text(encoding="utf-8", errors="replace"))
-                      if sidecar.exists() else "")
-        clip_id = f"{source}-{names[rel]}"
-        rows.append({
-            "clip_id": clip_id, "path": relative_path(dst, data_root), "duration_s": durations[dst],
-            "sample_rate": SAMPLE_RATE, "transcript": transcript, "speaker": speaker, "source": source,
-            "split": assign_split(clip_id),
-        })
-    alignment_rows, unaligned = None, []
-    if align and any(r["transcript"] for r in rows):
-        align_jobs = [(r["clip_id"], data_root / r["path"], r["transcript"]) for r in rows if r["transcript"]]
-        alignment_rows, unaligned = align_with_cache(align_jobs, out_dir, workers)
-    return finish_build(source, out_dir, rows, alignment_rows, skipped, unaligned)
+    return build_from_files([(folder / rel, slug(rel)) for rel in present], out_dir, source=source,
+                            speaker=speaker, align=align, data_root=data_root, workers=workers, skipped=skipped)
