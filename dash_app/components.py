@@ -10,6 +10,7 @@ from dash.development.base_component import Component
 
 from dash_app import wire
 from dash_app.data import EMPTY_INDEX_HINT, audio_url, search_href
+from freud_pipeline.numeric import finite_float
 
 
 def notice(text: Any, kind: str = "info", **kwargs) -> html.Div:
@@ -69,12 +70,6 @@ _CARD_SKIP = {"set_id", "index", "label", "labels", "label_score", "label_scores
               "kind"}
 
 
-def _num(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
 
 
 def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, similar: list) -> html.Div:
@@ -82,8 +77,8 @@ def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, simi
     label = feature.get("label")
     score_bits = []
     for key, name in (("label_precision", "precision"), ("label_recall", "recall"), ("label_f1", "F1")):
-        if _num(feature.get(key)) is not None:
-            score_bits.append(f"{name} {_num(feature.get(key)):.2f}")
+        if finite_float(feature.get(key)) is not None:
+            score_bits.append(f"{name} {finite_float(feature.get(key)):.2f}")
     for key in ("label_score", "label_scores", "scores"):
         value = feature.get(key)
         if isinstance(value, dict):
@@ -99,7 +94,7 @@ def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, simi
         levels = feature.get("quantile_levels") or (0.5, 0.9, 0.99)
         quantiles = dict(zip(levels, quantiles)) if len(levels) == len(quantiles) else {}
     if isinstance(quantiles, dict):
-        rows += [(f"frame quantile {float(q):g}", _num(v)) for q, v in quantiles.items() if _num(v) is not None]
+        rows += [(f"frame quantile {float(q):g}", finite_float(v)) for q, v in quantiles.items() if finite_float(v) is not None]
     density = feature.get("density", stats.get("density"))
     head = [
         html.H3([f"Feature {index}", html.Span(f" · {set_label}", className="muted")], className="card-title"),
@@ -114,7 +109,7 @@ def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, simi
         head[-1].children.insert(1, html.Span(f"{feature['label_kind']} ", className="muted"))
     word = feature.get("word_label")
     if word:
-        precision = _num(feature.get("word_precision"))
+        precision = finite_float(feature.get("word_precision"))
         head.append(html.Div([html.Span("word: ", className="muted"), html.Strong(str(word)),
                               html.Span(f"  (precision {precision:.2f})" if precision is not None else "",
                                         className="muted")], className="card-line"))

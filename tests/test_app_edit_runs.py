@@ -322,6 +322,19 @@ def test_search_and_upload_pages_link_into_the_edit_page(dash_duo, sae_world, to
     assert dash_duo.find_element("#edit-features-error").text == ""
 
 
+def test_edit_page_records_from_the_fake_microphone(dash_duo, sae_world):
+    """The edit page's recorder (the shared freud.record, writing to its own store) loads a recording."""
+    dash_duo.start_server(_app(sae_world))
+    dash_duo.driver.get(dash_duo.server_url + "/edit")
+    dash_duo.wait_for_element("#edit-record-button").click()
+    dash_duo.wait_for_text_to_equal("#edit-record-button", "■ Stop", timeout=15)
+    assert "press Stop to use it" in dash_duo.find_element("#edit-record-status").text
+    time.sleep(1.5)
+    dash_duo.find_element("#edit-record-button").click()
+    dash_duo.wait_for_contains_text("#edit-source-summary", "recording.webm", timeout=60)
+    assert dash_duo.find_element("#edit-audio-error").text == ""
+
+
 def test_edit_page_without_sae_set(dash_duo, feature_index_stub):
     from dash_app import create_app
 

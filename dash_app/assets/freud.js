@@ -4,16 +4,15 @@
  *   data-graph="ID" data-readout="ID">, moves shape 0 (the playhead line) of the Plotly figure in #ID to the
  *   player's currentTime, and writes "time / duration · activation under the playhead" into the readout.
  *   A click on a figure seeks its player.
- * - record(n): start/stop a MediaRecorder recording; the webm is put (base64 data URL) into the dcc.Store
- *   "record-data" with dash_clientside.set_props, where a server callback decodes it with ffmpeg.
+ * - record(n, storeId, doneText): start/stop a MediaRecorder recording; the webm is put (base64 data URL) into
+ *   the dcc.Store storeId ("record-data" by default) with dash_clientside.set_props, where a server callback
+ *   decodes it with ffmpeg. The upload and edit pages use it with their own stores.
  * - upload size check: the file input of #upload-wrap is checked against data-max-bytes before dcc.Upload
  *   reads it, so a file over the limit gets a message next to the control instead of silence.
  */
 (function () {
     "use strict";
     var FRAME_SECONDS = 0.02;
-    var recorder = null;
-    var chunks = [];
 
     function plotOf(graphId) {
         var el = document.getElementById(graphId);
@@ -73,17 +72,14 @@
         return window.dash_clientside.no_update;
     }
 
-    function setRecordData(dataUrl, mime) {
-        window.dash_clientside.set_props("record-data", {
-            data: {contents: dataUrl, filename: "recording." + (mime.indexOf("ogg") >= 0 ? "ogg" : "webm"),
-                   recorded_at: Date.now()}
-        });
-    }
+    // One recorder per target store (the upload and edit pages each have one).
+    var recorders = {};
 
-    function record(n) {
-        var idle = ["● Record", ""];
-        if (recorder && recorder.state === "recording") {
-            recorder.stop();
+    function record(n, storeId, doneText) {
+        storeId = storeId || "record-data";
+        var st = recorders[storeId] || (recorders[storeId] = {recorder: null, chunks: []});
+        if (st.recorder && st.recorder.state === "recording") {
+            st.recorder.stop();
             return ["● Record", "Processing the recording…"];
         }
         if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || typeof MediaRecorder === "undefined") {
@@ -93,21 +89,25 @@
             var mime = ["audio/webm;codecs=opus", "audio/webm", "audio/ogg;codecs=opus"].find(function (m) {
                 return MediaRecorder.isTypeSupported(m);
             }) || "";
-            recorder = mime ? new MediaRecorder(stream, {mimeType: mime}) : new MediaRecorder(stream);
-            chunks = [];
-            recorder.ondataavailable = function (ev) { if (ev.data && ev.data.size) { chunks.push(ev.data); } };
+            var recorder = mime ? new MediaRecorder(stream, {mimeType: mime}) : new MediaRecorder(stream);
+            st.recorder = recorder;
+            st.chunks = [];
+            recorder.ondataavailable = function (ev) { if (ev.data && ev.data.size) { st.chunks.push(ev.data); } };
             recorder.onstop = function () {
                 stream.getTracks().forEach(function (track) { track.stop(); });
                 var type = recorder.mimeType || mime || "audio/webm";
-                var blob = new Blob(chunks, {type: type});
                 var reader = new FileReader();
-                reader.onload = function () { setRecordData(reader.result, type); };
-                reader.readAsDataURL(blob);
+                reader.onload = function () {
+                    window.dash_clientside.set_props(storeId, {data: {
+                        contents: reader.result, recorded_at: Date.now(),
+                        filename: "recording." + (type.indexOf("ogg") >= 0 ? "ogg" : "webm")}});
+                };
+                reader.readAsDataURL(new Blob(st.chunks, {type: type}));
             };
             recorder.start();
-            return ["■ Stop", "Recording… press Stop to analyse it."];
+            return ["■ Stop", doneText || "Recording… press Stop to analyse it."];
         }).catch(function (err) {
-            return [idle[0], "The microphone cannot be used: " + (err && err.message ? err.message : err)];
+            return ["● Record", "The microphone cannot be used: " + (err && err.message ? err.message : err)];
         });
     }
 

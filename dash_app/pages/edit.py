@@ -364,42 +364,6 @@ def picks_view(features: list[dict], set_id: str) -> html.Div:
 # Callbacks
 # ----------------------------------------------------------------------------------------------------------------
 
-_RECORD_JS = """
-function(n) {
-    var st = window.__freudEditRecorder || (window.__freudEditRecorder = {recorder: null, chunks: []});
-    if (st.recorder && st.recorder.state === "recording") {
-        st.recorder.stop();
-        return ["● Record", "Processing the recording…"];
-    }
-    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || typeof MediaRecorder === "undefined") {
-        return ["● Record", "Recording needs a browser with MediaRecorder and a secure page (https or localhost)."];
-    }
-    return navigator.mediaDevices.getUserMedia({audio: true}).then(function (stream) {
-        var mime = ["audio/webm;codecs=opus", "audio/webm", "audio/ogg;codecs=opus"].find(function (m) {
-            return MediaRecorder.isTypeSupported(m);
-        }) || "";
-        var recorder = mime ? new MediaRecorder(stream, {mimeType: mime}) : new MediaRecorder(stream);
-        st.recorder = recorder;
-        st.chunks = [];
-        recorder.ondataavailable = function (ev) { if (ev.data && ev.data.size) { st.chunks.push(ev.data); } };
-        recorder.onstop = function () {
-            stream.getTracks().forEach(function (track) { track.stop(); });
-            var type = recorder.mimeType || mime || "audio/webm";
-            var reader = new FileReader();
-            reader.onload = function () {
-                window.dash_clientside.set_props("edit-record-data", {data: {
-                    contents: reader.result, recorded_at: Date.now(),
-                    filename: "recording." + (type.indexOf("ogg") >= 0 ? "ogg" : "webm")}});
-            };
-            reader.readAsDataURL(new Blob(st.chunks, {type: type}));
-        };
-        recorder.start();
-        return ["■ Stop", "Recording… press Stop to use it."];
-    }).catch(function (err) {
-        return ["● Record", "The microphone cannot be used: " + (err && err.message ? err.message : err)];
-    });
-}
-"""
 
 ERRORS = ("audio", "clip", "set", "features", "factor")
 
@@ -611,7 +575,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         return wanted, clip_id or no_update
 
     app.clientside_callback(
-        _RECORD_JS,
+        'function(n) { return window.freud.record(n, "edit-record-data", "Recording… press Stop to use it."); }',
         Output("edit-record-button", "children"),
         Output("edit-record-status", "children"),
         Input("edit-record-button", "n_clicks"),

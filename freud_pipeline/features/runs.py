@@ -15,11 +15,12 @@ evaluation when there is one:
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from datetime import datetime, timezone
 from typing import Any, Iterable
+
+from freud_pipeline.numeric import finite_float
 
 EXPERIMENT = "freud-sae"
 DEFAULT_MLFLOW_URL = "http://127.0.0.1:5000"
@@ -85,18 +86,10 @@ def _store_missing(tracking_uri: str) -> bool:
     return not Path(unquote(urlparse(tracking_uri).path)).is_file()
 
 
-def _number(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
-
-
 def _first(metrics: dict, names: Iterable[str]) -> float | None:
     for name in names:
-        if name in metrics and _number(metrics[name]) is not None:
-            return _number(metrics[name])
+        if name in metrics and finite_float(metrics[name]) is not None:
+            return finite_float(metrics[name])
     return None
 
 
@@ -178,7 +171,7 @@ def experiment_id(tracking_uri: str | None = None, experiment: str = EXPERIMENT)
 
 
 def _same(a: Any, b: Any) -> bool:
-    na, nb = _number(a), _number(b)
+    na, nb = finite_float(a), finite_float(b)
     if na is not None and nb is not None:
         return na == nb
     return a == b

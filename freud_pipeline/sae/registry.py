@@ -14,7 +14,6 @@ Version tags written here: `quality_check` (passed|failed), `quality_failures`, 
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Mapping
@@ -22,6 +21,8 @@ from typing import Mapping
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
+
+from freud_pipeline.numeric import finite_float
 
 CHAMPION = "champion"
 NAME_PREFIX = "freud-sae"
@@ -54,12 +55,6 @@ def _thresholds(thresholds: QualityThresholds | Mapping | None) -> QualityThresh
     return thresholds if isinstance(thresholds, QualityThresholds) else QualityThresholds(**thresholds)
 
 
-def _number(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def check_thresholds(metrics: Mapping[str, float], thresholds: QualityThresholds | Mapping | None = None) -> list[str]:
@@ -67,7 +62,7 @@ def check_thresholds(metrics: Mapping[str, float], thresholds: QualityThresholds
     A metric that is missing or not finite fails its limit (an unmeasured SAE is not a good one)."""
     failures = []
     for metric, kind, limit in _thresholds(thresholds).limits():
-        value = _number(metrics.get(metric))
+        value = finite_float(metrics.get(metric))
         if value is None:
             failures.append(f"{metric} was not measured (or is not finite): needs {kind} {limit:g}")
         elif kind == "max" and value > limit:
@@ -121,10 +116,10 @@ def champion_version(client: MlflowClient, name: str):
 
 def _ranking_value(client: MlflowClient, version) -> float | None:
     """A version's CE recovered: its tag, else its run's logged metric."""
-    value = _number(version.tags.get(f"metric.{RANKING_METRIC}"))
+    value = finite_float(version.tags.get(f"metric.{RANKING_METRIC}"))
     if value is None and version.run_id:
         run_metrics = client.get_run(version.run_id).data.metrics
-        value = _number(run_metrics.get(f"splice/{RANKING_METRIC}", run_metrics.get(RANKING_METRIC)))
+        value = finite_float(run_metrics.get(f"splice/{RANKING_METRIC}", run_metrics.get(RANKING_METRIC)))
     return value
 
 
@@ -141,13 +136,13 @@ def promote_if_better(
     version = str(version)
     failures = check_thresholds(metrics, thresholds)
     tags = {"quality_check": "failed" if failures else "passed", "quality_failures": "; ".join(failures)}
-    tags |= {f"metric.{k}": repr(float(v)) for k, v in metrics.items() if _number(v) is not None}
+    tags |= {f"metric.{k}": repr(float(v)) for k, v in metrics.items() if finite_float(v) is not None}
     promoted, reason = False, ""
     if failures:
         reason = "quality check failed: " + "; ".join(failures)
     else:
         current = champion_version(client, name)
-        value = _number(metrics.get(RANKING_METRIC))
+        value = finite_float(metrics.get(RANKING_METRIC))
         shown = "not measured" if value is None else f"{value:.4f}"
         if current is None:
             promoted, reason = True, f"first version to pass the quality check ({RANKING_METRIC} {shown})"
