@@ -38,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "with gunicorn (threads in each), so searches use every core; 1 uses Flask's threaded "
                              "server")
     parser.add_argument("--threads", type=int, default=8, help="request threads per gunicorn worker")
+    parser.add_argument("--background-threads", type=int, default=None,
+                        help="threads per worker process for slow work run as background callbacks (an upload's "
+                             "inference, edits; default env FREUD_APP_BACKGROUND_THREADS, else 2); more jobs wait "
+                             "in a queue")
     parser.add_argument("--keepalive", type=int, default=None,
                         help="seconds a gunicorn worker keeps an idle connection (default env FREUD_APP_KEEPALIVE, "
                              "else 0): 0 closes it after each response, so the next request goes to whichever "
@@ -46,8 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="Dash debug mode (development only; implies 1 worker)")
     args = parser.parse_args(argv)
     workers = args.workers if args.workers is not None else _env_int("FREUD_APP_WORKERS", 2)
-    if workers < 1 or args.threads < 1:
-        parser.error("--workers and --threads must be at least 1")
+    background_threads = (args.background_threads if args.background_threads is not None
+                          else _env_int("FREUD_APP_BACKGROUND_THREADS", 2))
+    if workers < 1 or args.threads < 1 or background_threads < 1:
+        parser.error("--workers, --threads and --background-threads must be at least 1")
     port = args.port if args.port is not None else _env_port()
     if not 0 < port < 65536:
         parser.error(f"--port must be 1..65535, not {port}")
@@ -57,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def make_app():
-        return create_app(data_dir=args.data_dir, max_upload_mb=args.max_upload_mb)
+        return create_app(data_dir=args.data_dir, max_upload_mb=args.max_upload_mb,
+                          background_threads=background_threads)
 
     if workers == 1 or args.debug:
         make_app().run(host=args.host, port=port, debug=args.debug)
@@ -71,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve_with_gunicorn(make_server: Callable[[], Any], *, host: str, port: int, workers: int, threads: int,
                         keepalive: int = 0) -> None:
     """Serve the app with gunicorn: `workers` processes, each building its own app after the fork (LanceDB's
-    runtime and torch must not be inherited across a fork), `threads` request threads in each, so a slow edit
-    holds one thread while searches go on in the others."""
+    runtime and torch must not be inherited across a fork), `threads` request threads in each. Slow work (an
+    edit, an upload's inference) runs on each app's background threads, so requests stay short."""
     from gunicorn.app.base import BaseApplication
 
     class _Server(BaseApplication):

@@ -18,6 +18,7 @@ import dash
 from dash import Input, Output, State, dcc, html
 from flask import abort, request, send_file
 
+from dash_app.background import manager_for
 from dash_app.data import ClipNotFound, IndexAccess, IndexUnavailable
 from dash_app.pages import edit, runs, search, upload
 
@@ -50,15 +51,20 @@ def _not_found(pathname: str) -> html.Div:
 
 
 def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, max_upload_mb: float = 50,
-               max_upload_seconds: float = 60.0, title: str = "FREUD", mlflow_uri: str | None = None) -> dash.Dash:
+               max_upload_seconds: float = 60.0, title: str = "FREUD", mlflow_uri: str | None = None,
+               background_threads: int | None = None) -> dash.Dash:
     """Build the app. `index` is a FeatureIndex (or anything with its query API); None opens the one under
     `data_dir` (or the configured FREUD data directory) lazily, so the app starts before the pipeline has run.
     `mlflow_uri`: the MLflow store of the runs page (default: env MLFLOW_TRACKING_URI, else data_dir's mlflow.db).
 
-    Served by Flask's threaded server (`app.run` keeps Flask's default threaded=True): a slow callback (an edit,
-    an upload's inference) holds one request thread, and other users' searches are answered meanwhile."""
+    Slow work (decoding and inference on an upload, edits) runs as Dash background callbacks on a pool of
+    `background_threads` threads in this process (default env FREUD_APP_BACKGROUND_THREADS, else 2;
+    dash_app.background): the request that starts one returns at once and the browser polls for progress and
+    the result, so request threads stay free for searches. Results are kept in `<data dir>/cache/background`,
+    shared by all worker processes."""
     access = IndexAccess(index, data_dir)
     _fast_json()
+    background = manager_for(access.data_dir, has_index=index is not None, threads=background_threads)
 
     def mlflow_uri_of() -> str:
         from freud_pipeline.features.runs import tracking_uri_for
@@ -71,10 +77,12 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
         assets_folder=str(ASSETS),
         suppress_callback_exceptions=True,
         update_title=None,
+        background_callback_manager=background,
     )
     # Bound the request body: uploads travel base64-encoded (4/3) inside a JSON callback request.
     app.server.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024 * 4 / 3) + 4 * 1024 * 1024
     app.freud_access = access  # for tests and extensions
+    app.freud_background = background
 
     app.layout = html.Div(
         [
@@ -113,6 +121,7 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
     upload.register(app, access, max_upload_mb=max_upload_mb, max_upload_seconds=max_upload_seconds)
     edit.register(app, access, max_upload_mb=max_upload_mb, max_upload_seconds=max_upload_seconds)
     runs.register(app, access, mlflow_uri_of)
+    background.seal()  # this app's background functions only (see ThreadedDiskcacheManager.seal)
 
     # Playheads: read each player's currentTime and move its figure's line (no server round trip).
     app.clientside_callback(

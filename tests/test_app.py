@@ -177,6 +177,11 @@ def dash_duo(request, dash_thread_server, tmpdir):
         wait_timeout=30,
     ) as dc:
         yield dc
+        # stop the app's background threads before dash.testing stops the server by raising SystemExit in every
+        # thread started since (ours would log it as "Exception in worker")
+        background = getattr(getattr(dash_thread_server, "_app", None), "freud_background", None)
+        if background is not None:
+            background.shutdown(wait=True)
 
 
 def _shot(dash_duo, name: str) -> Path:

@@ -151,6 +151,39 @@ def test_edit_clip_ablates_only_where_the_latent_fires(sae_world, top_latent, cl
         edit_clip(audio, sae_world["set_id"], {10**6: 0.0}, index=sae_world["index"])
 
 
+def test_edit_and_clip_features_report_their_stages(sae_world, top_latent, clip_dir):
+    """The progress hooks the app's background callbacks use: stage texts, and an exception raised by the hook
+    (how the app cancels a job) aborts the edit and leaves it free for the next one."""
+    from freud_pipeline.audio.decode import load_audio
+    from freud_pipeline.features import editing
+
+    audio = load_audio(clip_dir / "clips" / "hello-world.wav")
+    stages = []
+    result = editing.edit_clip(audio, sae_world["set_id"], {top_latent: 0.0}, index=sae_world["index"],
+                               progress=stages.append)
+    assert stages == ["Loading the SAE and Whisper…", "Running Whisper's encoder: original…",
+                      "Running Whisper's encoder: SAE reconstruction…", "Running Whisper's encoder: edited…",
+                      "Transcribing original, SAE reconstruction and edited…", "Comparing the activations…"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_before_decoding(text):
+        if text.startswith("Transcribing"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        editing.edit_clip(audio, sae_world["set_id"], {top_latent: 0.0}, index=sae_world["index"],
+                          progress=stop_before_decoding)
+    assert not editing._EDIT_LOCK.locked()
+    again = editing.edit_clip(audio, sae_world["set_id"], {top_latent: 0.0}, index=sae_world["index"])
+    assert again["transcripts"] == result["transcripts"]  # no splice left behind on the model
+    seen = []
+    features = sae_world["index"].clip_features(audio, sae_world["set_id"], 3, progress=seen.append)
+    assert len(features) == 3
+    assert seen == ["Loading Whisper and the SAE…", "Running Whisper's encoder and the SAE…", "Ranking the features…"]
+
+
 def test_runs_listing_and_comparison(sae_world, tmp_path):
     from freud_pipeline.features.runs import compare_runs, feature_sets_by_run, headline, list_runs, run_url
 
@@ -174,7 +207,7 @@ def test_runs_listing_and_comparison(sae_world, tmp_path):
 
 
 def test_app_is_served_threaded(monkeypatch):
-    """`python -m dash_app --workers 1` serves with Flask's threaded server: a slow edit holds one thread only."""
+    """`python -m dash_app --workers 1` serves with Flask's threaded server (slow work runs on background threads)."""
     import werkzeug.serving
 
     import dash_app
@@ -218,6 +251,63 @@ def test_app_is_served_by_gunicorn_workers(tmp_path):
         out = proc.communicate(timeout=30)[0]
     assert "Using worker: gthread" in out and out.count("Booting worker") == 2
     assert f"Listening at: http://127.0.0.1:{port}" in out
+
+
+def test_a_job_started_on_one_server_is_collected_from_another(tmp_path, clip_dir):
+    """Two app processes on one data directory stand for two gunicorn workers: an upload's analysis started on
+    one is polled for, and collected, on the other (one signing secret, one job cache)."""
+    import base64
+    import socket
+    import subprocess
+    import sys
+    from urllib.parse import quote
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-m", "dash_app", "--port", str(port), "--workers", "1",
+                               "--data-dir", str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in ports]
+    first, second = (f"http://127.0.0.1:{port}" for port in ports)
+    try:
+        deps = None
+        deadline = time.monotonic() + 90
+        while deps is None or not all(_up(url) for url in (first, second)):
+            assert time.monotonic() < deadline, "the app servers did not start"
+            try:
+                deps = json.loads(urllib.request.urlopen(first + "/_dash-dependencies", timeout=5).read())
+            except OSError:
+                time.sleep(0.5)
+        analyse = next(d for d in deps if "upload-error.children" in d["output"]
+                       and any(i["id"] == "upload-audio" for i in d["inputs"]))
+        wav = (clip_dir / "clips" / "hello-world.wav").read_bytes()
+        body = _payload(analyse, {"upload-audio.contents": "data:audio/wav;base64," + base64.b64encode(wav).decode(),
+                                  "upload-set.value": "no-such-set", "upload-topn.value": "32"},
+                        {"upload-audio.filename": "hello-world.wav"})
+        _, handles = _post(first, body)
+        assert handles["job"].startswith(f"{procs[0].pid}-")  # runs in the first server's process
+        query = f"?cacheKey={quote(handles['cacheKey'])}&job={quote(handles['job'])}"
+        deadline, answer = time.monotonic() + 60, {}
+        while "response" not in answer:
+            assert time.monotonic() < deadline, "no result came back through the second server"
+            time.sleep(0.2)
+            _, answer = _post(second, body, query)
+        # the empty index's message, in its place next to the upload control
+        assert "feature index" in answer["response"]["upload-error"]["children"]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+
+def _up(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url + "/_dash-layout", timeout=5).status == 200
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,6 +410,64 @@ def test_search_and_upload_pages_link_into_the_edit_page(dash_duo, sae_world, to
     dash_duo.find_element("#edit-go").click()
     dash_duo.wait_for_element("#edit-graph .js-plotly-plot", timeout=120)
     assert dash_duo.find_element("#edit-features-error").text == ""
+
+
+_WATCH_PROGRESS = """
+window.progressSeen = [];
+var box = document.getElementById('edit-progress'), text = document.getElementById('edit-progress-text');
+new MutationObserver(function () {
+    if (box.style.display !== 'none') { window.progressSeen.push(text.textContent); }
+}).observe(box, {attributes: true, childList: true, subtree: true, characterData: true});
+"""
+
+
+def test_edit_progress_shows_stages_and_cancel_stops_an_edit(dash_duo, sae_world, top_latent, clip_dir, tmp_path):
+    """An edit of a long upload runs in the background: the indicator shows its stages, Cancel ends it (no
+    result), and the next edit's result replaces the indicator."""
+    from dash.testing.wait import until
+
+    long_wav = tmp_path / "long.wav"
+    long_wav.write_bytes(_wav(_long_clip(clip_dir)))
+    dash_duo.start_server(_app(sae_world))
+    dash_duo.driver.get(dash_duo.server_url + "/edit")
+    dash_duo.find_element("#edit-upload input").send_keys(str(long_wav))
+    dash_duo.wait_for_contains_text("#edit-source-summary", "long.wav", timeout=60)
+    dash_duo.wait_for_element("#edit-pick-list button", timeout=90)
+    _type(dash_duo, "#edit-features", f"{top_latent}:0")
+    dash_duo.driver.execute_script(_WATCH_PROGRESS)
+    progress, go, cancel = (dash_duo.find_element(f"#{i}") for i in ("edit-progress", "edit-go", "edit-cancel"))
+    assert not progress.is_displayed() and not cancel.is_displayed()
+    # first edit: cancelled while Whisper works
+    go.click()
+    until(lambda: "Whisper" in dash_duo.find_element("#edit-progress-text").text, 60)
+    assert progress.is_displayed() and not go.is_enabled() and cancel.is_displayed()
+    _shot(dash_duo, "edit-progress")
+    cancel.click()
+    until(lambda: not progress.is_displayed(), 10)
+    assert go.is_enabled() and not cancel.is_displayed() and not dash_duo.find_elements("#edit-output")
+    # second edit: runs to the end (after the cancelled one has stopped at its next stage)
+    go.click()
+    dash_duo.wait_for_element("#edit-graph .js-plotly-plot", timeout=180)
+    until(lambda: not progress.is_displayed(), 10)
+    seen = dash_duo.driver.execute_script("return window.progressSeen;")
+    for stage in ("Running Whisper's encoder: original…", "Transcribing original, SAE reconstruction and edited…"):
+        assert stage in seen, seen
+    assert dash_duo.find_element("#edit-transcript-original").text.strip()
+    assert go.is_enabled() and not cancel.is_displayed()
+
+
+def _wav(audio: np.ndarray) -> bytes:
+    import io
+    import wave
+
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm)
+    return out.getvalue()
 
 
 def test_edit_page_records_from_the_fake_microphone(dash_duo, sae_world):
@@ -429,8 +577,8 @@ def _payload(dep: dict, inputs: dict, state: dict | None = None) -> bytes:
     return json.dumps(body).encode()
 
 
-def _post(url: str, body: bytes) -> tuple[float, dict]:
-    request = urllib.request.Request(url + "/_dash-update-component", data=body,
+def _post(url: str, body: bytes, query: str = "") -> tuple[float, dict]:
+    request = urllib.request.Request(url + "/_dash-update-component" + query, data=body,
                                      headers={"Content-Type": "application/json"})
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=300) as response:
@@ -438,14 +586,29 @@ def _post(url: str, body: bytes) -> tuple[float, dict]:
     return time.perf_counter() - started, data
 
 
-def test_search_is_answered_while_an_edit_runs(sae_world, top_latent):
+def _long_clip(clip_dir) -> np.ndarray:
+    """All eight prompts back to back, twice (about 30 s of real speech): an edit of it decodes many tokens."""
+    from freud_pipeline.audio.decode import load_audio
+
+    parts = [load_audio(clip_dir / "clips" / f"{name}.wav") for name in PROMPTS]
+    return np.concatenate(parts + parts)[: 30 * 16000]
+
+
+def test_search_is_answered_while_an_edit_runs(sae_world, top_latent, clip_dir):
+    """The edit is a background job: the request that starts it returns at once, the client polls (as the
+    browser does) for progress and the result, and searches sent meanwhile are answered while it still runs."""
+    from urllib.parse import quote
+
     from werkzeug.serving import make_server
+
+    from dash_app.background import RUNNING
 
     app = _app(sae_world)
     server = make_server("127.0.0.1", 0, app.server, threaded=True)  # what app.run does (threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_port}"
+    manager = app.freud_background
     try:
         deps = json.loads(urllib.request.urlopen(url + "/_dash-dependencies", timeout=30).read())
         search = _callback(deps, "search-results.children")
@@ -454,28 +617,35 @@ def test_search_is_answered_while_an_edit_runs(sae_world, top_latent):
         search_body = _payload(search, {"url.search": f"?set={sae_world['set_id']}&index={top_latent}&n=5",
                                         "search-page.id": "search-page"}, {"url.pathname": "/search"})
         _post(url, search_body)  # warm: the clip audio and figures
+        # a long upload, stored as the edit page's upload control stores one
+        token = app.freud_access.uploads.put(_long_clip(clip_dir))
         edit_body = _payload(edit, {"edit-go.n_clicks": 1}, {
-            "edit-source.data": {"kind": "clip", "clip_id": EDIT_CLIP, "label": EDIT_CLIP},
+            "edit-source.data": {"kind": "upload", "token": token, "label": "long.wav"},
             "edit-set.value": sae_world["set_id"], "edit-features.value": f"{top_latent}:0",
             "edit-factor.value": "0", "edit-keep-error.value": ["keep"]})
-        done = {}
-
-        def run_edit():
-            done["edit"] = _post(url, edit_body)
-            done["edit_at"] = time.perf_counter()
-
-        editing = threading.Thread(target=run_edit)
-        editing.start()
-        time.sleep(0.3)
-        latencies = []
-        while editing.is_alive() and len(latencies) < 20:
-            seconds, answer = _post(url, search_body)
+        started = time.perf_counter()
+        seconds, handles = _post(url, edit_body)
+        assert "response" not in handles and seconds < 5  # started, not waited for
+        job = handles["job"].rpartition("~")[0]  # the signed handle's value: "<pid>-<uuid hex>"
+        query = f"?cacheKey={quote(handles['cacheKey'])}&job={quote(handles['job'])}"
+        searches, progress, result = [], [], None
+        n_latents = int(next(s for s in sae_world["index"].sets() if s["set_id"] == sae_world["set_id"])["n_features"])
+        while result is None and time.perf_counter() - started < 300:
+            feature = (top_latent + len(searches) + 1) % n_latents  # a new feature each time: no cached page
+            seconds, answer = _post(url, _payload(search, {
+                "url.search": f"?set={sae_world['set_id']}&index={feature}&n=5", "search-page.id": "search-page"},
+                {"url.pathname": "/search"}))
             assert "search-results" in answer["response"]
-            latencies.append((seconds, time.perf_counter()))
-        editing.join(300)
-        assert "edit-results" in done["edit"][1]["response"]
-        answered_during = [s for s, at in latencies if at < done["edit_at"]]
-        assert answered_during, "no search finished while the edit was running"
-        assert min(answered_during) < done["edit"][0]
+            searches.append((seconds, manager.job_state(job) == RUNNING))  # was the edit running when it came?
+            _, poll = _post(url, edit_body, query)
+            progress += list((poll.get("progress") or {}).values())
+            if "response" in poll:
+                result = poll
+            time.sleep(0.05)
+        assert result is not None and "edit-results" in result["response"]
+        assert "edit-transcripts" in json.dumps(result["response"]["edit-results"])
+        answered_during = [s for s, running in searches if running]
+        assert answered_during, "no search was answered while the edit was running"
+        assert any("Transcribing" in str(p) or "encoder" in str(p) for p in progress), progress
     finally:
         server.shutdown()

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 from plotly.subplots import make_subplots
 
+from dash_app.background import HIDDEN, background_args, progress_indicator
 from dash_app.components import audio_player, empty_index_notice, field_error, fmt, notice
 from dash_app.data import (
     SAMPLE_RATE,
@@ -180,19 +181,22 @@ def layout(access: IndexAccess, max_upload_mb: float, max_upload_seconds: float,
                         ],
                         className="control control-wide",
                     ),
-                    html.Div(html.Button("Apply edit", id="edit-go", n_clicks=0, className="primary"),
+                    html.Div([html.Button("Apply edit", id="edit-go", n_clicks=0, className="primary"),
+                              html.Button("Cancel", id="edit-cancel", n_clicks=0, className="secondary",
+                                          style=HIDDEN)],
                              className="control control-buttons"),
                 ],
                 className="controls",
             ),
-            dcc.Store(id="edit-clip-request", data=request),
+            dcc.Store(id="edit-clip-request"),
+            dcc.Store(id="edit-clip-initial", data=request),
             dcc.Store(id="edit-record-data"),
             dcc.Store(id="edit-source"),
-            dcc.Loading(
-                html.Div([html.Div(id="edit-source-info"), html.Div(id="edit-picks")]),
-                type="default", delay_show=150,
-            ),
-            dcc.Loading(html.Div(id="edit-results"), type="default", delay_show=150),
+            progress_indicator("edit-source-progress"),
+            progress_indicator("edit-picks-progress"),
+            html.Div([html.Div(id="edit-source-info"), html.Div(id="edit-picks")]),
+            progress_indicator("edit-progress"),
+            html.Div(html.Div(id="edit-results"), id="edit-results-wrap"),
         ],
         id="edit-page",
     )
@@ -401,9 +405,11 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         Input("edit-clip-request", "data"),
         State("edit-upload", "filename"),
         State("edit-clip-id", "value"),
-        prevent_initial_call="initial_duplicate",
+        # not on page load (the URL's clip comes in through edit-clip-request, see clip_on_load)
+        prevent_initial_call=True,
+        **background_args("edit-source-progress", (Output("edit-clip-go", "disabled"), True, False)),
     )
-    def load_source(contents, recorded, _go, _submit, request, filename, clip_value):
+    def load_source(set_progress, contents, recorded, _go, _submit, request, filename, clip_value):
         from freud_pipeline.audio.decode import load_audio
         from freud_pipeline.errors import AudioError
 
@@ -422,6 +428,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
                 str(request.get("clip_id") or "")
             if not clip_id:
                 return no_update, no_update, "", "Type a clip id first.", no_update
+            set_progress(f"Reading the audio of {clip_id}…")
             try:
                 audio = access.clip_audio(clip_id).audio
             except (ClipNotFound, IndexUnavailable, FileNotFoundError):
@@ -442,6 +449,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
             if len(data) > limit_bytes:
                 return (no_update, no_update, f"{filename or 'The file'} is {len(data) / 1048576:.1f} MB; the limit "
                         f"is {max_upload_mb:g} MB.", "", no_update)
+            set_progress("Decoding audio…")
             try:
                 audio = load_audio(data, max_seconds=max_upload_seconds)
             except AudioError as exc:
@@ -466,15 +474,18 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         Output("edit-picks", "children"),
         Input("edit-source", "data"),
         Input("edit-set", "value"),
+        prevent_initial_call=True,  # nothing to pick from before a clip is loaded
+        **background_args("edit-picks-progress"),
     )
-    def quick_picks(source, set_id):
+    def quick_picks(set_progress, source, set_id):
         if not source or not set_id:
             return None
         audio, error = source_audio(source)
         if audio is None:
             return html.Div(error, className="field-error")
         try:
-            features = [dict(f) for f in access.index.clip_features(audio, str(set_id), N_PICKS)]
+            features = [dict(f) for f in access.index.clip_features(audio, str(set_id), N_PICKS,
+                                                                    progress=set_progress)]
         except Exception as exc:  # noqa: BLE001 - quick picks are a help, not the edit
             log.exception("clip_features failed")
             return html.Div(f"The top features of this clip could not be computed: {exc}", className="field-error")
@@ -509,9 +520,13 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         State("edit-factor", "value"),
         State("edit-keep-error", "value"),
         prevent_initial_call=True,
-        running=[(Output("edit-go", "disabled"), True, False)],
+        # Cancel, or another clip, stops a running edit (at its next stage: a thread cannot be killed)
+        **background_args("edit-progress", (Output("edit-go", "disabled"), True, False),
+                          (Output("edit-cancel", "style"), {}, HIDDEN),
+                          (Output("edit-results-wrap", "className"), "busy", ""),
+                          cancel=[Input("edit-cancel", "n_clicks"), Input("edit-source", "data")]),
     )
-    def run_edit(_go, _s1, _s2, source, set_id, features, factor, keep):
+    def run_edit(set_progress, _go, _s1, _s2, source, set_id, features, factor, keep):
         errors = dict.fromkeys(ERRORS, "")
 
         def fail(key, message):
@@ -534,12 +549,14 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         except EditError as exc:
             return fail("features", str(exc)[:1].upper() + str(exc)[1:] + ".")
         try:
-            result = edit_clip(audio, str(set_id), edits, keep_error="keep" in (keep or []), index=access.index)
+            result = edit_clip(audio, str(set_id), edits, keep_error="keep" in (keep or []), index=access.index,
+                               progress=set_progress)
         except EditError as exc:
             return fail("features", str(exc))
         except Exception as exc:  # noqa: BLE001 - say what failed, next to the results
             log.exception("edit_clip failed")
             return notice(f"The edit could not be made: {exc}", "error", id="edit-failed"), *[errors[e] for e in ERRORS]
+        set_progress("Drawing the results…")
         return results_view(result, access, audio, source), *[errors[e] for e in ERRORS]
 
     @app.callback(
@@ -554,6 +571,15 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
     def clear_errors(*_):
         """Any change of the controls clears the messages of the previous action."""
         return [""] * len(ERRORS)
+
+    @app.callback(
+        Output("edit-clip-request", "data", allow_duplicate=True),
+        Input("edit-clip-initial", "data"),
+        prevent_initial_call="initial_duplicate",
+    )
+    def clip_on_load(wanted):
+        """The clip or upload named in the page's URL, handed to `load_source`."""
+        return wanted or no_update
 
     @app.callback(
         Output("edit-clip-request", "data"),

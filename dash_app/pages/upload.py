@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, quote
 
 from dash import Input, Output, Patch, State, ctx, dcc, html, no_update
 
+from dash_app.background import background_args, progress_indicator
 from dash_app.components import empty_index_notice, field_error, fmt, no_sae_notice
 from dash_app.data import (
     DEFAULT_TOP_FEATURES,
@@ -124,11 +125,13 @@ def layout(access: IndexAccess, max_upload_mb: float, max_upload_seconds: float,
                 ],
                 className="by-label",
             ),
-            dcc.Store(id="upload-clip", data=clip_request(search)),
+            dcc.Store(id="upload-clip"),
+            dcc.Store(id="upload-clip-initial", data=clip_request(search)),
             dcc.Store(id="record-data"),
             dcc.Store(id="upload-features"),
             dcc.Store(id="upload-source"),
-            dcc.Loading(
+            progress_indicator("upload-progress"),
+            html.Div(
                 html.Div(
                     [
                         html.Div(id="upload-summary", className="muted"),
@@ -149,8 +152,7 @@ def layout(access: IndexAccess, max_upload_mb: float, max_upload_seconds: float,
                     style=HIDDEN,
                     className="card",
                 ),
-                type="default",
-                delay_show=150,
+                id="upload-result-wrap",
             ),
         ],
         id="upload-page",
@@ -236,9 +238,14 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         Input("upload-topn", "value"),
         State("upload-audio", "filename"),
         State("upload-source", "data"),
-        running=[(Output("record-button", "disabled"), True, False)],
+        # Not on page load (that would disable the record button for a poll or two): a ?clip= in the URL comes in
+        # through upload-clip (clip_on_load). A new upload, recording or setting starts this callback again, and
+        # Dash cancels the running job then.
+        prevent_initial_call=True,
+        **background_args("upload-progress", (Output("record-button", "disabled"), True, False),
+                          (Output("upload-result-wrap", "className"), "busy", "")),
     )
-    def analyse(contents, recorded, clip_request, set_id, topn, filename, source):
+    def analyse(set_progress, contents, recorded, clip_request, set_id, topn, filename, source):
         from freud_pipeline.audio.decode import load_audio
         from freud_pipeline.errors import AudioError
 
@@ -261,6 +268,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
             return "", "", HIDDEN, None, no_update, None, no_update, None, None, None  # back to a bare /upload
         if source == "clip" and clip_request:
             clip_id = str(clip_request.get("clip_id"))
+            set_progress(f"Reading the audio of {clip_id}…")
             try:
                 audio = access.clip_audio(clip_id).audio
             except (ClipNotFound, IndexUnavailable, FileNotFoundError):
@@ -278,6 +286,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
             if len(data) > limit_bytes:
                 return (f"{filename or 'The file'} is {len(data) / 1048576:.1f} MB; the limit is {max_upload_mb:g} MB.",
                         "", *hide)
+            set_progress("Decoding audio…")
             try:
                 audio = load_audio(data, max_seconds=max_upload_seconds)
             except AudioError as exc:
@@ -289,13 +298,14 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         if message or info is None:
             return message or f"Unknown feature set {set_id!r}.", "", *hide
         try:
-            features = [dict(f) for f in access.index.clip_features(audio, str(set_id), n)]
+            features = [dict(f) for f in access.index.clip_features(audio, str(set_id), n, progress=set_progress)]
         except Exception as exc:  # noqa: BLE001 - show the reason next to the control
             log.exception("clip_features failed")
             return f"The features of this clip could not be computed: {exc}", "", *hide
         for f in features:
             f["index"] = int(f["index"])
             f["trace"] = [float(v) for v in (f.get("trace") or [])]
+        set_progress("Drawing the spectrogram…")
         mel = clip_log_mel(audio, access.n_mels)
         top = features[0] if features else None
         figure = clip_figure(mel, top["trace"] if top else [], peak_time_s=top.get("peak_time_s") if top else None,
@@ -335,6 +345,15 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
             for f in stored["features"]
         ]
         return graph, bars, _feature_link(stored["set_id"], feature, stored.get("edit_clip"))
+
+    @app.callback(
+        Output("upload-clip", "data", allow_duplicate=True),
+        Input("upload-clip-initial", "data"),
+        prevent_initial_call="initial_duplicate",
+    )
+    def clip_on_load(wanted):
+        """The clip named in the page's URL, handed to `analyse`."""
+        return wanted or no_update
 
     @app.callback(
         Output("upload-clip", "data"),

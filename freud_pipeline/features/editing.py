@@ -28,7 +28,7 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -38,6 +38,7 @@ FRAME_SECONDS = 0.02  # one encoder position
 MAX_EDITS = 64
 _EDIT_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
+_STAGE_NAMES = {"original": "original", "spliced": "SAE reconstruction", "edited": "edited"}
 
 
 class EditError(FreudError, ValueError):
@@ -186,10 +187,13 @@ def edit_clip(
     *,
     device: str | None = None,
     max_new_tokens: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Transcripts (original / SAE-spliced / edited), the edited latents' traces before/after, and the
     per-frame activation change. `audio`: float32 mono 16 kHz (the first 30 s are edited). `target`: a feature
-    set id of `index` (an SAE set), or (checkpoint_dir, model, hook). `edits`: {latent: factor}."""
+    set id of `index` (an SAE set), or (checkpoint_dir, model, hook). `edits`: {latent: factor}.
+    `progress`, if given, is called with a description of each stage, outside the splices (an exception it
+    raises aborts the edit; the app cancels a job this way)."""
     import torch
     import whisper
 
@@ -207,7 +211,9 @@ def edit_clip(
     if len(edits) > MAX_EDITS:
         raise EditError(f"at most {MAX_EDITS} features can be edited at once, not {len(edits)}")
     device = str(device or getattr(index, "device", None) or "cpu")
+    report = progress or (lambda _text: None)
 
+    report("Loading the SAE and Whisper…")
     sae = load_sae(info["sae_checkpoint"], device)
     bad = [j for j in edits if not 0 <= j < sae.n_latents]
     if bad:
@@ -232,27 +238,37 @@ def edit_clip(
             return out
         return wrapped
 
-    with _EDIT_LOCK, torch.inference_mode():
-        features = {"original": model.embed_audio(mel)}
-        conditions = {
-            "spliced": sae_replacement(sae),
-            "edited": sae_replacement(sae, keep_error=keep_error, edit=edits),
-        }
-        for name, replace in conditions.items():
-            with splice(model, info["hook"], recorded(name, replace), n_frames):
-                features[name] = model.embed_audio(mel)
-        x = seen["spliced"][0]
-        if x.shape[-1] != sae.d_in:
-            raise EditError(f"the SAE takes {sae.d_in}-wide activations but {info['hook']} gives {x.shape[-1]}")
-        limit = max_new_tokens or default_max_tokens(len(window) / 16000)
-        options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=limit)
-        order = ["original", "spliced", "edited"]
-        results = whisper.decode(model, torch.cat([features[k] for k in order]).float(), options)
-        transcripts = {k: r.text.strip() for k, r in zip(order, results)}
+    if not _EDIT_LOCK.acquire(blocking=False):
+        report("Waiting for another edit to finish…")
+        _EDIT_LOCK.acquire()
+    try:
+        with torch.inference_mode():
+            report("Running Whisper's encoder: original…")
+            features = {"original": model.embed_audio(mel)}
+            conditions = {
+                "spliced": sae_replacement(sae),
+                "edited": sae_replacement(sae, keep_error=keep_error, edit=edits),
+            }
+            for name, replace in conditions.items():
+                report(f"Running Whisper's encoder: {_STAGE_NAMES[name]}…")
+                with splice(model, info["hook"], recorded(name, replace), n_frames):
+                    features[name] = model.embed_audio(mel)
+            x = seen["spliced"][0]
+            if x.shape[-1] != sae.d_in:
+                raise EditError(f"the SAE takes {sae.d_in}-wide activations but {info['hook']} gives {x.shape[-1]}")
+            limit = max_new_tokens or default_max_tokens(len(window) / 16000)
+            options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=limit)
+            order = ["original", "spliced", "edited"]
+            report("Transcribing original, SAE reconstruction and edited…")  # one batched decode
+            results = whisper.decode(model, torch.cat([features[k] for k in order]).float(), options)
+            transcripts = {k: r.text.strip() for k, r in zip(order, results)}
 
-        parameter = next(sae.parameters())
-        latents = sae.encode(x.to(parameter.device, parameter.dtype)).float().cpu()
-        x_hat = seen["spliced"][1]
+            report("Comparing the activations…")
+            parameter = next(sae.parameters())
+            latents = sae.encode(x.to(parameter.device, parameter.dtype)).float().cpu()
+            x_hat = seen["spliced"][1]
+    finally:
+        _EDIT_LOCK.release()
     edited_act = seen["edited"][1]
     reference = x if keep_error else x_hat  # the same activation without the edit
     change = (edited_act - reference).norm(dim=-1).numpy()

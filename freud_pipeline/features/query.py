@@ -398,9 +398,11 @@ class FeatureIndex:
 
     # ------------------------------------------------------------ live audio
 
-    def clip_features(self, audio: np.ndarray, set_id: str, n: int = 32) -> list[dict]:
+    def clip_features(self, audio: np.ndarray, set_id: str, n: int = 32, *,
+                      progress: Callable[[str], None] | None = None) -> list[dict]:
         """Features most active on `audio` (float32 mono 16 kHz), ranked by their maximum over the clip.
-        Runs Whisper up to the set's hook (and the set's SAE for SAE sets) like the mining pipeline did."""
+        Runs Whisper up to the set's hook (and the set's SAE for SAE sets) like the mining pipeline did.
+        `progress`, if given, is called with a description of each stage (an exception it raises aborts)."""
         set_row = self._set(set_id)
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         if audio.size == 0:
@@ -408,7 +410,10 @@ class FeatureIndex:
         sae_checkpoint = set_row["sae_checkpoint"] if set_row["kind"] == "sae" else None
         if set_row["kind"] == "sae" and not sae_checkpoint:
             raise FeatureSetError(f"SAE set {set_id!r} was built without sae_checkpoint; rebuild it with one")
-        acts = activations_for_audio(audio, set_row["model"], set_row["hook"], sae_checkpoint, self.device)
+        acts = activations_for_audio(audio, set_row["model"], set_row["hook"], sae_checkpoint, self.device,
+                                     progress=progress)
+        if progress is not None:
+            progress("Ranking the features…")
         peak = acts.max(axis=0)
         best = np.argsort(-peak, kind="stable")[: max(n, 0)]
         labels = self._feature_rows(set_row, best.tolist(), ["label"]) if best.size else {}
@@ -442,18 +447,24 @@ def _sae(checkpoint: str, device: str):
 
 
 def activations_for_audio(audio: np.ndarray, model: str, hook: str, sae_checkpoint: str | None = None,
-                          device: str = "cpu") -> np.ndarray:
-    """[frames, n_features] for the whole audio: 30 s windows, each padded like Whisper, real frames kept."""
+                          device: str = "cpu", *, progress: Callable[[str], None] | None = None) -> np.ndarray:
+    """[frames, n_features] for the whole audio: 30 s windows, each padded like Whisper, real frames kept.
+    `progress`, if given, is called with a description of each stage (an exception it raises aborts)."""
     import torch
 
     from freud_pipeline.whisper.hooks import EncoderCapture, log_mel, n_real_frames, split_windows
 
+    report = progress or (lambda _text: None)
+    report("Loading Whisper" + (" and the SAE…" if sae_checkpoint else "…"))
     with _model_lock:  # one load per process even when the app serves several requests at once
         whisper_model = _whisper(model, device)
         sae = _sae(sae_checkpoint, device) if sae_checkpoint else None
     capture = EncoderCapture(whisper_model, [hook])
     parts = []
-    for window in split_windows(audio):
+    windows = split_windows(audio)
+    for i, window in enumerate(windows):
+        report(f"Running Whisper's encoder{'' if sae is None else ' and the SAE'}"
+               + (f" (30 s window {i + 1} of {len(windows)})…" if len(windows) > 1 else "…"))
         acts = capture.capture(log_mel(window, whisper_model.dims.n_mels))[hook][0, : n_real_frames(len(window))]
         if sae is not None:
             with torch.inference_mode():
