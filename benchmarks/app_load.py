@@ -11,9 +11,11 @@
 3. --clients threads, each with its own keep-alive HTTP connection, make --requests feature searches each: the
    exact request the search page makes, POST /_dash-update-component for the callback whose inputs are
    url.search and search-page.id (its output string and ids read from /_dash-dependencies), for a random
-   feature of the set with the default 20 results. --edit-clients threads meanwhile post feature edits
+   feature of the set with the default 20 results, then (as a browser with its cache) GETs the spectrogram
+   images of the results it has not fetched before. --edit-clients threads meanwhile post feature edits
    (the /edit page's "Apply edit" callback), to show that slow work does not hold up searches.
-4. Prints p50/p95/p99 latency, throughput and errors (target: p95 <= 300 ms, no errors). Only 127.0.0.1 is
+4. Prints p50/p95/p99 latency of the searches, throughput and errors (target: p95 <= 300 ms, no errors), the
+   p50/p95 of a whole page (search + new images), and the CPU per search of the server and of this generator. Only 127.0.0.1 is
    contacted; every loop is bounded by its count and by --max-seconds.
 """
 
@@ -25,6 +27,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -45,6 +48,8 @@ PROMPTS = (
 NEURON_HOOK = "encoder.blocks.2.mlp.1"
 SAE_HOOK = "encoder.blocks.2"
 TARGET_P95_MS = 300.0
+# search results link their spectrogram PNGs (/spectrogram/<clip>.png?v=<hash>; "/" may arrive JSON-escaped)
+IMAGE_URL = re.compile(rb'"source":\s*"((?:\\u002f|/)spectrogram(?:\\u002f|/)[^"]+)"')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,6 +178,41 @@ class Client:
             self.conn = None
 
 
+def page_end_id(client: Client) -> str:
+    """The signed page-load token Dash puts in a page's config; background-callback requests carry it."""
+    status, page = client.request("GET", "/edit")
+    found = re.search(rb'<script id="_dash-config" type="application/json">(.*?)</script>', page, re.S)
+    if status != 200 or not found:
+        raise RuntimeError(f"GET /edit: HTTP {status}, no Dash config in the page")
+    return json.loads(found.group(1))["end_id"]
+
+
+def run_background(client: Client, body: bytes, end_id: str, deadline: float,
+                   poll_s: float = 0.25) -> tuple[bool, bytes]:
+    """Start a background callback and poll it as Dash's renderer does: (ok, final payload)."""
+    from urllib.parse import quote as q
+
+    status, payload = client.request("POST", f"/_dash-update-component?endId={q(end_id)}", body)
+    if status != 200:
+        return False, payload
+    handle = json.loads(payload)
+    if "cacheKey" not in handle:  # answered at once (e.g. a validation message)
+        return True, payload
+    poll = f"/_dash-update-component?endId={q(end_id)}&cacheKey={q(handle['cacheKey'])}&job={q(handle['job'])}"
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        status, payload = client.request("POST", poll, body)
+        if status == 204:  # no update this time
+            continue
+        if status != 200:
+            return False, payload
+        reply = json.loads(payload)
+        if "response" in reply:
+            text = json.dumps(reply["response"])
+            return ("edit-graph" in text or "edit-transcripts" in text), payload
+    return False, b"timed out waiting for the background job"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -192,6 +232,24 @@ def wait_until_up(port: int, proc: subprocess.Popen, seconds: float) -> None:
             pass
         time.sleep(0.5)
     raise SystemExit(f"the app did not answer on 127.0.0.1:{port} within {seconds:.0f} s")
+
+
+def process_tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (gunicorn's workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -224,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2,
                         help="app worker processes (python -m dash_app --workers; 1 = Flask's threaded server)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-images", action="store_true",
+                        help="do not fetch the result images (by default each client fetches those it has not "
+                             "fetched before, as a browser with its cache does)")
+    parser.add_argument("--threads", type=int, default=None, help="request threads per gunicorn worker "
+                        "(default: the app's own default)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     if not (1 <= args.clients <= 256 and 1 <= args.requests <= 10_000 and 0 <= args.edit_clients <= 8):
@@ -264,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(tempfile.gettempdir()) / f"freud-app-load-{port}.log"
     env = {**os.environ, "FREUD_DATA_DIR": str(data)}
     command = [sys.executable, "-m", "dash_app", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
-               "--workers", str(args.workers)]
+               "--workers", str(args.workers)] + (["--threads", str(args.threads)] if args.threads else [])
     print(f"server: python -m dash_app --workers {args.workers}"
-          + (" (gunicorn, 8 threads each)" if args.workers > 1 else " (Flask's threaded server)"), flush=True)
+          + (f" (gunicorn, {args.threads or 'default'} threads each)" if args.workers > 1 else " (Flask's threaded server)"), flush=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -295,11 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         errors: list[str] = []
         not_sent = [0]
         sizes: list[int] = []
+        page_latencies: list[float] = []  # the search plus the images of its results not yet in the client's cache
+        images_fetched = [0]
         lock = threading.Lock()
         plans = [[rng.randrange(n_features) for _ in range(args.requests)] for _ in range(args.clients)]
 
         def searcher(plan: list[int]) -> None:
             client = Client(port, args.timeout)
+            cached: set[bytes] = set()  # this client's browser cache of spectrogram images
             try:
                 for feature in plan:
                     if time.monotonic() > deadline:
@@ -307,20 +373,34 @@ def main(argv: list[str] | None = None) -> int:
                             not_sent[0] += 1
                         continue
                     started = time.perf_counter()
+                    fetched = 0
                     try:
                         status, payload = client.request("POST", "/_dash-update-component", search_body(feature))
                         ok = status == 200 and b'"search-results"' in payload
                         problem = None if ok else f"HTTP {status}: {payload[:120]!r}"
+                        answered = time.perf_counter()
+                        # then, as a browser does, the result images it has not cached yet
+                        for url in ([] if problem or args.no_images else IMAGE_URL.findall(payload)):
+                            if url not in cached:
+                                image_status, image = client.request("GET", json.loads(b'"' + url + b'"'))
+                                if image_status != 200 or not image.startswith(b"\x89PNG"):
+                                    problem = f"image HTTP {image_status}: {url[:80]!r}"
+                                    break
+                                cached.add(url)
+                                fetched += 1
                     except Exception as exc:  # noqa: BLE001 - counted as an error
                         problem, payload = f"{type(exc).__name__}: {exc}", b""
                         client.close()
-                    elapsed = time.perf_counter() - started
+                        answered = time.perf_counter()
+                    finished = time.perf_counter()
                     with lock:
                         if problem:
                             errors.append(problem)
                         else:
-                            latencies.append(elapsed)
+                            latencies.append(answered - started)
+                            page_latencies.append(finished - started)
                             sizes.append(len(payload))
+                            images_fetched[0] += fetched
             finally:
                 client.close()
 
@@ -331,9 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             clip = FeatureIndex(str(data / "lancedb")).search_clips("")[0]["clip_id"]
 
         def editor(seed: int) -> None:
+            """Post edits as the /edit page does: the edit is a background callback, so the first request returns
+            a job handle and the page polls (the same request with the signed cacheKey and job) until the result
+            comes; its latency is from the click to the result."""
             client = Client(port, 300)
             local = random.Random(seed)
             try:
+                end_id = page_end_id(client)
                 while not stop.is_set() and time.monotonic() < deadline:
                     body = callback_body(edit, {
                         "edit-go.n_clicks": 1,
@@ -343,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         "edit-factor.value": "0", "edit-keep-error.value": ["keep"]})
                     started = time.perf_counter()
                     try:
-                        status, payload = client.request("POST", "/_dash-update-component", body)
-                        ok = status == 200 and b"edit-graph" in payload
+                        ok, payload = run_background(client, body, end_id, time.monotonic() + 300)
                     except Exception as exc:  # noqa: BLE001
                         ok, payload = False, str(exc).encode()
                         client.close()
@@ -363,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             load_before = [round(x, 2) for x in os.getloadavg()]
         except OSError:
             load_before = None
+        server_cpu_before = process_tree_cpu(proc.pid)
+        client_cpu_before = time.process_time()
         started = time.perf_counter()
         threads = [threading.Thread(target=searcher, args=(plan,), daemon=True) for plan in plans]
         for thread in threads:
@@ -370,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         for thread in threads:
             thread.join(max(1.0, deadline - time.monotonic() + args.timeout))
         wall = time.perf_counter() - started
+        server_cpu = process_tree_cpu(proc.pid) - server_cpu_before
+        client_cpu = time.process_time() - client_cpu_before
         stop.set()
         for thread in editors:
             thread.join(300)
@@ -398,7 +485,14 @@ def main(argv: list[str] | None = None) -> int:
         "p95_ms": round(percentile(ms, 95), 1),
         "p99_ms": round(percentile(ms, 99), 1),
         "max_ms": round(max(ms), 1) if ms else None,
+        # what a browser waits for: the search, then the spectrogram images it has not cached yet
+        "page_p50_ms": round(percentile([v * 1000 for v in page_latencies], 50), 1),
+        "page_p95_ms": round(percentile([v * 1000 for v in page_latencies], 95), 1),
+        "images_fetched": images_fetched[0],
         "mean_ms": round(statistics.fmean(ms), 1) if ms else None,
+        # CPU seconds per search: the server (all worker processes) and this load generator
+        "server_cpu_ms_per_search": round(server_cpu * 1000 / len(ms), 1) if ms else None,
+        "client_cpu_ms_per_search": round(client_cpu * 1000 / len(ms), 1) if ms else None,
         "response_kb_mean": round(statistics.fmean(sizes) / 1024, 1) if sizes else None,
         "edit_clients": args.edit_clients,
         "edits_ok": len(edit_latencies),

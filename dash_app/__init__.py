@@ -63,8 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def make_app():
-        return create_app(data_dir=args.data_dir, max_upload_mb=args.max_upload_mb,
-                          background_threads=background_threads)
+        app = create_app(data_dir=args.data_dir, max_upload_mb=args.max_upload_mb,
+                         background_threads=background_threads)
+        tune_gc()
+        return app
 
     if workers == 1 or args.debug:
         make_app().run(host=args.host, port=port, debug=args.debug)
@@ -73,6 +75,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_with_gunicorn(lambda: make_app().server, host=args.host, port=port, workers=workers,
                             threads=args.threads, keepalive=keepalive)
     return 0
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings for a serving process: a search allocates tens of thousands of short-lived
+    dicts and lists (freed by reference counting, not by the collector), which with CPython's defaults set off
+    a collection every few hundred allocations, each walking the process's long-lived objects (the app, torch,
+    caches). Freezing what exists after start-up and collecting less often keeps the collector to a few percent
+    of a search's CPU (benchmarks/app_load.py)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
 
 
 def serve_with_gunicorn(make_server: Callable[[], Any], *, host: str, port: int, workers: int, threads: int,
@@ -91,6 +106,11 @@ def serve_with_gunicorn(make_server: Callable[[], Any], *, host: str, port: int,
             self.cfg.set("timeout", 300)  # an edit of a long clip on a busy CPU takes a while
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("keepalive", keepalive)
+            if not keepalive:
+                # A worker takes no more connections than it has threads: the rest wait in the listen queue
+                # (first come, first served) for whichever worker frees a thread first, instead of piling up in
+                # one worker's queue while the other idles (which made the slowest searches several times slower).
+                self.cfg.set("worker_connections", threads)
             self.cfg.set("accesslog", None)
             self.cfg.set("limit_request_line", 8190)
             self.cfg.set("control_socket_disable", True)  # no socket under ~/.gunicorn: several apps may run

@@ -3,7 +3,8 @@
 Pages (dcc.Location routing, top nav): `/search` (feature search; the URL holds its state), `/upload`
 (upload or record a clip and see its top features), `/edit` (scale SAE features inside Whisper and compare
 transcripts) and `/runs` (SAE training runs from MLflow, side-by-side comparison). `/audio/<clip_id>` serves a
-manifest clip's audio as WAV, looked up by id only (404 for unknown ids); no file path ever appears in a URL.
+manifest clip's audio as WAV and `/spectrogram/<clip_id>.png` its log-mel image, looked up by id only (404 for
+unknown ids); no file path ever appears in a URL.
 """
 
 from __future__ import annotations
@@ -162,3 +163,21 @@ def _register_audio_route(app: dash.Dash, access: IndexAccess) -> None:
                              conditional=True, max_age=3600)
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
+
+    @app.server.route("/spectrogram/<path:name>")
+    def clip_spectrogram(name: str):
+        """A manifest clip's log-mel PNG (what search results draw under the trace), by id only. With the
+        current ?v= (the image's hash, as search pages link it) the browser may keep it for good."""
+        clip_id = name[: -len(".png")] if name.endswith(".png") else name
+        try:
+            spectrogram = access.clip_spectrogram(clip_id)
+        except (ClipNotFound, IndexUnavailable, FileNotFoundError):
+            abort(404)
+        response = app.server.response_class(spectrogram.png_top_down, mimetype="image/png")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if request.args.get("v") == spectrogram.version:
+            response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+        else:  # an old or missing version: serve the current image, but let the browser ask again
+            response.headers["Cache-Control"] = "no-cache"
+        response.set_etag(spectrogram.version)
+        return response.make_conditional(request)

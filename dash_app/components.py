@@ -72,8 +72,9 @@ _CARD_SKIP = {"set_id", "index", "label", "labels", "label_score", "label_scores
 
 
 
-def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, similar: list) -> html.Div:
-    """Label and its scores, density, stats, similar features (links)."""
+def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, similar: list) -> dict:
+    """Label and its scores, density, stats, similar features (links); a wire-format element (one per search)."""
+    h = wire.html
     label = feature.get("label")
     score_bits = []
     for key, name in (("label_precision", "precision"), ("label_recall", "recall"), ("label_f1", "F1")):
@@ -96,45 +97,40 @@ def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, simi
     if isinstance(quantiles, dict):
         rows += [(f"frame quantile {float(q):g}", finite_float(v)) for q, v in quantiles.items() if finite_float(v) is not None]
     density = feature.get("density", stats.get("density"))
-    head = [
-        html.H3([f"Feature {index}", html.Span(f" · {set_label}", className="muted")], className="card-title"),
-        html.Div(
-            [html.Span("label: ", className="muted"),
-             html.Strong(str(label) if label else "none yet", id="feature-label"),
-             html.Span(f"  ({', '.join(score_bits)})" if score_bits else "", className="muted")],
-            className="card-line",
-        ),
-    ]
+    label_line = [h("Span", "label: ", className="muted"),
+                  h("Strong", str(label) if label else "none yet", id="feature-label"),
+                  h("Span", f"  ({', '.join(score_bits)})" if score_bits else "", className="muted")]
     if feature.get("label_kind") and label:
-        head[-1].children.insert(1, html.Span(f"{feature['label_kind']} ", className="muted"))
+        label_line.insert(1, h("Span", f"{feature['label_kind']} ", className="muted"))
+    head = [
+        h("H3", [f"Feature {index}", h("Span", f" · {set_label}", className="muted")], className="card-title"),
+        h("Div", label_line, className="card-line"),
+    ]
     word = feature.get("word_label")
     if word:
         precision = finite_float(feature.get("word_precision"))
-        head.append(html.Div([html.Span("word: ", className="muted"), html.Strong(str(word)),
-                              html.Span(f"  (precision {precision:.2f})" if precision is not None else "",
-                                        className="muted")], className="card-line"))
+        head.append(h("Div", [h("Span", "word: ", className="muted"), h("Strong", str(word)),
+                              h("Span", f"  (precision {precision:.2f})" if precision is not None else "",
+                                className="muted")], className="card-line"))
     if isinstance(labels, list) and labels:
-        head.append(html.Div([html.Span("other labels: ", className="muted"),
+        head.append(h("Div", [h("Span", "other labels: ", className="muted"),
                               ", ".join(_label_text(x) for x in labels[:8])], className="card-line"))
     if density is not None:
-        head.append(html.Div([html.Span("density: ", className="muted"),
-                              html.Strong(_density_text(density))], className="card-line"))
-    table = html.Table(
-        [html.Tbody([html.Tr([html.Th(k.replace("_", " ")), html.Td(fmt(v))]) for k, v in rows if k != "density"])],
-        className="stats-table",
-    )
+        head.append(h("Div", [h("Span", "density: ", className="muted"), h("Strong", _density_text(density))],
+                      className="card-line"))
+    table = h("Table", [h("Tbody", [h("Tr", [h("Th", k.replace("_", " ")), h("Td", fmt(v))])
+                                    for k, v in rows if k != "density"])], className="stats-table")
     links = []
     for item in similar or []:
         j, sim, lab = _similar_item(item)
         if j is None:
             continue
         text = f"{j}" + (f" ({sim:.2f})" if sim is not None else "") + (f" {lab}" if lab else "")
-        links.append(dcc.Link(text, href=search_href(set_id, j), className="chip", id=f"similar-{j}"))
-    similar_block = html.Div(
-        [html.Span("similar features: ", className="muted"), *(links or [html.Span("none", className="muted")])],
-        className="card-line similar", id="similar-features",
-    )
-    return html.Div([*head, table, similar_block], className="card feature-card", id="feature-card")
+        links.append(wire.dcc("Link", text, href=search_href(set_id, j), className="chip", id=f"similar-{j}"))
+    similar_block = h("Div", [h("Span", "similar features: ", className="muted"),
+                              *(links or [h("Span", "none", className="muted")])],
+                      className="card-line similar", id="similar-features")
+    return h("Div", [*head, table, similar_block], className="card feature-card", id="feature-card")
 
 
 def _label_text(x: Any) -> str:

@@ -474,3 +474,8 @@ class IndexAccess:
 
 def audio_url(clip_id: str, download: bool = False) -> str:
     return f"/audio/{quote(str(clip_id), safe='')}" + ("?download=1" if download else "")
+
+
+def spectrogram_url(clip_id: str, version: str) -> str:
+    """The app's URL of a manifest clip's spectrogram PNG; `version` (the image's hash) lets browsers keep it."""
+    return f"/spectrogram/{quote(str(clip_id), safe='')}.png?v={version}"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -54,6 +56,21 @@ class Spectrogram:
     column_s: float
     duration_s: float
 
+    @cached_property
+    def png_top_down(self) -> bytes:
+        """The PNG with the highest mel bin in its first row, as a picture is drawn: what the app serves by clip
+        id for search pages, which link it as a layout image (an image trace's source must be a data URI)."""
+        with Image.open(io.BytesIO(base64.b64decode(self.uri.partition(",")[2]))) as image:
+            flipped = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+            buf = io.BytesIO()
+            flipped.save(buf, format="PNG", bits=4, compress_level=6)
+        return buf.getvalue()
+
+    @cached_property
+    def version(self) -> str:
+        """A short hash of the image: part of its URL, so browsers may cache it for good."""
+        return hashlib.sha1(self.uri.encode("ascii")).hexdigest()[:12]
+
 
 def spectrogram_image(mel: np.ndarray, max_columns: int = MAX_MEL_COLUMNS) -> Spectrogram:
     """Encode a log-mel [n_mels, frames] (100 frames/s) as a PNG: loud is dark, as on a printed spectrogram."""
@@ -78,15 +95,26 @@ def shading_colorscale() -> list[list]:
             [1.0, f"rgba({r1},{g1},{b1},{SHADE_MAX_OPACITY})"]]
 
 
+def display_rounded(values: np.ndarray, scale: float) -> np.ndarray:
+    """float32 values to four significant digits of `scale`: beyond what a 250 px plot shows, and half the JSON
+    (orjson writes a float32 in its shortest form: 0.107, not 0.10693359)."""
+    if not (math.isfinite(scale) and scale > 0):
+        return np.asarray(values, dtype=np.float32)
+    return np.round(np.asarray(values, dtype=np.float32), max(0, 3 - math.floor(math.log10(scale))))
+
+
 def trace_parts(trace: Sequence[float] | None, n_mels: int, name: str = "activation", *, scale: float | None = None,
-                offset_frames: int = 0) -> dict:
+                offset_frames: int = 0, rounded: bool = False) -> dict:
     """Data for the shading row and the trace line (used to build figures and to patch them in place).
 
     One value per 20 ms frame, positioned by x0/dx (no time array). `scale` is the |a| that gets full shading:
     the trace's own max by default (as the original); the search page passes the max over all results shown,
-    so a clip where the feature barely moves is not painted as strongly as the top clip."""
-    values = np.asarray(trace if trace is not None else [], dtype=np.float64)
+    so a clip where the feature barely moves is not painted as strongly as the top clip. rounded=True: the values
+    are already `display_rounded` (the search page rounds all of a page's traces in one call)."""
+    values = np.asarray(trace if trace is not None else [], dtype=np.float32)
     peak = float(scale) if scale else (float(np.max(np.abs(values))) if values.size else 0.0) or 1.0
+    if rounded is not True:
+        values = display_rounded(values, peak)
     return {
         "x0": round((offset_frames + 0.5) * FRAME_SECONDS, 4),
         "dx": FRAME_SECONDS,
@@ -122,21 +150,27 @@ def clip_figure_dict(
     shade_scale: float | None = None,
     trace_offset_frames: int = 0,
     value_range: tuple[float, float] | None = None,
+    image_url: str | None = None,
+    rounded: bool = False,
 ) -> dict:
     """Log-mel image (cropped to the clip) with the activation trace on a secondary axis and shading per frame.
 
-    `mel` is the log-mel array or its cached `Spectrogram`. A plain figure dict: building go.Figure objects
+    `mel` is the log-mel array or its cached `Spectrogram`. With `image_url` (the app's /spectrogram route) the
+    log-mel is a layout image loaded from that URL, which browsers cache across searches, and the traces are
+    shading, line, peak; without it, an image trace embedding the PNG comes first (SPECTROGRAM, SHADING, ...). A plain figure dict: building go.Figure objects
     validates every array and dominated a search's cost (20 figures per page). layout.shapes[0] is the playhead
     (moved in the browser by assets/freud.js).
     """
     spec = mel if isinstance(mel, Spectrogram) else spectrogram_image(mel)
     n_mels, duration = spec.n_mels, spec.duration_s
-    parts = trace_parts(trace, n_mels, trace_name, scale=shade_scale, offset_frames=trace_offset_frames)
+    parts = trace_parts(trace, n_mels, trace_name, scale=shade_scale, offset_frames=trace_offset_frames,
+                        rounded=rounded)
     peak_x = [peak_time_s] if peak_time_s is not None and peak_value is not None else []
     peak_y = [peak_value] if peak_x else []
-    data = [
+    data = [] if image_url else [
         {"type": "image", "source": spec.uri, "x0": spec.column_s / 2, "dx": spec.column_s, "y0": 0, "dy": 1,
-         "hoverinfo": "skip", "name": "log-mel"},
+         "hoverinfo": "skip", "name": "log-mel"}]
+    data += [
         {"type": "heatmap", "z": parts["values"][None, :], "x0": parts["x0"], "dx": parts["dx"], "y0": (n_mels - 1) / 2,
          "dy": n_mels, "zmin": -parts["scale"], "zmax": parts["scale"], "colorscale": shading_colorscale(),
          "showscale": False, "hoverinfo": "skip", "name": "shading"},
@@ -166,6 +200,10 @@ def clip_figure_dict(
                     "line": {"color": PLAYHEAD_COLOUR, "width": 2}, "name": "playhead"}],
         "uirevision": "clip",
     }
+    if image_url:
+        layout["images"] = [{"source": image_url, "xref": "x", "yref": "y", "x": 0, "y": n_mels - 0.5,
+                             "sizex": spec.columns * spec.column_s, "sizey": n_mels, "xanchor": "left",
+                             "yanchor": "top", "sizing": "stretch", "layer": "below", "name": "log-mel"}]
     return {"data": data, "layout": layout}
 
 

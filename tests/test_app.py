@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -233,11 +234,23 @@ def test_search_shows_results_with_spectrograms_and_histogram(dash_duo, feature_
     assert _n_results(dash_duo) == 5
     assert f"index={strong_feature}" in dash_duo.driver.current_url
     assert dash_duo.find_element("#feature-card .card-title").text.startswith(f"Feature {strong_feature}")
-    # spectrogram image + shading + trace line in each result figure; the histogram has log y
+    # shading + trace line over the spectrogram image in each result figure; the histogram has log y
     fig = dash_duo.driver.execute_script(
         "var gd = document.querySelector('#clip-graph-0 .js-plotly-plot');"
         "return {types: gd.data.map(d => d.type), shapes: gd.layout.shapes.length};")
-    assert fig["types"][:3] == ["image", "heatmap", "scatter"] and fig["shapes"] >= 1
+    assert fig["types"][:2] == ["heatmap", "scatter"] and fig["shapes"] >= 1
+    # the spectrogram is a layout image linked by clip id (the browser caches it across searches)
+    source = dash_duo.driver.execute_script(
+        "return document.querySelector('#clip-graph-0 .js-plotly-plot').layout.images[0].source;")
+    assert source.startswith("/spectrogram/asterisk-") and ".png?v=" in source and "/tmp" not in source
+    drawn = "return Array.from(document.querySelectorAll('#clip-graph-0 .imagelayer image'))" \
+            ".map(e => e.getAttribute('href') || e.getAttribute('xlink:href') || '');"
+    deadline = time.monotonic() + 30
+    while not any(h.startswith("/spectrogram/") for h in dash_duo.driver.execute_script(drawn)):
+        assert time.monotonic() < deadline, "the spectrogram image was not drawn"
+        time.sleep(0.2)
+    image = urllib.request.urlopen(dash_duo.server_url + source, timeout=30)
+    assert image.read().startswith(b"\x89PNG") and "immutable" in image.headers["Cache-Control"]
     ytype = dash_duo.driver.execute_script(
         "return document.querySelector('#search-histogram .js-plotly-plot')._fullLayout.yaxis.type;")
     assert ytype == "log"
