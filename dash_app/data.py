@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -272,26 +273,42 @@ class _LRU:
 
 
 class AudioStore:
-    """Decoded uploads by random token (bounded; the oldest go first)."""
+    """Decoded uploads and recordings by random token, on disk (a diskcache under `<data dir>/cache/uploads`), so
+    that every worker process finds them: the upload page hands a clip to the edit page by token, and the edit
+    page's later requests may land on another gunicorn worker. Bounded in bytes (the least recently stored go
+    first) and in time."""
 
-    def __init__(self, size: int = 32):
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
+    def __init__(self, directory: str | Path | Callable[[], Path], *, max_bytes: int = 2 << 30,
+                 expire_s: float = 24 * 3600):
+        self._directory = directory
+        self.max_bytes = max_bytes
+        self.expire_s = expire_s
+        self._cache = None
         self._lock = threading.Lock()
+
+    def _store(self):
+        with self._lock:
+            if self._cache is None:
+                import diskcache
+
+                directory = Path(self._directory() if callable(self._directory) else self._directory)
+                directory.mkdir(parents=True, exist_ok=True)
+                self._cache = diskcache.Cache(str(directory), size_limit=self.max_bytes,
+                                              eviction_policy="least-recently-stored")
+            return self._cache
 
     def put(self, audio) -> str:
         token = uuid.uuid4().hex
-        with self._lock:
-            self._items[token] = audio
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        samples = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        self._store().set(token, samples.tobytes(), expire=self.expire_s)
         return token
 
     def get(self, token: str):
-        with self._lock:
-            if token in self._items:
-                self._items.move_to_end(token)
-            return self._items.get(token)
+        """The samples (float32, 16 kHz) or None when unknown or gone."""
+        if not token or not token.isalnum():
+            return None
+        data = self._store().get(token)
+        return None if data is None else np.frombuffer(data, dtype=np.float32)
 
 
 @dataclass
@@ -317,6 +334,7 @@ class IndexAccess:
 
     def __init__(self, index: Any | None = None, data_dir: str | Path | None = None, n_mels: int = 80):
         self._index = index
+        self._index_given = index is not None
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
         self.n_mels = n_mels
         self._lock = threading.Lock()
@@ -326,7 +344,9 @@ class IndexAccess:
         self._spectrograms = _LRU(2048)
         self._pages = _LRU(128)  # rendered search pages: the same link (a shared URL, back button) costs nothing
         self._sets_cache: tuple[float, list[dict]] | None = None
-        self.uploads = AudioStore()  # decoded uploads and recordings by random token (upload and edit pages)
+        self._own_cache: tempfile.TemporaryDirectory | None = None
+        # decoded uploads and recordings by random token (upload and edit pages), shared by the worker processes
+        self.uploads = AudioStore(lambda: self.cache_dir("uploads"))
 
     # -- the index ------------------------------------------------------------------------------------------
     @property
@@ -464,9 +484,21 @@ class IndexAccess:
         return self._spectrograms.get_or_make(clip_id, make)
 
     def _spectrogram_dir(self) -> Path:
+        return self.cache_dir("spectrograms")
+
+    def cache_dir(self, name: str) -> Path:
+        """`<data dir>/cache/<name>`: files the app's worker processes share. With an index handed in and no data
+        directory (as in tests), a temporary directory of this IndexAccess instead."""
+        if self.data_dir is not None:
+            return self.data_dir / "cache" / name
+        if self._index_given:
+            with self._lock:
+                if self._own_cache is None:
+                    self._own_cache = tempfile.TemporaryDirectory(prefix="freud-app-cache-")
+            return Path(self._own_cache.name) / name
         from freud_pipeline.settings import data_dir
 
-        return (self.data_dir or data_dir()) / "cache" / "spectrograms"
+        return data_dir() / "cache" / name
 
     def clip_wav(self, clip_id: str) -> bytes:
         return self._wavs.get_or_make(clip_id, lambda: wav_bytes(self.clip_audio(clip_id).audio))

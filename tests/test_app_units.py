@@ -162,3 +162,34 @@ def test_clip_spectrograms_are_cached_on_disk_per_audio_file(tmp_path):
     assert IndexAccess(Index(), tmp_path).clip_spectrogram("a").duration_s == pytest.approx(0.5)
     with pytest.raises(KeyError):
         IndexAccess(Index(), tmp_path).clip_spectrogram("b")
+
+
+def test_uploads_are_shared_by_worker_processes_of_one_data_dir(tmp_path):
+    """The upload page hands a clip to the edit page by token, and the next request may reach another gunicorn
+    worker: each worker has its own IndexAccess, so the store lives in the data directory."""
+    from dash_app.data import IndexAccess
+
+    audio = np.sin(np.linspace(0, 2000, 16000)).astype(np.float32)
+    first, second = IndexAccess(data_dir=tmp_path), IndexAccess(data_dir=tmp_path)
+    token = first.uploads.put(audio)
+    got = second.uploads.get(token)
+    assert got is not None and got.dtype == np.float32 and np.array_equal(got, audio)
+    assert (tmp_path / "cache" / "uploads").is_dir()
+    assert second.uploads.get("0" * 32) is None and second.uploads.get("../../etc") is None
+    other = IndexAccess(data_dir=tmp_path / "elsewhere")
+    assert other.uploads.get(token) is None
+
+
+def test_spectrogram_png_is_served_top_down():
+    """Search pages draw the spectrogram as a layout image (row 0 at the top): the served PNG is flipped."""
+    import io
+
+    from PIL import Image
+
+    mel = np.zeros((80, 50), np.float32)
+    mel[:10] = 5.0  # loud low bins: dark at the bottom of the picture
+    spec = spectrogram_image(mel)
+    picture = np.asarray(Image.open(io.BytesIO(spec.png_top_down)))
+    assert picture.shape == (80, 50)
+    assert picture[-1].mean() < picture[0].mean()  # dark (loud) row last, i.e. at the bottom
+    assert len(spec.version) == 12 and spec.version == spectrogram_image(mel).version
