@@ -258,3 +258,18 @@ def background_args(indicator: str, *running, cancel=None) -> dict:
     if cancel:
         args["cancel"] = list(cancel)
     return args
+
+
+def forward_on_load(app, initial_store: str, target_store: str) -> None:
+    """Copy the request a page's URL carried (`initial_store`, set by its layout) into the store a background
+    callback listens to. Background callbacks do not run on page load: their `running` outputs would disable
+    the page's controls during the first poll, so a plain callback starts them instead."""
+    from dash import Input, Output, no_update
+
+    @app.callback(
+        Output(target_store, "data", allow_duplicate=True),
+        Input(initial_store, "data"),
+        prevent_initial_call="initial_duplicate",
+    )
+    def forward(wanted):
+        return wanted or no_update

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 from plotly.subplots import make_subplots
 
-from dash_app.background import HIDDEN, background_args, progress_indicator
+from dash_app.background import HIDDEN, background_args, forward_on_load, progress_indicator
 from dash_app.components import audio_player, empty_index_notice, field_error, fmt, notice
 from dash_app.data import (
     SAMPLE_RATE,
@@ -572,14 +572,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         """Any change of the controls clears the messages of the previous action."""
         return [""] * len(ERRORS)
 
-    @app.callback(
-        Output("edit-clip-request", "data", allow_duplicate=True),
-        Input("edit-clip-initial", "data"),
-        prevent_initial_call="initial_duplicate",
-    )
-    def clip_on_load(wanted):
-        """The clip or upload named in the page's URL, handed to `load_source`."""
-        return wanted or no_update
+    forward_on_load(app, "edit-clip-initial", "edit-clip-request")  # the clip named in the URL, to `load_source`
 
     @app.callback(
         Output("edit-clip-request", "data"),

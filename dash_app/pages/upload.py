@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, quote
 
 from dash import Input, Output, Patch, State, ctx, dcc, html, no_update
 
-from dash_app.background import background_args, progress_indicator
+from dash_app.background import background_args, forward_on_load, progress_indicator
 from dash_app.components import empty_index_notice, field_error, fmt, no_sae_notice
 from dash_app.data import (
     DEFAULT_TOP_FEATURES,
@@ -346,14 +346,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         ]
         return graph, bars, _feature_link(stored["set_id"], feature, stored.get("edit_clip"))
 
-    @app.callback(
-        Output("upload-clip", "data", allow_duplicate=True),
-        Input("upload-clip-initial", "data"),
-        prevent_initial_call="initial_duplicate",
-    )
-    def clip_on_load(wanted):
-        """The clip named in the page's URL, handed to `analyse`."""
-        return wanted or no_update
+    forward_on_load(app, "upload-clip-initial", "upload-clip")  # the clip named in the URL, to `analyse`
 
     @app.callback(
         Output("upload-clip", "data"),
