@@ -514,6 +514,8 @@ def test_main_parses_flags(monkeypatch):
     seen, served = {}, {}
     monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
     monkeypatch.setattr(dash_app, "serve_with_gunicorn", lambda make, **kw: served.update(kw, app=make()))
+    tuned = []
+    monkeypatch.setattr(dash_app, "tune_gc", lambda: tuned.append(True))  # (process-wide: tested on its own)
     monkeypatch.setenv("FREUD_APP_PORT", "8123")
     monkeypatch.delenv("FREUD_APP_WORKERS", raising=False)
     assert dash_app.main([]) == 0  # default: gunicorn, 2 workers
@@ -523,3 +525,23 @@ def test_main_parses_flags(monkeypatch):
     assert seen["host"] == "0.0.0.0" and seen["port"] == 9000 and seen["debug"] is False
     monkeypatch.setenv("FREUD_APP_WORKERS", "3")
     assert dash_app.main(["--threads", "4"]) == 0 and served["workers"] == 3 and served["threads"] == 4
+    assert len(tuned) == 3  # every serving process tunes its collector once its app is built
+    # `freud app` passes its serving flags on
+    from freud_pipeline.cli import main as freud_main
+
+    assert freud_main(["app", "--workers", "2", "--threads", "3", "--background-threads", "1"]) == 0
+    assert served["workers"] == 2 and served["threads"] == 3
+
+
+def test_tune_gc_freezes_start_up_objects_and_collects_less_often():
+    import gc
+
+    import dash_app
+
+    thresholds = gc.get_threshold()
+    try:
+        dash_app.tune_gc()
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] >= 10_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

@@ -65,7 +65,9 @@ def _app(args) -> int:
 
     return app_main(["--host", args.host, "--port", str(args.port)]
                     + (["--data-dir", args.data_dir] if args.data_dir else [])
-                    + (["--workers", str(args.workers)] if args.workers else []))
+                    + (["--workers", str(args.workers)] if args.workers else [])
+                    + (["--threads", str(args.threads)] if args.threads else [])
+                    + (["--background-threads", str(args.background_threads)] if args.background_threads else []))
 
 
 def _stop(args) -> int:
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--workers", type=int, default=None,
                    help="gunicorn worker processes (default 2, env FREUD_APP_WORKERS; 1: Flask's threaded server)")
+    p.add_argument("--threads", type=int, default=None, help="request threads per worker (default 4)")
+    p.add_argument("--background-threads", type=int, default=None,
+                   help="threads per worker for uploads' inference and edits (default 2, env "
+                        "FREUD_APP_BACKGROUND_THREADS)")
     p.set_defaults(func=_app)
 
     p = sub.add_parser("stop", help="stop the UIs started by `freud demo`")
