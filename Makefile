@@ -16,7 +16,7 @@ demo-small: install
 	.venv/bin/freud demo --small --host $(HOST) --dagster-port $(PORT_DAGSTER) --mlflow-port $(PORT_MLFLOW) --app-port $(PORT_APP)
 
 test: install
-	.venv/bin/python -m pytest -q
+	FREUD_REQUIRE_EXTRAS=1 .venv/bin/python -m pytest -q
 
 stop:
 	.venv/bin/freud stop

@@ -41,3 +41,14 @@ def asterisk_audio(name: str) -> np.ndarray:
          "-f", "f32le", "-"], check=True, capture_output=True,
     ).stdout
     return np.frombuffer(raw, dtype=np.float32).copy()
+
+
+def require_extra(present: bool, what: str, *, module_level: bool = False) -> None:
+    """Skip a test whose system or extra package is missing, unless the tests run as `make test` does (it runs
+    scripts/install.sh first, which installs all of them, and sets FREUD_REQUIRE_EXTRAS=1): then a missing one
+    fails the test instead of hiding it."""
+    if present:
+        return
+    if os.environ.get("FREUD_REQUIRE_EXTRAS") == "1":
+        pytest.fail(f"{what} is missing although scripts/install.sh ran (FREUD_REQUIRE_EXTRAS=1)", pytrace=False)
+    pytest.skip(what + " is missing: run scripts/install.sh", allow_module_level=module_level)

@@ -24,14 +24,18 @@ import numpy as np
 import pytest
 import yaml
 
+try:
+    from conftest import require_extra
+except ImportError:  # tests collected as a package
+    from tests.conftest import require_extra
+
 pytestmark = pytest.mark.slow
 
 REDIS_SERVER = shutil.which("redis-server")
 VENV_BIN = Path(sys.executable).parent
 HAVE_CELERY = importlib.util.find_spec("dagster_celery") is not None and importlib.util.find_spec("redis") is not None
-if not (REDIS_SERVER and HAVE_CELERY):
-    pytest.skip("needs redis-server (apt-get install redis-server) and dagster-celery + redis in the venv "
-                "(docs/OPERATING.md, 'dagster-celery with Redis')", allow_module_level=True)
+require_extra(bool(REDIS_SERVER and HAVE_CELERY), "redis-server (apt-get install redis-server) or dagster-celery + "
+              "redis in the venv (docs/OPERATING.md, 'dagster-celery with Redis')", module_level=True)
 
 SPLITS = ("train", "dev", "test")
 SUBSET = {"asterisk_prompts": {"config": {"limit": 8, "align": False}},

@@ -23,6 +23,11 @@ from safetensors.torch import load_file, save_file
 from freud_pipeline.sae import BatchTopKSAE, TrainConfig, load_checkpoint, train_sae
 from freud_pipeline.sae.checkpoint import CFG_FILE, WEIGHTS_FILE
 
+try:
+    from conftest import require_extra
+except ImportError:  # tests collected as a package
+    from tests.conftest import require_extra
+
 # Shared with test_sae: the cached capture (activations computed once per session) and two fixtures.
 try:
     from test_sae import EVAL_CLIPS, HOOK, TRAIN_CLIPS, mlflow_uri, one_intra_op_thread, prompt_frames
@@ -98,8 +103,8 @@ def checkpoints(frames, mlflow_uri, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def saelens(checkpoints, frames, tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
     """(what SAELens reports about each checkpoint, its latents and reconstructions of the eval frames)."""
-    if not (SAE_LENS_DIR / f"sae_lens-{SAE_LENS_VERSION}.dist-info").is_dir():
-        pytest.skip(f"sae-lens {SAE_LENS_VERSION} is not installed in {SAE_LENS_DIR}: run scripts/install.sh")
+    require_extra((SAE_LENS_DIR / f"sae_lens-{SAE_LENS_VERSION}.dist-info").is_dir(),
+                  f"sae-lens {SAE_LENS_VERSION} in {SAE_LENS_DIR}")
     tmp = tmp_path_factory.mktemp("saelens")
     save_file({"x": frames["eval"].contiguous()}, tmp / "x.safetensors")
     # Offline and quiet: loading from disk needs no network, and nothing may phone home from a test.
