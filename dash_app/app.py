@@ -65,7 +65,7 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
     shared by all worker processes."""
     access = IndexAccess(index, data_dir)
     _fast_json()
-    background = manager_for(access.data_dir, has_index=index is not None, threads=background_threads)
+    background = manager_for(access.cache_dir("background"), threads=background_threads)
 
     def mlflow_uri_of() -> str:
         from freud_pipeline.features.runs import tracking_uri_for

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,23 +48,10 @@ def threads_from_env() -> int:
         raise ValueError(f"{THREADS_ENV} must be a whole number, not {raw!r}") from None
 
 
-def manager_for(data_dir: str | Path | None, *, has_index: bool,
-                threads: int | None = None) -> "ThreadedDiskcacheManager":
-    """The app's manager, its cache in `data_dir`/cache/background. Without a data directory: the configured
-    FREUD data directory's when the app opens its own index, else (an index handed in, as in tests) a temporary
-    directory that lives as long as the manager. `threads`: None reads `threads_from_env()`."""
-    threads = threads_from_env() if threads is None else threads
-    if data_dir is not None:
-        return ThreadedDiskcacheManager(Path(data_dir).expanduser().resolve() / "cache" / "background",
-                                        max_workers=threads)
-    if not has_index:
-        from freud_pipeline.settings import data_dir as configured
-
-        return ThreadedDiskcacheManager(configured() / "cache" / "background", max_workers=threads)
-    tmp = tempfile.TemporaryDirectory(prefix="freud-background-")
-    manager = ThreadedDiskcacheManager(tmp.name, max_workers=threads)
-    manager._tmp = tmp
-    return manager
+def manager_for(cache_dir: str | Path, *, threads: int | None = None) -> "ThreadedDiskcacheManager":
+    """The app's manager, its cache in `cache_dir` (the app's `IndexAccess.cache_dir("background")`: under the
+    data directory, shared by the worker processes). `threads`: None reads `threads_from_env()`."""
+    return ThreadedDiskcacheManager(cache_dir, max_workers=threads_from_env() if threads is None else threads)
 
 
 class ThreadedDiskcacheManager(DiskcacheManager):
@@ -92,7 +78,6 @@ class ThreadedDiskcacheManager(DiskcacheManager):
         # The base class hands every manager every background function ever registered in this process (other
         # apps' closures under the same keys): start empty and take this app's only, until `seal`.
         self.func_registry = {}
-        self._tmp = None  # a temporary cache directory's handle, kept as long as the manager
 
     # -- registration ---------------------------------------------------------------------------------------
     def register(self, key, fn, progress):

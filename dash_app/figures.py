@@ -113,7 +113,7 @@ def trace_parts(trace: Sequence[float] | None, n_mels: int, name: str = "activat
     are already `display_rounded` (the search page rounds all of a page's traces in one call)."""
     values = np.asarray(trace if trace is not None else [], dtype=np.float32)
     peak = float(scale) if scale else (float(np.max(np.abs(values))) if values.size else 0.0) or 1.0
-    if rounded is not True:
+    if not rounded:
         values = display_rounded(values, peak)
     return {
         "x0": round((offset_frames + 0.5) * FRAME_SECONDS, 4),
