@@ -65,6 +65,7 @@ def build_small_index(out: Path, with_sae: bool = True) -> Path:
     from freud_pipeline.audio.decode import load_audio
     from freud_pipeline.features.build import build_feature_set, decoder_directions
     from freud_pipeline.features.mining import encoded_clips
+    from freud_pipeline.frames import SAMPLE_RATE
     from freud_pipeline.whisper.hooks import EncoderCapture, log_mel, n_real_frames
     from freud_pipeline.whisper.models import load_model
 
@@ -84,15 +85,15 @@ def build_small_index(out: Path, with_sae: bool = True) -> Path:
     for name in PROMPTS:
         wav = out / "clips" / f"{name}.wav"
         subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "g722", "-i", str(ASTERISK / f"{name}.g722"),
-                        "-ar", "16000", "-ac", "1", str(wav)], check=True)
+                        "-ar", str(SAMPLE_RATE), "-ac", "1", str(wav)], check=True)
         audio = load_audio(wav)
         acts = capture.capture(log_mel(audio))
         frames = n_real_frames(len(audio))
         clip_id = f"asterisk-{name}"
         neurons[clip_id] = acts[NEURON_HOOK][0, :frames].float().numpy()
         residual[clip_id] = acts[SAE_HOOK][0, :frames].float().clone()
-        rows.append({"clip_id": clip_id, "path": f"clips/{name}.wav", "duration_s": len(audio) / 16000,
-                     "sample_rate": 16000, "transcript": spoken_transcript(texts.get(name, "")),
+        rows.append({"clip_id": clip_id, "path": f"clips/{name}.wav", "duration_s": len(audio) / SAMPLE_RATE,
+                     "sample_rate": SAMPLE_RATE, "transcript": spoken_transcript(texts.get(name, "")),
                      "speaker": "allison", "source": "asterisk", "split": "test"})
     manifest = pd.DataFrame(rows)
     uri = str(out / "lancedb")

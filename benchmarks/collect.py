@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from freud_pipeline.activations import ActivationReader  # noqa: E402
 from freud_pipeline.activations.collect import collect_activations  # noqa: E402
 from freud_pipeline.activations.fidelity import compare_modes  # noqa: E402
 from freud_pipeline.audio.decode import load_audio, write_wav  # noqa: E402
+from freud_pipeline.frames import SAMPLE_RATE  # noqa: E402
 from freud_pipeline.settings import data_dir  # noqa: E402
 from freud_pipeline.whisper.hooks import log_mel, split_windows  # noqa: E402
 from freud_pipeline.whisper.models import load_model  # noqa: E402
@@ -91,11 +91,11 @@ def duration_mix(manifest: pd.DataFrame, root: Path, out: Path, n: int, seed: in
                 continue
             audio = load_audio(root / row.path)
             parts += [audio, np.zeros(4000, np.float32)]
-            total += len(audio) / 16000 + 0.25
-        audio = np.concatenate(parts)[: int(target * 16000)]
+            total += len(audio) / SAMPLE_RATE + 0.25
+        audio = np.concatenate(parts)[: int(target * SAMPLE_RATE)]
         write_wav(out / f"{shape}{i:03d}.wav", audio)
         rows.append({"clip_id": f"{shape}{i:03d}", "path": str(out / f"{shape}{i:03d}.wav"),
-                     "duration_s": len(audio) / 16000})
+                     "duration_s": len(audio) / SAMPLE_RATE})
     return pd.DataFrame(rows)
 
 

@@ -53,6 +53,7 @@ os.environ.setdefault("LANCEDB_LOG", "error")  # lance's per-query deprecation w
 from freud_pipeline.features import FeatureIndex  # noqa: E402
 from freud_pipeline.features import store  # noqa: E402
 from freud_pipeline.features.mining import PEAK_HIST_BINS, QUANTILE_LEVELS, ExampleLists, MiningResult  # noqa: E402
+from freud_pipeline.frames import FRAME_SECONDS, SAMPLE_RATE  # noqa: E402
 
 HOOK = "encoder.blocks.2.mlp.1"
 ASTERISK = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
@@ -169,7 +170,7 @@ def synthetic_manifest(mining: MiningResult, frames: int, seed: int = 0) -> pd.D
     transcripts = [" ".join(w) for w in np.split(words[picks], cuts)]
     return pd.DataFrame({
         "clip_id": mining.clip_ids, "path": [f"datasets/synthetic/{c}.wav" for c in mining.clip_ids],
-        "duration_s": frames * 0.02, "sample_rate": 16000, "transcript": transcripts, "speaker": "synthetic",
+        "duration_s": frames * FRAME_SECONDS, "sample_rate": SAMPLE_RATE, "transcript": transcripts, "speaker": "synthetic",
         "source": "synthetic", "split": "train"})
 
 
@@ -240,7 +241,7 @@ def real_shards(n_clips: int, tmp: Path) -> tuple[Path, pd.DataFrame]:
         audio = load_audio(path)  # .g722: raw G.722 through ffmpeg
         rel = Path("clips") / f"{path.stem}.wav"
         write_wav(tmp / rel, audio)
-        rows.append({"clip_id": f"asterisk/{path.stem}", "path": str(rel), "duration_s": len(audio) / 16000,
+        rows.append({"clip_id": f"asterisk/{path.stem}", "path": str(rel), "duration_s": len(audio) / SAMPLE_RATE,
                      "transcript": path.stem.replace("-", " ")})
     manifest = pd.DataFrame(rows)
     out = tmp / "activations"

@@ -9,8 +9,8 @@
    the decoder-parallel gradient, Adam, dead-latent bookkeeping).
 2. Peak memory of each step: a fresh subprocess per implementation runs a few steps; the increase of its peak RSS
    (VmHWM, reset just before the first step) over its RSS before that step is the step's memory.
-3. The demo SAE (configs/train/demo_topk.yaml): train_sae on real tiny.en encoder.blocks.2 activations of the
-   default corpus (data/activations/tiny.en/default_corpus/{train,dev}, collected into a temporary directory if
+3. The demo SAE (configs/train/demo_topk.yaml): the pipeline's SAE run (`run_sae`: train, splice-evaluate,
+   quality gate; not registered) on real tiny.en encoder.blocks.2 activations of the default corpus (data/activations/tiny.en/default_corpus/{train,dev}, collected into a temporary directory if
    absent), its wall time, final dev FVU, and CE recovered when spliced into 8 held-out clips.
 
 sparsify is not a dependency: install it apart from the venv (its dependencies are all absent from our pins, so
@@ -261,42 +261,33 @@ def peak_memory(batches, scratch: Path, sparsify_path: Path, threads: int, steps
 
 # --- 3. the demo SAE ---------------------------------------------------------------------------------------------
 def demo_sae(dirs: dict[str, Path], scratch: Path, splice_clips: int) -> dict:
-    import yaml
-
+    """The demo SAE run as the pipeline runs it (`freud_pipeline.sae.run.run_sae`), into a scratch MLflow store."""
     from freud_pipeline import settings
     from freud_pipeline.activations import ActivationReader
-    from freud_pipeline.audio.datasets import load_manifest
-    from freud_pipeline.audio.decode import load_audio
-    from freud_pipeline.defs.sae import SaeAssetConfig, held_out_clips, train_config
-    from freud_pipeline.sae.splice import splice_eval
-    from freud_pipeline.sae.train import train_sae
+    from freud_pipeline.defs.runner import load_run_file
+    from freud_pipeline.sae.run import SaeRunConfig, run_sae
     from freud_pipeline.sae.tracking import TrainingRun
-    from freud_pipeline.whisper.models import load_model
 
-    run = yaml.safe_load((REPO / "configs" / "train" / "demo_topk.yaml").read_text())
-    config = SaeAssetConfig(**run["config"])
-    cfg = train_config(config, "tiny.en")
+    run = load_run_file(REPO / "configs" / "train" / "demo_topk.yaml")
+    manifest = settings.data_dir() / "datasets" / "default_corpus" / "manifest.parquet"
+    cfg = SaeRunConfig(**run["config"], model_name="tiny.en", register_model=False,
+                       splice_clips=splice_clips if manifest.is_file() else 0)
     uri = f"sqlite:///{scratch / 'mlflow.db'}"
     with TrainingRun(uri, "bench-warmup", "warmup", {}):  # creates the store: not part of the demo's time
         pass
-    started = time.perf_counter()
-    result = train_sae(ActivationReader(dirs["train"]), cfg, out_dir=scratch / "demo_sae", mlflow_tracking_uri=uri,
-                       experiment="bench-demo", eval_source=ActivationReader(dirs["dev"]))
-    wall = time.perf_counter() - started
-    out = {"config": run["config"], "train_sae_wall_s": wall, "frames_per_s": result.frames_per_second,
-           "steps": cfg.steps, "frames": cfg.steps * cfg.batch_size,
+    result = run_sae(cfg, ActivationReader(dirs["train"]), ActivationReader(dirs["dev"]), runs_dir=scratch / "sae",
+                     tracking_uri=uri, experiment="bench-demo", corpus_manifest=manifest if manifest.is_file() else None,
+                     data_root=settings.data_dir())
+    out = {"config": run["config"], "train_sae_wall_s": result.seconds["train"],
+           "frames_per_s": result.frames_per_second, "steps": cfg.steps, "frames": cfg.steps * cfg.batch_size,
            **{k.removeprefix("eval/"): v for k, v in result.metrics.items() if k.startswith("eval/")}}
-    print(f"  demo SAE: {wall:.0f} s wall for train_sae, {result.frames_per_second:,.0f} frames/s, "
+    print(f"  demo SAE: {out['train_sae_wall_s']:.0f} s wall for training, {result.frames_per_second:,.0f} frames/s, "
           f"dev FVU {out['fvu']:.4f}, L0 {out['l0']:.1f}, dead {100 * out['dead_fraction']:.1f} %", flush=True)
-    manifest = settings.data_dir() / "datasets" / "default_corpus" / "manifest.parquet"
-    if splice_clips and manifest.is_file():
-        chosen = held_out_clips(load_manifest(manifest), splice_clips)
-        clips = [(load_audio(settings.data_dir() / p), t) for p, t in zip(chosen["path"], chosen["transcript"])]
-        started = time.perf_counter()
-        splice = splice_eval(load_model("tiny.en"), result.sae, cfg.hook, clips, max_new_tokens=96)
-        out["splice_wall_s"] = time.perf_counter() - started
+    splice = result.splice
+    if splice:
+        out["splice_wall_s"] = result.seconds["splice"]
         out.update({k: v for k, v in splice.items() if isinstance(v, (int, float))})
-        print(f"  spliced into {len(clips)} held-out clips: CE {splice['ce_original']:.3f} -> "
+        print(f"  spliced into {splice['n_clips']} held-out clips: CE {splice['ce_original']:.3f} -> "
               f"{splice['ce_spliced']:.3f} (zero {splice['ce_zero']:.3f}), CE recovered {splice['ce_recovered']:.3f}, "
               f"WER {splice['wer_original']:.3f} -> {splice['wer_spliced']:.3f}", flush=True)
     return out

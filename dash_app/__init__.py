@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port (default 8050, env FREUD_APP_PORT)")
     parser.add_argument("--data-dir", default=None,
                         help="FREUD data directory holding lancedb/ (default: env FREUD_DATA_DIR or <repo>/data)")
+    parser.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                        help="comma-separated Host names answered besides 127.0.0.1, localhost, ::1 and --host (others "
+                             "get 400, against DNS rebinding; default env FREUD_APP_ALLOWED_HOSTS; '*' allows any)")
     parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload accepted (MB)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default env FREUD_APP_WORKERS, else 2): more than 1 serves the app "
@@ -39,8 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "server")
     parser.add_argument("--threads", type=int, default=4,
                         help="request threads per gunicorn worker (default 4: requests are short, as slow work runs "
-                             "on background threads; with 20 clients on 2 cores, 4 gave a p95 of 165 ms and 8 "
-                             "240 ms at the same throughput, as fewer requests share each worker's GIL)")
+                             "on background threads, and fewer requests sharing each worker's GIL gave a lower p95 "
+                             "at the same throughput; benchmarks/RESULTS.md)")
     parser.add_argument("--background-threads", type=int, default=None,
                         help="threads per worker process for slow work run as background callbacks (an upload's "
                              "inference, edits; default env FREUD_APP_BACKGROUND_THREADS, else 2); more jobs wait "
@@ -64,10 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything (index, manifest paths, model cache) follows one data directory.
         os.environ["FREUD_DATA_DIR"] = os.path.abspath(os.path.expanduser(args.data_dir))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dash_app.security import allowed_hosts_for
+
+    allowed_hosts = allowed_hosts_for(args.host, args.allowed_hosts)
 
     def make_app():
         app = create_app(data_dir=args.data_dir, max_upload_mb=args.max_upload_mb,
-                         background_threads=background_threads)
+                         background_threads=background_threads, allowed_hosts=allowed_hosts)
         tune_gc()
         return app
 

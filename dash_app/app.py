@@ -4,7 +4,8 @@ Pages (dcc.Location routing, top nav): `/search` (feature search; the URL holds 
 (upload or record a clip and see its top features), `/edit` (scale SAE features inside Whisper and compare
 transcripts) and `/runs` (SAE training runs from MLflow, side-by-side comparison). `/audio/<clip_id>` serves a
 manifest clip's audio as WAV and `/spectrogram/<clip_id>.png` its log-mel image, looked up by id only (404 for
-unknown ids); no file path ever appears in a URL.
+unknown ids); no file path ever appears in a URL. Every response carries security headers and only allowed Host
+names are answered (dash_app.security).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import io
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import dash
 from dash import Input, Output, State, dcc, html
 from flask import abort, request, send_file
 
+from dash_app import security
 from dash_app.background import manager_for
 from dash_app.data import ClipNotFound, IndexAccess, IndexUnavailable
 from dash_app.pages import edit, runs, search, upload
@@ -53,7 +55,7 @@ def _not_found(pathname: str) -> html.Div:
 
 def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, max_upload_mb: float = 50,
                max_upload_seconds: float = 60.0, title: str = "FREUD", mlflow_uri: str | None = None,
-               background_threads: int | None = None) -> dash.Dash:
+               background_threads: int | None = None, allowed_hosts: Sequence[str] | None = None) -> dash.Dash:
     """Build the app. `index` is a FeatureIndex (or anything with its query API); None opens the one under
     `data_dir` (or the configured FREUD data directory) lazily, so the app starts before the pipeline has run.
     `mlflow_uri`: the MLflow store of the runs page (default: env MLFLOW_TRACKING_URI, else data_dir's mlflow.db).
@@ -62,7 +64,10 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
     `background_threads` threads in this process (default env FREUD_APP_BACKGROUND_THREADS, else 2;
     dash_app.background): the request that starts one returns at once and the browser polls for progress and
     the result, so request threads stay free for searches. Results are kept in `<data dir>/cache/background`,
-    shared by all worker processes."""
+    shared by all worker processes.
+
+    `allowed_hosts`: the Host names answered, others get 400 (default `security.allowed_hosts_for()`: loopback
+    names plus env FREUD_APP_ALLOWED_HOSTS; `python -m dash_app` adds the host it binds)."""
     access = IndexAccess(index, data_dir)
     _fast_json()
     background = manager_for(access.cache_dir("background"), threads=background_threads)
@@ -132,6 +137,7 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
     )
 
     _register_audio_route(app, access)
+    security.install(app, security.allowed_hosts_for() if allowed_hosts is None else allowed_hosts)
     return app
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dash import dcc, html
+from dash import html
 from dash.development.base_component import Component
 
 from dash_app import wire
@@ -199,7 +199,7 @@ def plain_json(value: Any) -> Any:
     """A component tree as the plain dicts Dash sends (type, namespace, props), numpy arrays left in place.
 
     Dash serialises callback output with plotly's encoder: with orjson it is one C call for plain data, but a
-    tree of component objects makes it fall back to walking every node in Python (~4x slower for a search page).
+    tree of component objects makes it fall back to walking every node in Python, several times slower.
     Only components, lists and wire-format elements (`dash_app.wire`) are descended into: other dicts (figures,
     styles, configs) hold no components."""
     if isinstance(value, Component):

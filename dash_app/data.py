@@ -9,6 +9,7 @@ No file path ever comes from a request: audio is looked up by clip id only.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import io
@@ -29,14 +30,14 @@ from urllib.parse import parse_qs, quote, urlencode
 
 import numpy as np
 
+from freud_pipeline.frames import MEL_FRAME_SECONDS, SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
-MEL_HOP_SECONDS = 0.01  # Whisper's log-mel: 100 frames per second
-FRAME_SECONDS = 0.02  # one encoder position (activation trace value) = 20 ms
 MAX_RESULTS = 200
 DEFAULT_RESULTS = 20
 DEFAULT_TOP_FEATURES = 32
+EDIT_PATH = "/edit"
 
 EMPTY_INDEX_HINT = (
     "The feature index is empty. Run `make demo`, or materialise the pipeline's feature assets in Dagster first, "
@@ -108,6 +109,28 @@ class SearchState:
 def search_href(set_id: str, index: int, **extra: Any) -> str:
     state = SearchState(set_id=set_id, index=str(index), n=str(extra.get("n") or DEFAULT_RESULTS))
     return "/search" + state.to_search()
+
+
+def edit_href(clip_id: str | None = None, set_id: str | None = None, features: str | None = None,
+              upload: str | None = None) -> str:
+    """/edit with a dataset clip (or an upload's token), a set and a features spec such as "12:0"."""
+    params = []
+    for key, value in (("clip", clip_id), ("upload", upload), ("set", set_id), ("features", features)):
+        if value:
+            params.append(f"{key}={quote(str(value), safe='')}")
+    return EDIT_PATH + ("?" + "&".join(params) if params else "")
+
+
+def decode_upload(contents: str) -> bytes:
+    """The file bytes of a dcc.Upload `contents` string ("data:<type>;base64,<data>"); ValueError for anything
+    else: not a string (a crafted request may send any JSON), not a base64 data URL, or characters outside the
+    base64 alphabet (never silently dropped)."""
+    if not isinstance(contents, str):
+        raise ValueError(f"upload contents must be a data URL, not a JSON {type(contents).__name__}")
+    header, _, data = contents.partition(",")
+    if not header.startswith("data:") or ";base64" not in header:
+        raise ValueError("unexpected upload encoding")
+    return base64.b64decode(data, validate=True)  # binascii.Error (a ValueError) on junk characters
 
 
 @dataclass
@@ -225,19 +248,24 @@ def wav_bytes(audio: np.ndarray, sr: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
+def wav_data_uri(audio: np.ndarray) -> str:
+    """`audio` as a data: URI an <audio> element plays (for audio that has no URL of its own: an upload, an edit)."""
+    return "data:audio/wav;base64," + base64.b64encode(wav_bytes(audio)).decode("ascii")
+
+
 def clip_log_mel(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
     """Whisper's log-mel [n_mels, frames] of a clip, cropped to its real length (100 frames/s).
 
     The values are those of the padded 30 s window Whisper runs: the clip gets 0.2 s of the same zero padding
     (more than one 25 ms STFT window, so no frame inside the clip sees the difference) instead of all of it,
-    which made a short clip's spectrogram cost ~70 ms.
+    so a short clip's spectrogram does not cost a whole window's.
     """
     from freud_pipeline.whisper.hooks import log_mel
 
     n_samples = len(audio)
     tail = np.zeros(int(0.2 * SAMPLE_RATE), np.float32)
     mel = log_mel(np.concatenate([np.asarray(audio, np.float32), tail]), n_mels, pad=False)
-    frames = max(1, min(mel.shape[-1], math.ceil(n_samples / (MEL_HOP_SECONDS * SAMPLE_RATE))))
+    frames = max(1, min(mel.shape[-1], math.ceil(n_samples / (MEL_FRAME_SECONDS * SAMPLE_RATE))))
     return mel[:, :frames].cpu().numpy().astype(np.float32)
 
 
@@ -455,7 +483,7 @@ class IndexAccess:
     def clip_spectrogram(self, clip_id: str):
         """The clip's log-mel as a `figures.Spectrogram` image (it does not depend on the feature), cached in
         memory and on disk under <data dir>/cache/spectrograms: decoding a clip (an ffmpeg process) and its
-        log-mel cost tens of ms, and every worker process and restart would otherwise pay them again."""
+        log-mel are slow next to a cache read, and every worker process and restart would otherwise repeat them."""
         from dash_app.figures import Spectrogram, spectrogram_image
 
         def make():

@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from PIL import Image
 
-from dash_app.data import FRAME_SECONDS, MEL_HOP_SECONDS
+from freud_pipeline.frames import FRAME_SECONDS, MEL_FRAME_SECONDS
 
 MAX_MEL_COLUMNS = 1200  # longer clips are mean-pooled in time for display
 POSITIVE_RGB = (0, 200, 70)
@@ -29,17 +29,27 @@ _GREY_PALETTE = [round(v * 255 / (GREY_LEVELS - 1)) for v in range(GREY_LEVELS) 
 SPECTROGRAM, SHADING, LINE, PEAK = 0, 1, 2, 3
 
 
+def clip_graph_style(height: int) -> dict:
+    """The style of the dcc.Graph that shows a clip figure `height` px high.
+
+    Clip graphs are responsive (their width follows the page). In that mode dcc.Graph drops the figure's height
+    and Plotly fills the graph's container, so the container must be given the height: left to its content it
+    is 0 px high (the plot's layers are positioned absolutely), and the spectrogram spills over the player below.
+    It held only where Plotly happened to draw first while the container was still hidden or empty."""
+    return {"height": f"{int(height)}px"}
+
+
 def _pool_columns(mel: np.ndarray, max_columns: int) -> tuple[np.ndarray, float]:
     """Mean-pool time columns so at most max_columns remain; returns (mel, seconds per column)."""
     frames = mel.shape[1]
     factor = max(1, math.ceil(frames / max_columns))
     if factor == 1:
-        return mel, MEL_HOP_SECONDS
+        return mel, MEL_FRAME_SECONDS
     pad = (-frames) % factor
     if pad:
         mel = np.concatenate([mel, np.repeat(mel[:, -1:], pad, axis=1)], axis=1)
     pooled = mel.reshape(mel.shape[0], -1, factor).mean(axis=2)
-    return pooled, MEL_HOP_SECONDS * factor
+    return pooled, MEL_FRAME_SECONDS * factor
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ def spectrogram_image(mel: np.ndarray, max_columns: int = MAX_MEL_COLUMNS) -> Sp
     buf = io.BytesIO()
     image.save(buf, format="PNG", bits=4, compress_level=6)
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return Spectrogram(uri, n_mels, pooled.shape[1], column_s, frames * MEL_HOP_SECONDS)
+    return Spectrogram(uri, n_mels, pooled.shape[1], column_s, frames * MEL_FRAME_SECONDS)
 
 
 def shading_colorscale() -> list[list]:

@@ -25,6 +25,18 @@ class AudioTooLongError(AudioError):
     """The input is longer than the configured limit."""
 
 
+class UnreadableAudioError(AudioError):
+    """The input exists but cannot be read: a directory, no permission, an I/O error."""
+
+
+class RefusedAudioError(AudioError):
+    """The input is of a kind that may open other files or URLs (a playlist, a concat list): never decoded."""
+
+
+class AudioTimeoutError(AudioError):
+    """ffmpeg or ffprobe did not finish within the configured time."""
+
+
 class ModelError(FreudError, ValueError):
     """A Whisper model name or checkpoint could not be resolved."""
 
@@ -35,6 +47,10 @@ class UnknownModelError(ModelError):
 
 class ModelUnavailableError(ModelError):
     """The model is known but cannot be obtained here (e.g. offline)."""
+
+
+class DeviceUnavailableError(FreudError, ValueError):
+    """The requested torch device does not exist here (e.g. CUDA on a machine without it)."""
 
 
 class HookError(FreudError, ValueError):

@@ -1,18 +1,39 @@
-"""Where FREUD keeps its data. One environment variable moves everything: FREUD_DATA_DIR."""
+"""Where FREUD keeps its data. One environment variable moves everything: FREUD_DATA_DIR.
+
+Without it: `data/` of the checkout when FREUD runs from one (make demo), else a per-user directory
+($XDG_DATA_HOME/freud, by default ~/.local/share/freud) when FREUD is installed from a wheel."""
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+
+
+def checkout_root() -> Path | None:
+    """The source checkout FREUD runs from, or None when it is installed (a wheel in site-packages)."""
+    return PACKAGE_PARENT if (PACKAGE_PARENT / "pyproject.toml").is_file() else None
+
+
+def default_data_dir() -> Path:
+    root = checkout_root()
+    if root is not None:
+        return root / "data"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "freud"
 
 
 def data_dir() -> Path:
     """Root of all generated data (datasets, shards, checkpoints, MLflow store, LanceDB, model cache)."""
-    path = Path(os.environ.get("FREUD_DATA_DIR", REPO_ROOT / "data")).expanduser().resolve()
+    path = Path(os.environ.get("FREUD_DATA_DIR") or default_data_dir()).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def dagster_instance_template() -> str:
+    """FREUD's Dagster instance settings (pool limits, run monitoring), shipped inside the package."""
+    return resources.files("freud_pipeline.defs").joinpath("dagster.yaml").read_text(encoding="utf-8")
 
 
 def model_cache_dir() -> Path:

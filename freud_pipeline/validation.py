@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from freud_pipeline.activations.schema import DTYPES, ShardSpec, column_name, sparse_columns
 from freud_pipeline.activations.writer import MANIFEST, shard_files
 from freud_pipeline.audio.datasets.manifest import MANIFEST_FILE, MANIFEST_SCHEMA, SPLITS
-from freud_pipeline.whisper.hooks import SAMPLES_PER_FRAME
+from freud_pipeline.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 MAX_LISTED = 20  # offending items listed in metadata (counts are always complete)
 FINITE_CHUNK_ROWS = 8192  # rows scanned at a time for NaN/Inf: bounds the temporary boolean array
@@ -37,13 +37,13 @@ class CheckOutcome:
         return "; ".join(self.problems) if self.problems else "all good"
 
 
-def expected_frames(duration_s: float, sample_rate: int = 16_000) -> int:
+def expected_frames(duration_s: float, sample_rate: int = SAMPLE_RATE) -> int:
     """Encoder frames a clip yields: ceil(duration / 20 ms), counted on whole samples (at least one).
 
     Clips longer than 30 s run as consecutive windows of exactly 1500 frames each, so the same formula holds.
     """
     n_samples = int(round(float(duration_s) * sample_rate))
-    return max(1, math.ceil(n_samples * 16_000 / sample_rate / SAMPLES_PER_FRAME))
+    return max(1, math.ceil(n_samples * SAMPLE_RATE / sample_rate / SAMPLES_PER_FRAME))
 
 
 # --- manifests ---------------------------------------------------------------------------------------------
@@ -206,9 +206,9 @@ def check_shards(directory: str | Path, manifest: pd.DataFrame | None = None,
         if unknown:
             problems.append(f"{len(unknown)} clips in the shards are not in the manifest (e.g. {unknown[:3]})")
         mismatched = [
-            {"clip_id": cid, "frames": n, "expected": expected_frames(durations[cid], int(rates.get(cid) or 16_000))}
+            {"clip_id": cid, "frames": n, "expected": expected_frames(durations[cid], int(rates.get(cid) or SAMPLE_RATE))}
             for cid, n in counts.items()
-            if cid in durations and n != expected_frames(durations[cid], int(rates.get(cid) or 16_000))
+            if cid in durations and n != expected_frames(durations[cid], int(rates.get(cid) or SAMPLE_RATE))
         ]
         if mismatched:
             problems.append(f"{len(mismatched)} clips whose frame count is not ceil(duration / 20 ms) "
@@ -289,3 +289,102 @@ def shard_width(directory: str | Path, hook: str) -> int:
     """Width of `hook` in a shard directory, from its shards.json."""
     spec = json.loads((Path(directory) / MANIFEST).read_text())["spec"]
     return int(dict(zip(spec["hooks"], spec["widths"]))[hook])
+
+
+# --- run config files (`freud collect --config`) -----------------------------------------------------------
+
+
+def load_run_config(path: str | Path) -> dict:
+    """A run config file, {asset: name, partition: key (optional), config: {...}}, read and checked for shape.
+    Every problem (missing file, malformed YAML, wrong shape) is a FreudError naming the file and the problem."""
+    import yaml
+
+    from freud_pipeline.errors import FreudError
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FreudError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FreudError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise FreudError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise FreudError(f"{path}: a config file is a mapping (asset:, partition:, config:), not a "
+                         f"{type(data).__name__}")
+    if not isinstance(data.get("asset"), str) or not data["asset"]:
+        raise FreudError(f"{path}: a config file names the asset to materialise under 'asset:'")
+    if not isinstance(data.get("config") or {}, dict):
+        raise FreudError(f"{path}: 'config:' must be a mapping of the asset's settings")
+    partition = data.get("partition")
+    if partition is not None and not isinstance(partition, str):
+        raise FreudError(f"{path}: 'partition:' must be a string, not {partition!r}")
+    return data
+
+
+def _yaml_problem(exc) -> str:
+    """One line: what the YAML parser found and where (1-based line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
+def check_run_config(run: dict, path: str | Path) -> None:
+    """Hook names in a run config, checked before any run starts: each must be a hook point of the config's
+    Whisper model (read from the checkpoint's dimensions, without loading its weights). A config with a single
+    `hook` (SAE, neuron index) and no model gets the name's form checked; the run checks it against its shards.
+    Raises FreudError (HookError, ModelError) naming the file."""
+    from freud_pipeline.errors import FreudError, HookError
+
+    config = run.get("config") or {}
+    hooks = config.get("hooks", [config["hook"]] if "hook" in config else None)
+    if hooks is None:
+        return
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
+        raise HookError(f"{path}: hooks must be a list of hook point names, not {hooks!r}")
+    try:
+        if "model" in config or "hooks" in config:
+            _check_model_hooks(str(config.get("model", "tiny.en")), hooks)
+        else:
+            _check_hook_form(hooks)
+    except FreudError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def _check_model_hooks(model: str, hooks: list[str]) -> None:
+    from types import SimpleNamespace
+
+    import torch
+    import whisper
+
+    from freud_pipeline.whisper.hooks import validate_hooks
+    from freud_pipeline.whisper.models import resolve_model
+
+    checkpoint = resolve_model(model).checkpoint
+    try:
+        dims = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["dims"]
+    except RuntimeError:  # an old (non-zip) checkpoint cannot be memory-mapped
+        dims = torch.load(checkpoint, map_location="cpu", weights_only=True)["dims"]
+    validate_hooks(SimpleNamespace(dims=whisper.model.ModelDimensions(**dims)), hooks)
+
+
+def _check_hook_form(hooks: list[str]) -> None:
+    import re
+
+    from freud_pipeline.errors import HookError
+
+    form = re.compile(r"^encoder\.(blocks\.\d+(\.attn|\.mlp\.[012])?|ln_post)$")
+    bad = [h for h in hooks if not form.match(h)]
+    if bad:
+        raise HookError(f"unknown hook point(s) {', '.join(map(repr, bad))}: hook points are encoder.blocks.<i>, "
+                        f"encoder.blocks.<i>.attn, encoder.blocks.<i>.mlp.0|1|2 and encoder.ln_post "
+                        f"(`freud hooks` lists a model's)")

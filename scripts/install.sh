@@ -44,8 +44,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # pip (not uv) so that a torch wheel already on this machine's disk is used when present.
   quiet .venv/bin/python -m pip install -q --upgrade pip
   quiet .venv/bin/python -m pip install -q -e ".[test]"
-  # Scale-out executor; no release matches dagster 1.13.28 exactly (see pyproject.toml).
-  quiet .venv/bin/python -m pip install -q --no-deps dagster-celery==0.29.27
   echo "$want" > "$stamp"
 fi
 

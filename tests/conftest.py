@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -52,3 +53,17 @@ def require_extra(present: bool, what: str, *, module_level: bool = False) -> No
     if os.environ.get("FREUD_REQUIRE_EXTRAS") == "1":
         pytest.fail(f"{what} is missing although scripts/install.sh ran (FREUD_REQUIRE_EXTRAS=1)", pytrace=False)
     pytest.skip(what + " is missing: run scripts/install.sh", allow_module_level=module_level)
+
+
+def requires(present: bool, what: str):
+    """`require_extra` as a test decorator: checked when the test runs (fixtures still injected by name)."""
+
+    def decorate(test):
+        @functools.wraps(test)
+        def guarded(*args, **kwargs):
+            require_extra(present, what)
+            return test(*args, **kwargs)
+
+        return guarded
+
+    return decorate

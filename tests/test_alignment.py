@@ -15,9 +15,14 @@ from freud_pipeline.audio.decode import SAMPLE_RATE, load_audio
 from freud_pipeline.audio.phones import ARPABET
 from freud_pipeline.audio.text import normalise_transcript, number_to_words, ordinal_to_words
 
+try:
+    from conftest import requires
+except ImportError:  # tests collected as a package
+    from tests.conftest import requires
+
 ALLISON = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
-needs_asterisk = pytest.mark.skipif(not ALLISON.is_dir(), reason="needs Debian asterisk-core-sounds-en-g722")
-needs_festival = pytest.mark.skipif(shutil.which("festival") is None, reason="needs Debian festival + festvox-us-slt-hts")
+needs_asterisk = requires(ALLISON.is_dir(), "Debian asterisk-core-sounds-en-g722")
+needs_festival = requires(shutil.which("festival") is not None, "Debian festival + festvox-us-slt-hts")
 
 
 @pytest.mark.parametrize(

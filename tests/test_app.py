@@ -20,10 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:
+    from conftest import TEST_OUTPUT, require_extra
+except ImportError:  # tests collected as a package
+    from tests.conftest import TEST_OUTPUT, require_extra
+
 pytestmark = [pytest.mark.browser]
 
-REPO = Path(__file__).resolve().parents[1]
-SCREENSHOTS = REPO / "test-output" / "screenshots"
+SCREENSHOTS = TEST_OUTPUT / "screenshots"
 ASTERISK = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 PROMPTS = (
@@ -35,8 +39,9 @@ SET_ID = "tiny.en:encoder.blocks.2.mlp.1"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM = "/usr/bin/chromium"
 
-if not (shutil.which("ffmpeg") and ASTERISK.is_dir() and Path(CHROMEDRIVER).exists()):
-    pytest.skip("needs ffmpeg, asterisk-core-sounds-en-g722 and chromium-driver", allow_module_level=True)
+require_extra(bool(shutil.which("ffmpeg") and ASTERISK.is_dir() and Path(CHROMEDRIVER).exists()
+                   and Path(CHROMIUM).exists()),
+              "ffmpeg, asterisk-core-sounds-en-g722, chromium and chromium-driver", module_level=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,6 +205,66 @@ def _shot(dash_duo, name: str) -> Path:
     return path
 
 
+# Every figure, image and audio player on the page that is not inside a display:none element, with its rendered
+# size; plus what Dash or the browser shows when something went wrong.
+_SEEN_JS = """
+const shown = el => { for (let e = el; e; e = e.parentElement) {
+    if (getComputedStyle(e).display === 'none') return false; } return true; };
+const named = el => el.id ? '#' + el.id : (el.closest('[id]') ? '#' + el.closest('[id]').id + ' ' : '')
+    + el.tagName.toLowerCase() + (el.getAttribute('class') ? '.' + el.getAttribute('class').split(' ')[0] : '');
+const kinds = {figure: '.dash-graph', image: 'img, .js-plotly-plot .imagelayer image', audio: 'audio[controls]'};
+const items = [];
+for (const [kind, selector] of Object.entries(kinds)) {
+    document.querySelectorAll(selector).forEach(el => {
+        if (!shown(el)) return;
+        const r = el.getBoundingClientRect();
+        items.push({kind: kind, name: named(el), width: Math.round(r.width), height: Math.round(r.height)});
+    });
+}
+const errors = Array.from(document.querySelectorAll(
+    '.dash-fe-error__title, .dash-fe-error-top, .dash-debug-alert, .dash-callback-error')).map(e => e.innerText);
+const text = document.body.innerText;
+for (const bad of ['Traceback (most recent call last)', 'Internal Server Error', 'Callback error']) {
+    if (text.includes(bad)) errors.push(bad);
+}
+return {items: items, errors: errors};
+"""
+# At the test window (1280 px wide) nothing a user needs is smaller than this.
+MIN_SIZE = {"figure": (300, 150), "image": (200, 60), "audio": (200, 20)}
+
+
+def _undersized(items: list[dict]) -> list[dict]:
+    return [i for i in items if i["width"] < MIN_SIZE[i["kind"]][0] or i["height"] < MIN_SIZE[i["kind"]][1]]
+
+
+def _see(dash_duo, name: str, *expected: str, timeout: float = 15.0, settle: float = 1.5) -> list[dict]:
+    """Assert what a user sees in this page state, then save its screenshot (test-output/screenshots/NAME.png):
+    every figure, image and audio player shown on the page is drawn at a usable size (`MIN_SIZE`), the named
+    `expected` ones ("#upload-graph", "#clip-graph-0 image") are among them, no Dash error is on the page and the
+    browser console has no severe entry (a failed callback is a failed request there). Plotly draws and resizes
+    asynchronously: the sizes must be good and unchanged for `settle` seconds (a figure that is drawn right and
+    then collapses fails) within `timeout`. Returns the measured items."""
+    deadline, good_since, last = time.monotonic() + timeout, None, None
+    while True:
+        seen = dash_duo.driver.execute_script(_SEEN_JS)
+        names = {i["name"] for i in seen["items"]}
+        missing = [e for e in expected if e not in names]
+        small = _undersized(seen["items"])
+        now = time.monotonic()
+        good_since = (good_since if seen["items"] == last else now) if not (missing or small) else None
+        last = seen["items"]
+        if (good_since is not None and now - good_since >= settle) or now > deadline:
+            break
+        time.sleep(0.25)
+    path = _shot(dash_duo, name)
+    assert not missing, f"{name}: {missing} not shown; shown: {seen['items']} (see {path})"
+    assert not small, f"{name}: drawn too small to use (minimum {MIN_SIZE}): {small} (see {path})"
+    assert not seen["errors"], f"{name}: the page shows an error: {seen['errors']} (see {path})"
+    logs = [e for e in dash_duo.get_logs() if e.get("level") == "SEVERE" and "favicon.ico" not in e.get("message", "")]
+    assert not logs, f"{name}: severe browser console entries: {logs} (see {path})"
+    return seen["items"]
+
+
 def _app(feature_index, **kwargs):
     from dash_app import create_app
 
@@ -264,8 +329,9 @@ def test_search_shows_results_with_spectrograms_and_histogram(dash_duo, feature_
     # similar features are links to their own search pages
     assert dash_duo.find_elements("#similar-features a")
     dash_duo.wait_for_element("#search-results audio.freud-audio")
-    _shot(dash_duo, "search-results")
-    assert dash_duo.get_logs() == [] or all("favicon" in str(entry) for entry in dash_duo.get_logs())
+    seen = _see(dash_duo, "search-results", "#clip-graph-0", "#clip-graph-4", "#search-histogram",
+                "#clip-graph-0-audio", "#clip-graph-0 image")
+    assert sum(i["kind"] == "figure" and i["name"].startswith("#clip-graph-") for i in seen) == 5
 
 
 def test_playhead_follows_audio(dash_duo, feature_index, strong_feature):
@@ -303,7 +369,7 @@ def test_out_of_range_index_shows_message_next_to_control(dash_duo, feature_inde
     dash_duo.wait_for_contains_text("#search-index-error", "out of range")
     assert f"0 to {n - 1}" in dash_duo.find_element("#search-index-error").text
     assert "index=" not in dash_duo.driver.current_url  # nothing pushed to the URL
-    _shot(dash_duo, "search-index-error")
+    _see(dash_duo, "search-index-error")
     # the next action clears it
     _type(dash_duo, "#search-index", "3")
     dash_duo.wait_for_text_to_equal("#search-index-error", "")
@@ -325,7 +391,7 @@ def test_url_state_restores_page_and_back_button(dash_duo, feature_index, strong
     assert dash_duo.find_element("#search-min").get_attribute("value") == str(threshold)
     values = [float(el.text) for el in dash_duo.find_elements("#search-results .peak strong")]
     assert values and all(v >= threshold for v in values) and len(values) <= 3
-    _shot(dash_duo, "search-url-restored")
+    _see(dash_duo, "search-url-restored", "#clip-graph-0", "#search-histogram", "#clip-graph-0 image")
     # a new search, then back: the URL, the controls and the results return to the shared link's state
     other = (strong_feature + 1) % feature_index.n_features
     _type(dash_duo, "#search-index", str(other))
@@ -355,7 +421,7 @@ def test_most_negative_ranking(dash_duo, feature_index, clip_activations):
     assert values and all(v < 0 for v in values) and values == sorted(values)
     assert values[0] == pytest.approx(float(troughs[:, feature].min()), rel=1e-2)
     assert "most negative" in dash_duo.find_element("#results-count").text
-    _shot(dash_duo, "search-most-negative")
+    _see(dash_duo, "search-most-negative", "#clip-graph-0", "#search-histogram", "#clip-graph-0 image")
     # both rankings at once is refused next to the control
     dash_duo.find_elements("#search-abs input")[0].click()
     dash_duo.find_element("#search-go").click()
@@ -373,6 +439,10 @@ def test_upload_wav_shows_top_features(dash_duo, feature_index, upload_wav):
     assert bars == 32
     assert dash_duo.find_element("#upload-error").text == ""
     dash_duo.wait_for_element("#upload-graph .js-plotly-plot")
+    # the spectrogram with its trace, the player and the bars are drawn at a usable size (the spectrogram was
+    # once 0 px high after a file upload)
+    seen = _see(dash_duo, "upload-file", "#upload-graph", "#upload-bars", "#upload-player", "#upload-graph image")
+    assert next(i for i in seen if i["name"] == "#upload-graph")["height"] >= 200
     link = dash_duo.find_element("#upload-search-link")
     assert "/search?" in link.get_attribute("href")
     assert dash_duo.find_element("#upload-player").get_attribute("src").startswith("data:audio/wav;base64,")
@@ -391,7 +461,7 @@ def test_upload_wav_shows_top_features(dash_duo, feature_index, upload_wav):
     until(lambda: dash_duo.driver.execute_script(
         "return document.querySelector('#upload-graph .js-plotly-plot').data[2].name;") == f"feature {third}", 10)
     assert f"index={third}" in dash_duo.find_element("#upload-search-link").get_attribute("href")
-    _shot(dash_duo, "upload-top-features")
+    _see(dash_duo, "upload-top-features", "#upload-graph", "#upload-bars", "#upload-player")
 
 
 def test_dataset_clip_from_search_result_and_by_words(dash_duo, feature_index, strong_feature):
@@ -403,6 +473,8 @@ def test_dataset_clip_from_search_result_and_by_words(dash_duo, feature_index, s
     dash_duo.find_element("#result-0 .player-row a[href^='/upload']").click()
     dash_duo.wait_for_element("#upload-bars .js-plotly-plot .bars", timeout=60)
     assert dash_duo.find_element("#upload-summary").text.startswith(clip_id)
+    _see(dash_duo, "upload-dataset-clip-from-search", "#upload-graph", "#upload-bars", "#upload-player",
+         "#upload-graph image")
     # the player plays the clip by id; the strongest feature of the search is among its top features
     assert "/audio/" in dash_duo.find_element("#upload-player").get_attribute("src")
     xs = dash_duo.driver.execute_script("return document.querySelector('#upload-bars .js-plotly-plot').data[0].x;")
@@ -416,7 +488,7 @@ def test_dataset_clip_from_search_result_and_by_words(dash_duo, feature_index, s
     target = link.text
     link.click()
     dash_duo.wait_for_contains_text("#upload-summary", target, timeout=60)
-    _shot(dash_duo, "upload-dataset-clip")
+    _see(dash_duo, "upload-dataset-clip", "#upload-graph", "#upload-bars", "#upload-player", "#upload-graph image")
 
 
 def test_non_audio_and_too_large_uploads_show_messages(dash_duo, feature_index, tmp_path, upload_wav):
@@ -428,7 +500,7 @@ def test_non_audio_and_too_large_uploads_show_messages(dash_duo, feature_index, 
     dash_duo.find_element("#upload-audio input").send_keys(str(text))
     dash_duo.wait_for_contains_text("#upload-error", "not a recognised audio format", timeout=30)
     assert "notes.txt" in dash_duo.find_element("#upload-error").text
-    _shot(dash_duo, "upload-not-audio")
+    _see(dash_duo, "upload-not-audio")
     # over the size limit: a message (not silence), replacing the previous one
     big = tmp_path / "big.wav"
     shutil.copy(upload_wav, big)
@@ -448,6 +520,7 @@ def test_recording_with_fake_microphone(dash_duo, feature_index):
     dash_duo.wait_for_element("#upload-bars .js-plotly-plot .bars", timeout=60)
     assert "recording.webm" in dash_duo.find_element("#upload-summary").text
     assert dash_duo.find_element("#upload-error").text == ""
+    _see(dash_duo, "upload-recording", "#upload-graph", "#upload-bars", "#upload-player", "#upload-graph image")
 
 
 def test_empty_index_and_neuron_only_messages(dash_duo, feature_index):
@@ -459,7 +532,7 @@ def test_empty_index_and_neuron_only_messages(dash_duo, feature_index):
     dash_duo.wait_for_contains_text("#empty-index-notice", "make demo")
     dash_duo.find_element("#nav-upload").click()
     dash_duo.wait_for_contains_text("#empty-index-notice", "materialise the pipeline")
-    _shot(dash_duo, "empty-index")
+    _see(dash_duo, "empty-index")
 
 
 def test_neuron_only_index_says_so(dash_duo, feature_index):
@@ -483,7 +556,7 @@ def test_neuron_only_index_says_so(dash_duo, feature_index):
     first.click()
     dash_duo.wait_for_contains_text("#feature-card", f"Feature {hits[0]['index']}", timeout=60)
     dash_duo.wait_for_text_to_equal("#feature-label", phone)
-    _shot(dash_duo, "search-by-label")
+    _see(dash_duo, "search-by-label", "#clip-graph-0", "#search-histogram", "#clip-graph-0 image")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -175,7 +175,19 @@ def test_edit_and_clip_features_report_their_stages(sae_world, top_latent, clip_
     with pytest.raises(Stop):
         editing.edit_clip(audio, sae_world["set_id"], {top_latent: 0.0}, index=sae_world["index"],
                           progress=stop_before_decoding)
-    assert not editing._EDIT_LOCK.locked()
+    from freud_pipeline.whisper.models import model_lock
+
+    lock, free = model_lock(editing._edit_whisper("tiny.en", "cpu")), []
+
+    def try_lock():  # from another thread: the lock is re-entrant, so this thread would always get it
+        if lock.acquire(blocking=False):
+            lock.release()
+            free.append(True)
+
+    probe = threading.Thread(target=try_lock)
+    probe.start()
+    probe.join()
+    assert free == [True]  # the aborted edit released the model
     again = editing.edit_clip(audio, sae_world["set_id"], {top_latent: 0.0}, index=sae_world["index"])
     assert again["transcripts"] == result["transcripts"]  # no splice left behind on the model
     seen = []

@@ -13,7 +13,12 @@ import pytest
 from freud_pipeline.audio.decode import SAMPLE_RATE, audio_duration, load_audio, write_wav
 from freud_pipeline.errors import AudioTooLongError, CorruptAudioError, EmptyAudioError, NotAudioError
 
-pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command")
+try:
+    from conftest import require_extra
+except ImportError:  # tests collected as a package
+    from tests.conftest import require_extra
+
+require_extra(shutil.which("ffmpeg") is not None, "the ffmpeg command", module_level=True)
 
 DURATION = 2.0
 # Output name -> encoder options; a 2 s 440 Hz tone at 44.1 kHz is encoded into each in one ffmpeg run.

@@ -1,5 +1,5 @@
 """Dataset builders on real audio: Festival speech, Asterisk prompts, and tiny trees laid out like the public
-corpora (LibriSpeech, ESC-50, AudioSet) made with sox; downloads against closed ports and a local server."""
+corpora (LibriSpeech, ESC-50, AudioSet) made with ffmpeg; downloads against closed ports and a local server."""
 
 from __future__ import annotations
 
@@ -45,18 +45,24 @@ from freud_pipeline.audio.decode import SAMPLE_RATE, load_audio
 from freud_pipeline.audio.phones import ARPABET
 from freud_pipeline.errors import DatasetUnavailableError
 
-needs_festival = pytest.mark.skipif(shutil.which("festival") is None, reason="needs Debian festival + festvox-us-slt-hts")
-needs_asterisk = pytest.mark.skipif(
-    not Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(), reason="needs Debian asterisk-core-sounds-en(-g722)"
-)
-needs_sox = pytest.mark.skipif(shutil.which("sox") is None, reason="needs the sox command")
+try:
+    from conftest import require_extra, requires
+except ImportError:  # tests collected as a package
+    from tests.conftest import require_extra, requires
+
+HAVE_FESTIVAL = shutil.which("festival") is not None
+FESTIVAL = "Debian festival + festvox-us-slt-hts"
+needs_asterisk = requires(Path("/usr/share/asterisk/sounds/en_US_f_Allison").is_dir(),
+                          "Debian asterisk-core-sounds-en(-g722)")
 CLOSED_PORT = "http://127.0.0.1:9/"  # discard port: nothing listens, the connection is refused at once
 
 
-def sox_tone(path: Path, seconds: float, rate: int, channels: int = 1, freq: int = 440) -> Path:
+def tone(path: Path, seconds: float, rate: int, channels: int = 1, freq: int = 440) -> Path:
+    """A 16-bit sine tone file (format from the suffix), made with ffmpeg's lavfi sine source."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["sox", "-n", "-r", str(rate), "-c", str(channels), "-b", "16", str(path),
-                    "synth", str(seconds), "sine", str(freq), "vol", "0.3"], check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"sine=frequency={freq}:sample_rate={rate}:duration={seconds}", "-af", "volume=0.3",
+                    "-ac", str(channels), "-sample_fmt", "s16", str(path)], check=True)
     return path
 
 
@@ -69,8 +75,7 @@ def check_manifest_schema(path: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def festival_build(tmp_path_factory):
-    if shutil.which("festival") is None:
-        pytest.skip("needs Debian festival + festvox-us-slt-hts")
+    require_extra(HAVE_FESTIVAL, FESTIVAL)
     root = tmp_path_factory.mktemp("data")
     return root, build_festival_speech(root / "datasets" / "festival", n_sentences=3, seed=1, data_root=root)
 
@@ -146,7 +151,6 @@ def test_write_manifest_validates_and_is_atomic(tmp_path):
         write_manifest([{**row, "split": "validation"}], tmp_path / "m.parquet")
 
 
-@needs_sox
 def test_librispeech_tree(tmp_path):
     root = tmp_path / "corpora" / "librispeech"
     layout = {"dev-clean": {("84", "121123"): ["GO DO YOU HEAR", "BUT IN LESS THAN FIVE MINUTES THE STAIRCASE GROANED"]},
@@ -157,7 +161,7 @@ def test_librispeech_tree(tmp_path):
             lines = []
             for i, text in enumerate(texts):
                 utt = f"{speaker}-{chapter}-{i:04d}"
-                sox_tone(folder / f"{utt}.flac", 1.0 + i, SAMPLE_RATE)
+                tone(folder / f"{utt}.flac", 1.0 + i, SAMPLE_RATE)
                 lines.append(f"{utt} {text}")
             (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
     build = build_librispeech(tmp_path / "datasets" / "libri", ["dev-clean", "test-clean"], root=root, data_root=tmp_path)
@@ -175,14 +179,13 @@ def test_librispeech_tree(tmp_path):
         build_librispeech(tmp_path / "datasets" / "none", "dev-other", root=root, download=False, data_root=tmp_path)
 
 
-@needs_sox
 def test_esc50_tree(tmp_path):
     corpus = tmp_path / "ESC-50-master"
     meta = [("1-100032-A-0.wav", 1, 0, "dog", "True", "100032", "A"),
             ("1-100032-B-0.wav", 1, 0, "dog", "True", "100032", "B"),
             ("2-109505-A-21.wav", 2, 21, "sneezing", "False", "109505", "A")]
     for i, entry in enumerate(meta):
-        sox_tone(corpus / "audio" / entry[0], 5.0, 44100, freq=300 + 200 * i)
+        tone(corpus / "audio" / entry[0], 5.0, 44100, freq=300 + 200 * i)
     (corpus / "meta").mkdir()
     with open(corpus / "meta" / "esc50.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -195,12 +198,11 @@ def test_esc50_tree(tmp_path):
     assert manifest.loc["esc50-1-100032-A-0", "split"] == manifest.loc["esc50-1-100032-B-0", "split"]  # same recording
 
 
-@needs_sox
 def test_audioset_tree(tmp_path):
     root = tmp_path / "audioset"
-    sox_tone(root / "audio" / "bal_train" / "--PJHxphWEs.flac", 10.0, 48000, channels=2)
-    sox_tone(root / "audio" / "eval" / "-0RWZT-miFs.flac", 10.0, 48000, channels=2)
-    sox_tone(root / "audio" / "eval" / "unlisted0000.flac", 1.0, 48000)
+    tone(root / "audio" / "bal_train" / "--PJHxphWEs.flac", 10.0, 48000, channels=2)
+    tone(root / "audio" / "eval" / "-0RWZT-miFs.flac", 10.0, 48000, channels=2)
+    tone(root / "audio" / "eval" / "unlisted0000.flac", 1.0, 48000)
     header = "# Segments csv created Sun Mar  5 10:54:31 2017\n# num_ytids=1\n# YTID, start_seconds, end_seconds, positive_labels\n"
     (root / "balanced_train_segments.csv").write_text(header + '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"\n')
     (root / "eval_segments.csv").write_text(header + '-0RWZT-miFs, 420.000, 430.000, "/m/03v3yw"\n')

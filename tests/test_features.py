@@ -207,11 +207,16 @@ def test_sets_and_errors(index):
         ix.clip("missing/clip")
 
 
-def test_frame_length_matches_whisper():
-    from freud_pipeline.features.mining import FRAME_SECONDS
-    from freud_pipeline.whisper.hooks import FRAME_SECONDS as WHISPER_FRAME
+def test_frame_length_matches_whisper(tiny_en):
+    """The one time grid (freud_pipeline.frames) is Whisper's: one encoder position per two log-mel hops."""
+    from whisper.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 
-    assert FRAME_SECONDS == WHISPER_FRAME
+    from freud_pipeline import frames
+
+    assert (frames.SAMPLE_RATE, frames.HOP_LENGTH) == (SAMPLE_RATE, HOP_LENGTH)
+    assert frames.MEL_FRAME_SECONDS == HOP_LENGTH / SAMPLE_RATE
+    assert N_FRAMES // tiny_en.dims.n_audio_ctx * HOP_LENGTH == frames.SAMPLES_PER_FRAME
+    assert frames.FRAME_SECONDS == frames.SAMPLES_PER_FRAME / SAMPLE_RATE
 
 
 def test_labels_on_festival_speech_match_the_phone_under_the_peaks(corpus, index):
@@ -352,7 +357,7 @@ def test_clip_features_encodes_with_the_sets_sae(corpus, index, monkeypatch, tmp
         def encode(self, x):
             return torch.relu(x @ self.weight)
 
-    monkeypatch.setattr(query, "_sae", lambda checkpoint, device: TinySAE())
+    monkeypatch.setattr(query, "_sae", lambda checkpoint, sha256, device: TinySAE())
     latents = encoded_clips(corpus["acts"].items(), lambda x: np.maximum(x[:, :64], 0))
     build_feature_set(latents, set_id="sae64", model="tiny.en", hook=HOOK, kind="sae", manifest_df=None,
                       index_uri=str(tmp_path), sae_checkpoint=str(tmp_path / "ckpt"), top_k=4)

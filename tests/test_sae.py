@@ -33,6 +33,11 @@ from freud_pipeline.sae import (
 from freud_pipeline.sae.metrics import dead_fraction, dense_fraction, density_histogram, explained_variance, fvu, l0
 from freud_pipeline.sae.resume import load_trainer_state
 
+try:
+    from conftest import require_extra
+except ImportError:  # tests collected as a package
+    from tests.conftest import require_extra
+
 SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 HOOK = "encoder.blocks.2"
 # ~145 s of speech (~7300 frames), one 30 s window each, and ~15 s held out for evaluation.
@@ -45,7 +50,7 @@ EVAL_CLIPS = ["vm-review", "vm-instructions"]
 
 def decode_prompt(name: str) -> np.ndarray:
     if shutil.which("ffmpeg") is None or not (SOUNDS / f"{name}.g722").is_file():
-        pytest.skip("needs ffmpeg and the Asterisk en_US_f_Allison prompts")
+        require_extra(False, "ffmpeg and the Asterisk en_US_f_Allison prompts")
     pcm = subprocess.run(
         ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "g722", "-i", str(SOUNDS / f"{name}.g722"),
          "-ar", "16000", "-ac", "1", "-f", "f32le", "-"],
@@ -462,10 +467,10 @@ def test_configs_validate():
     # demo_config is configs/train/demo_topk.yaml (what benchmarks/train.py measured), apart from its device.
     import yaml
 
-    from freud_pipeline.defs.sae import SaeAssetConfig, train_config
+    from freud_pipeline.defs.sae import SaeAssetConfig, run_config
 
     run = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/train/demo_topk.yaml").read_text())
-    assert train_config(SaeAssetConfig(**run["config"]), "tiny.en") == demo_config(device="cpu")
+    assert run_config(SaeAssetConfig(**run["config"]), "tiny.en").train_config() == demo_config(device="cpu")
     with pytest.raises(ValueError):
         TrainConfig(hook=HOOK, architecture="gated")
     with pytest.raises(ValueError):

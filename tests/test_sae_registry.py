@@ -193,7 +193,7 @@ def test_check_and_promotion_agree(client, registered):
 def test_held_out_clips_are_spread_over_sources_and_limited_to_30_s():
     import pandas as pd
 
-    from freud_pipeline.defs.sae import held_out_clips
+    from freud_pipeline.sae.run import held_out_clips
 
     manifest = pd.DataFrame({
         "clip_id": [f"c{i}" for i in range(8)],
@@ -217,13 +217,13 @@ def test_train_configs_exist():
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.stem)
 def test_train_config_parses_into_asset_and_train_config(path):
     from freud_pipeline.defs.runner import load_run_file
-    from freud_pipeline.defs.sae import SaeAssetConfig, train_config
+    from freud_pipeline.defs.sae import SaeAssetConfig, run_config
 
     run = load_run_file(path)
     assert run["asset"] == "topk_sae" and "partition" not in run
     config = SaeAssetConfig(**run["config"])  # unknown keys would be rejected here
     assert set(run["config"]) <= set(SaeAssetConfig.model_fields)
-    cfg = train_config(config, config.model or "tiny.en")
+    cfg = run_config(config, config.model or "tiny.en").train_config()
     assert isinstance(cfg, TrainConfig) and cfg.architecture == run["config"]["architecture"]
     for key, value in run["config"].items():
         if key in TrainConfig.model_fields and key != "warmup_steps":
@@ -251,15 +251,18 @@ def test_original_values_of_tiny_topk_and_tiny_l1():
     assert tiny_l1["optimiser_eps"] == 1e-5 and large_v3_l1["optimiser_eps"] == 1e-5
 
 
-def test_asset_config_exposes_every_train_config_field():
-    from freud_pipeline.defs.sae import TRAIN_FIELDS, SaeAssetConfig
+def test_asset_config_derives_from_train_config_with_the_demo_defaults():
+    from freud_pipeline.defs.sae import SaeAssetConfig, run_config
+    from freud_pipeline.sae import demo_config
+    from freud_pipeline.sae.run import SaeRunConfig
 
-    assert set(TRAIN_FIELDS) == set(TrainConfig.model_fields) - {"model_name"}
-    assert set(TRAIN_FIELDS) <= set(SaeAssetConfig.model_fields)
+    assert set(TrainConfig.model_fields) <= set(SaeRunConfig.model_fields)
+    assert set(SaeRunConfig.model_fields) - {"model_name"} <= set(SaeAssetConfig.model_fields)
+    # One set of defaults: the asset trains demo_config() (what make demo trains) unless told otherwise.
+    assert run_config(SaeAssetConfig(), "tiny.en").train_config() == demo_config()
+    assert run_config(SaeAssetConfig(), "tiny.en").thresholds() == QualityThresholds()
     with pytest.raises(ValueError):  # validated through TrainConfig
-        from freud_pipeline.defs.sae import train_config
-
-        train_config(SaeAssetConfig(architecture="gated"), "tiny.en")
+        run_config(SaeAssetConfig(architecture="gated"), "tiny.en")
 
 
 # --- checkpoint format vs SAELens conventions (docs/SAE_FORMAT.md) -----------------------------------------------

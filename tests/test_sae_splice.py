@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from freud_pipeline.audio.text import word_error_rate
 from freud_pipeline.sae import TrainConfig, train_sae
 from freud_pipeline.sae.splice import (
     mean_replacement,
-    normalize_text,
     sae_replacement,
     splice,
     splice_eval,
@@ -108,8 +108,16 @@ def test_splice_eval_orders_cross_entropies_and_reports_wer(trained_topk, model,
     assert result["n_clips"] == 3 and result["n_tokens"] > 10
     assert result["wer_original"] <= 0.2 and result["wer_spliced"] >= 0
     assert [t["reference"] for t in result["transcripts"]] == list(SPLICE_CLIPS.values())
+    references = [t["reference"] for t in result["transcripts"]]
+    for name in ("original", "spliced"):  # the library's one WER, not a WER of its own
+        assert result[f"wer_{name}"] == word_error_rate(references, [t[name] for t in result["transcripts"]])
 
 
-def test_normalize_text_for_wer():
-    assert normalize_text("Please enter the conference PIN, number!") == "please enter the conference pin number"
-    assert normalize_text("  Don't   stop. ") == "dont stop"
+def test_wer_normalises_both_sides_to_spoken_form():
+    assert word_error_rate("please enter the conference pin number", "Please enter the conference PIN, number!") == 0
+    assert word_error_rate("press one or pound", "Press 1 or #.") == 0
+    assert word_error_rate(["don't stop", "one two"], ["Don't   stop.", "one"]) == pytest.approx(1 / 4)
+    with pytest.raises(ValueError, match="at least one word"):
+        word_error_rate(["(silence)"], ["hello"])
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        word_error_rate(["a", "b"], ["a"])

@@ -12,7 +12,6 @@
  */
 (function () {
     "use strict";
-    var FRAME_SECONDS = 0.02;
 
     function plotOf(graphId) {
         var el = document.getElementById(graphId);
@@ -26,8 +25,9 @@
         var data = gd.data || [];
         for (var i = 0; i < data.length; i++) {
             var d = data[i];
-            if (d.type === "scatter" && d.yaxis === "y2" && d.mode === "lines" && d.y && d.y.length) {
-                var j = Math.min(d.y.length - 1, Math.max(0, Math.floor(t / FRAME_SECONDS)));
+            if (d.type === "scatter" && d.yaxis === "y2" && d.mode === "lines" && d.y && d.y.length && d.dx > 0) {
+                // one value per encoder frame, centred at x0 + j * dx (figures.trace_parts)
+                var j = Math.min(d.y.length - 1, Math.max(0, Math.floor((t - (Number(d.x0) || 0)) / d.dx + 0.5)));
                 return {name: d.name || "activation", value: Number(d.y[j])};
             }
         }

@@ -11,9 +11,8 @@ Audio stays on the server: an upload or recording is decoded once and kept in a 
 
 from __future__ import annotations
 
-import base64
 import logging
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs
 
 import plotly.graph_objects as go
 from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
@@ -22,36 +21,27 @@ from plotly.subplots import make_subplots
 from dash_app.background import HIDDEN, background_args, forward_on_load, progress_indicator
 from dash_app.components import audio_player, empty_index_notice, field_error, fmt, notice
 from dash_app.data import (
+    EDIT_PATH,
     SAMPLE_RATE,
     ClipNotFound,
     IndexAccess,
     IndexUnavailable,
     audio_url,
     clip_log_mel,
+    decode_upload,
     search_href,
     set_label,
-    wav_bytes,
+    wav_data_uri,
 )
 from dash_app.figures import clip_figure
-from dash_app.pages.upload import _decode_contents
 
 log = logging.getLogger(__name__)
 
-PATH = "/edit"
+PATH = EDIT_PATH
 N_PICKS = 12
 COLOURS = ("#1e88e5", "#e53935", "#43a047", "#8e24aa", "#fb8c00", "#00897b", "#6d4c41", "#3949ab")
 INS = {"background": "#c8e6c9", "borderRadius": "3px", "padding": "0 2px", "textDecoration": "none"}
 DEL = {"background": "#ffcdd2", "borderRadius": "3px", "padding": "0 2px", "color": "#8e2424"}
-
-
-def edit_href(clip_id: str | None = None, set_id: str | None = None, features: str | None = None,
-              upload: str | None = None) -> str:
-    """/edit with a dataset clip (or an upload's token), a set and a features spec such as "12:0"."""
-    params = []
-    for key, value in (("clip", clip_id), ("upload", upload), ("set", set_id), ("features", features)):
-        if value:
-            params.append(f"{key}={quote(str(value), safe='')}")
-    return PATH + ("?" + "&".join(params) if params else "")
 
 
 def _params(search: str | None) -> dict[str, str]:
@@ -318,7 +308,7 @@ def results_view(result: dict, access: IndexAccess, audio, source: dict) -> html
         figure = clip_figure(mel, trace["before"], peak_time_s=peak_t if trace["active_frames"] else None,
                              peak_value=trace["peak"], trace_name=f"feature {j} before", height=230)
         src = (audio_url(source["clip_id"]) if source.get("kind") == "clip"
-               else "data:audio/wav;base64," + base64.b64encode(wav_bytes(audio)).decode("ascii"))
+               else wav_data_uri(audio))
         spectrogram = [
             dcc.Graph(id="edit-spectrogram", figure=figure, config={"displayModeBar": False, "responsive": True},
                       className="clip-graph"),
@@ -422,7 +412,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
                         "upload it again.", "", no_update)
             source = {"kind": "upload", "token": str(request["token"]), "label": "clip from the upload page",
                       "duration_s": len(audio) / SAMPLE_RATE}
-            player = "data:audio/wav;base64," + base64.b64encode(wav_bytes(audio)).decode("ascii")
+            player = wav_data_uri(audio)
         elif trigger in ("edit-clip-go", "edit-clip-id") or (trigger in (None, "edit-clip-request") and request):
             clip_id = (clip_value or "").strip() if trigger in ("edit-clip-go", "edit-clip-id") else \
                 str(request.get("clip_id") or "")
@@ -443,7 +433,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
             if not contents:
                 return keep
             try:
-                data = _decode_contents(contents)
+                data = decode_upload(contents)
             except (ValueError, TypeError):
                 return no_update, no_update, f"{filename or 'The upload'} could not be read.", "", no_update
             if len(data) > limit_bytes:
@@ -458,7 +448,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
             label = filename or "recording"
             source = {"kind": "upload", "token": uploads.put(audio), "label": label,
                       "duration_s": len(audio) / SAMPLE_RATE}
-            player = "data:audio/wav;base64," + base64.b64encode(wav_bytes(audio)).decode("ascii")
+            player = wav_data_uri(audio)
         else:
             return keep
         info = html.Div(
@@ -602,4 +592,4 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
     )
 
 
-__all__ = ["PATH", "edit_href", "layout", "register"]
+__all__ = ["PATH", "layout", "register"]

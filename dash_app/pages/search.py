@@ -8,7 +8,7 @@ import random
 import numpy as np
 import orjson
 
-from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
+from dash import Input, Output, State, ctx, dcc, html, no_update
 
 from dash_app.components import (
     audio_player,
@@ -31,6 +31,7 @@ from dash_app.data import (
     IndexUnavailable,
     SearchState,
     audio_url,
+    edit_href,
     spectrogram_url,
     set_label,
     set_options,
@@ -38,8 +39,8 @@ from dash_app.data import (
 )
 from dash_app import wire
 from dash_app.figures import clip_figure_dict, display_rounded, histogram_figure
-from dash_app.pages.edit import edit_href
 from dash_app.pages.upload import clip_href
+from freud_pipeline.frames import FRAME_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,18 @@ PATH = "/search"
 def is_search_path(pathname: str | None) -> bool:
     return ((pathname or "/").rstrip("/") or "/") in ("/", PATH)
 CONTROLS = ("set", "index", "n", "min", "max", "abs")
+
+
+def _narrow_control(id_: str, label: str, input_mode: str, value: str, **input_props) -> html.Div:
+    """A labelled one-line text input with its error line (`<id>-error`)."""
+    return html.Div(
+        [
+            html.Label(label, htmlFor=id_),
+            dcc.Input(id=id_, type="text", inputMode=input_mode, value=value, autoComplete="off", **input_props),
+            field_error(f"{id_}-error"),
+        ],
+        className="control control-narrow",
+    )
 
 
 def layout(access: IndexAccess, search: str | None) -> html.Div:
@@ -79,33 +92,9 @@ def layout(access: IndexAccess, search: str | None) -> html.Div:
                 ],
                 className="control control-index",
             ),
-            html.Div(
-                [
-                    html.Label("Max results", htmlFor="search-n"),
-                    dcc.Input(id="search-n", type="text", inputMode="numeric", value=state.n or str(DEFAULT_RESULTS),
-                              autoComplete="off"),
-                    field_error("search-n-error"),
-                ],
-                className="control control-narrow",
-            ),
-            html.Div(
-                [
-                    html.Label("Min activation", htmlFor="search-min"),
-                    dcc.Input(id="search-min", type="text", inputMode="decimal", value=state.min or "",
-                              placeholder="none", autoComplete="off"),
-                    field_error("search-min-error"),
-                ],
-                className="control control-narrow",
-            ),
-            html.Div(
-                [
-                    html.Label("Max activation", htmlFor="search-max"),
-                    dcc.Input(id="search-max", type="text", inputMode="decimal", value=state.max or "",
-                              placeholder="none", autoComplete="off"),
-                    field_error("search-max-error"),
-                ],
-                className="control control-narrow",
-            ),
+            _narrow_control("search-n", "Max results", "numeric", state.n or str(DEFAULT_RESULTS)),
+            _narrow_control("search-min", "Min activation", "decimal", state.min or "", placeholder="none"),
+            _narrow_control("search-max", "Max activation", "decimal", state.max or "", placeholder="none"),
             html.Div(className="controls-break"),
             html.Div(
                 [
@@ -228,7 +217,7 @@ def _signed_at(trace, peak_time, fallback, offset: int = 0):
     """The trace value at the peak time (the marker sits on the line even for |a| searches)."""
     if peak_time is None or not len(trace):
         return fallback
-    j = min(len(trace) - 1, max(0, int(float(peak_time) / 0.02) - offset))
+    j = min(len(trace) - 1, max(0, int(float(peak_time) / FRAME_SECONDS) - offset))
     return float(trace[j])
 
 

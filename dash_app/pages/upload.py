@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from urllib.parse import parse_qs, quote
 
@@ -18,18 +17,31 @@ from dash_app.data import (
     IndexUnavailable,
     audio_url,
     clip_log_mel,
+    decode_upload,
     default_set,
+    edit_href,
     search_href,
     set_label,
     set_options,
-    wav_bytes,
+    wav_data_uri,
 )
-from dash_app.figures import LINE, PEAK, SHADING, clip_figure, padded_range, top_features_figure, trace_parts
+from dash_app.figures import (
+    LINE,
+    PEAK,
+    SHADING,
+    clip_figure,
+    clip_graph_style,
+    padded_range,
+    top_features_figure,
+    trace_parts,
+)
+from freud_pipeline.frames import FRAME_SECONDS
 
 log = logging.getLogger(__name__)
 
 PATH = "/upload"
 MAX_TOP_FEATURES = 200
+FIGURE_HEIGHT = 260  # px, of the clip's spectrogram with its activation trace
 HIDDEN = {"display": "none"}
 SHOWN = {"display": "block"}
 
@@ -136,7 +148,7 @@ def layout(access: IndexAccess, max_upload_mb: float, max_upload_seconds: float,
                     [
                         html.Div(id="upload-summary", className="muted"),
                         dcc.Graph(id="upload-graph", config={"displayModeBar": False, "responsive": True},
-                                  className="clip-graph"),
+                                  className="clip-graph", style=clip_graph_style(FIGURE_HEIGHT)),
                         html.Div(
                             [
                                 html.Audio(id="upload-player", controls=True, className="freud-audio",
@@ -159,19 +171,22 @@ def layout(access: IndexAccess, max_upload_mb: float, max_upload_seconds: float,
     )
 
 
-def _decode_contents(contents: str) -> bytes:
-    header, _, data = contents.partition(",")
-    if ";base64" not in header:
-        raise ValueError("unexpected upload encoding")
-    return base64.b64decode(data)
+def parse_top_n(value) -> int | None:
+    """The "Top features" field as a whole number from 1 to MAX_TOP_FEATURES; None for anything else (words,
+    fractions, inf, nan, 1e400, out of range, or a crafted value that is not a string or a number)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() and 1 <= number <= MAX_TOP_FEATURES else None
 
 
 def _edit_link(set_id: str, index: int, clip: dict | None) -> list:
     """A link that opens this clip on /edit with the feature ablated (SAE sets only: neurons are not editable)."""
     if not clip:
         return []
-    from dash_app.pages.edit import edit_href
-
     href = edit_href(clip.get("clip_id"), set_id, f"{index}:0", upload=clip.get("token"))
     return [" · ", dcc.Link("ablate it on the edit page →", href=href, id="upload-edit-link")]
 
@@ -214,7 +229,7 @@ def _patch_overlay(patch: Patch, feature: dict, n_mels: int) -> None:
 def _value_at(trace, t, fallback):
     if t is None or not len(trace):
         return fallback
-    return float(trace[min(len(trace) - 1, max(0, int(float(t) / 0.02)))])
+    return float(trace[min(len(trace) - 1, max(0, int(float(t) / FRAME_SECONDS)))])
 
 
 def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_seconds: float) -> None:
@@ -251,17 +266,18 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
 
         nothing = (no_update,) * 8
         trigger = ctx.triggered_id
+        # A crafted request can send any JSON for any of these: anything of the wrong type counts as absent.
+        filename = filename if isinstance(filename, str) else None
+        recorded = recorded if isinstance(recorded, dict) else None
+        clip_request = clip_request if isinstance(clip_request, dict) else None
         if trigger == "upload-audio":
             source = "upload"
         elif trigger == "record-data":
             source = "record"
         elif trigger == "upload-clip" or (trigger is None and clip_request):
             source = "clip" if clip_request else source
-        try:
-            n = int(float(str(topn).strip()))
-            if not 1 <= n <= MAX_TOP_FEATURES or float(str(topn).strip()) != n:
-                raise ValueError
-        except (TypeError, ValueError):
+        n = parse_top_n(topn)
+        if n is None:
             return "", f"Top features must be a whole number from 1 to {MAX_TOP_FEATURES}, not {topn!r}.", *nothing
         hide = (HIDDEN, None, no_update, None, no_update, None, source, None)
         if trigger == "upload-clip" and not clip_request:
@@ -280,7 +296,7 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
             if not contents:
                 return "", "", *nothing  # nothing uploaded yet: only the controls changed
             try:
-                data = _decode_contents(contents)
+                data = decode_upload(contents)
             except (ValueError, TypeError):
                 return f"{filename or 'The upload'} could not be read (not base64 file data).", "", *hide
             if len(data) > limit_bytes:
@@ -310,9 +326,9 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         top = features[0] if features else None
         figure = clip_figure(mel, top["trace"] if top else [], peak_time_s=top.get("peak_time_s") if top else None,
                              peak_value=_value_at(top["trace"], top.get("peak_time_s"), top.get("value")) if top else None,
-                             trace_name=f"feature {top['index']}" if top else "activation", height=260)
+                             trace_name=f"feature {top['index']}" if top else "activation", height=FIGURE_HEIGHT)
         bars = top_features_figure(features, set_label=set_label(info), selected=top["index"] if top else None)
-        src = src or "data:audio/wav;base64," + base64.b64encode(wav_bytes(audio)).decode("ascii")
+        src = src or wav_data_uri(audio)
         summary = f"{filename or 'clip'} · {len(audio) / SAMPLE_RATE:.2f} s · {len(features)} features of {set_label(info)}"
         edit_clip = None
         if info.get("kind") == "sae":  # hand the clip to the edit page: by id, or the decoded upload by token

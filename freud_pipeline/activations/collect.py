@@ -28,10 +28,11 @@ from tqdm import tqdm
 from freud_pipeline.activations.schema import ShardSpec
 from freud_pipeline.activations.writer import MANIFEST, ShardWriter, is_complete
 from freud_pipeline.audio.decode import load_audio
+from freud_pipeline.devices import resolve_device
 from freud_pipeline.errors import AudioError
+from freud_pipeline.frames import FRAME_SECONDS, SAMPLES_PER_FRAME
 from freud_pipeline.settings import data_dir
 from freud_pipeline.whisper.hooks import (
-    SAMPLES_PER_FRAME,
     WINDOW_FRAMES,
     EncoderCapture,
     hook_width,
@@ -39,7 +40,7 @@ from freud_pipeline.whisper.hooks import (
     n_real_frames,
     split_windows,
 )
-from freud_pipeline.whisper.models import load_model, resolve_device
+from freud_pipeline.whisper.models import load_model
 from whisper.audio import N_SAMPLES
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ def collect_activations(
     for clip_id, frames, acts in clips:
         writer.add(clip_id, frames, acts)
         done += 1
-        audio_seconds += len(frames) * 0.02
+        audio_seconds += len(frames) * FRAME_SECONDS
         bar.update(1)
         if on_progress:
             on_progress(done, len(todo), audio_seconds / max(time.perf_counter() - started, 1e-9))

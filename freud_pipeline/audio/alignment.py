@@ -99,7 +99,7 @@ def festival_pronunciations(words: Iterable[str]) -> dict[str, str]:
 
 
 class ForcedAligner:
-    """Reusable aligner (loading the model takes ~0.3 s). Not thread-safe: use one per thread or process."""
+    """Reusable aligner (loading the model is the slow part). Not thread-safe: use one per thread or process."""
 
     def __init__(self, extra_pronunciations: Mapping[str, str] | None = None, letter_to_sound: bool = True):
         from pocketsphinx import Decoder  # imported lazily: only alignment needs it
@@ -112,7 +112,7 @@ class ForcedAligner:
     def _add_words(self, pronunciations: Mapping[str, str]) -> None:
         new = [(w, p) for w, p in pronunciations.items() if self._decoder.lookup_word(w) is None]
         for i, (word, phones) in enumerate(new):
-            # Rebuilding the search costs ~0.3 s, so do it once, after the last word.
+            # Rebuilding the search is slow, so do it once, after the last word.
             self._decoder.add_word(word, phones, update=i == len(new) - 1)
 
     def missing_words(self, words: Iterable[str]) -> list[str]:

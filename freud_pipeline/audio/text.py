@@ -1,9 +1,10 @@
 """Transcript normalisation: spoken-form, lower-case words separated by single spaces (what jiwer and a
-pronunciation dictionary expect). "Press 1 or #" -> "press one or pound"."""
+pronunciation dictionary expect). "Press 1 or #" -> "press one or pound". `word_error_rate` is FREUD's one WER."""
 
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
@@ -64,3 +65,18 @@ def normalise_transcript(text: str) -> str:
     text = re.sub(r"[^a-z0-9' ]+", " ", text)  # hyphens and punctuation split or vanish
     text = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", text)  # keep only word-internal apostrophes (don't, party's)
     return " ".join(text.split())
+
+
+def word_error_rate(references: str | Sequence[str], hypotheses: str | Sequence[str]) -> float:
+    """Corpus WER of hypotheses against references, both put through `normalise_transcript` first: the one WER
+    every part of FREUD reports, so numbers from different places compare. References must not normalise to ""."""
+    import jiwer
+
+    refs = [references] if isinstance(references, str) else list(references)
+    hyps = [hypotheses] if isinstance(hypotheses, str) else list(hypotheses)
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    refs, hyps = [normalise_transcript(t) for t in refs], [normalise_transcript(t) for t in hyps]
+    if not refs or not all(refs):
+        raise ValueError("every reference needs at least one word after normalisation")
+    return float(jiwer.wer(refs, hyps))

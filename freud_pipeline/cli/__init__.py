@@ -16,8 +16,8 @@ def _transcribe(args) -> int:
     from freud_pipeline.audio.decode import load_audio
     from freud_pipeline.whisper.models import load_model
 
+    audio = load_audio(args.audio)  # before the model: a bad file is reported at once
     model = load_model(args.model, device=args.device)
-    audio = load_audio(args.audio)
     result = whisper.transcribe(model, audio, fp16=model.device.type == "cuda", language="en" if not model.is_multilingual else None)
     print(result["text"].strip())
     return 0
@@ -47,11 +47,16 @@ def _demo(args) -> int:
 def _collect(args) -> int:
     import dagster as dg
 
+    from freud_pipeline import validation
+
+    # Checked before Dagster starts a run: a bad file or hook name is one line, and no output is created.
+    run = validation.load_run_config(args.config)
+    validation.check_run_config(run, args.config)
+
     from freud_pipeline.cli.services import dagster_home
     from freud_pipeline.defs.definitions import defs
-    from freud_pipeline.defs.runner import load_run_file, materialize_asset
+    from freud_pipeline.defs.runner import materialize_asset
 
-    run = load_run_file(args.config)
     dagster_home()
     with dg.DagsterInstance.get() as instance:
         result = materialize_asset(defs, run["asset"], run.get("partition"), run.get("config"), instance)
@@ -65,6 +70,7 @@ def _app(args) -> int:
 
     return app_main(["--host", args.host, "--port", str(args.port)]
                     + (["--data-dir", args.data_dir] if args.data_dir else [])
+                    + (["--allowed-hosts", args.allowed_hosts] if args.allowed_hosts else [])
                     + (["--workers", str(args.workers)] if args.workers else [])
                     + (["--threads", str(args.threads)] if args.threads else [])
                     + (["--background-threads", str(args.background_threads)] if args.background_threads else []))
@@ -99,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.add_argument("--app-port", type=int, default=8050)
     p.add_argument("--no-serve", action="store_true", help="materialise only")
-    p.add_argument("--small", action="store_true", help="a small subset (quick look, ~2 minutes)")
+    p.add_argument("--small", action="store_true", help="a small subset of the data, for a quick look")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("collect", help="materialise an asset from a config file (configs/features/*.yaml)")
@@ -110,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="Host names answered besides loopback and --host (default env FREUD_APP_ALLOWED_HOSTS)")
     p.add_argument("--workers", type=int, default=None,
                    help="gunicorn worker processes (default 2, env FREUD_APP_WORKERS; 1: Flask's threaded server)")
     p.add_argument("--threads", type=int, default=None, help="request threads per worker (default 4)")

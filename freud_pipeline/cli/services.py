@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +27,8 @@ def dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or settings.data_dir() / "dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     instance_yaml = home / "dagster.yaml"
-    if not instance_yaml.exists():  # pool limits etc. (deploy/dagster.yaml); an operator's own file is kept
-        shutil.copyfile(settings.REPO_ROOT / "deploy" / "dagster.yaml", instance_yaml)
+    if not instance_yaml.exists():  # pool limits etc. (freud_pipeline/defs/dagster.yaml); an operator's file is kept
+        instance_yaml.write_text(settings.dagster_instance_template(), encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(home)  # Dagster requires an absolute path; children inherit it
     return home
 
@@ -41,7 +40,7 @@ def services(host: str, dagster_port: int, mlflow_port: int, app_port: int) -> l
         Service(
             "dagster",
             [str(bin_dir / "dagster"), "dev", "-h", host, "-p", str(dagster_port),
-             "-w", str(settings.REPO_ROOT / "workspace.yaml")],
+             "-m", "freud_pipeline.defs.definitions"],  # the installed package: works from a wheel too
             f"http://{host}:{dagster_port}", f"http://{host}:{dagster_port}/server_info",
         ),
         Service(
@@ -82,7 +81,7 @@ def start_services(host="127.0.0.1", dagster_port=3000, mlflow_port=5000, app_po
         log = open(logs / f"{service.name}.log", "ab")
         proc = subprocess.Popen(
             service.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=settings.REPO_ROOT, start_new_session=True,
+            cwd=settings.checkout_root() or settings.data_dir(), start_new_session=True,
         )
         state[service.name] = {"pid": proc.pid, "url": service.url}
     _state_file().write_text(json.dumps(state, indent=1))

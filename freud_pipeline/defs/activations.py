@@ -17,6 +17,7 @@ class ActivationsConfig(dg.Config):
     batch_size: int = 8
     device: str = "auto"
     collect_max: int | None = None  # first N clips of the partition only (the original's collect_max)
+    frames_per_shard: int = 20_000  # a shard is written (and survives a crash) every this many frames
 
 
 def collect_partition(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: FreudStorage,
@@ -30,7 +31,7 @@ def collect_partition(context: dg.AssetExecutionContext, config: ActivationsConf
     result = collect_activations(
         rows, directory, model=config.model, hooks=config.hooks, dtype=config.dtype,
         window_mode=config.window_mode, batch_size=config.batch_size, device=config.device,
-        collect_max=config.collect_max, data_root=storage.root,
+        collect_max=config.collect_max, data_root=storage.root, frames_per_shard=config.frames_per_shard,
         on_progress=lambda done, total, speed: (done % 25 == 0 or done == total)
         and context.log.info(f"{dataset}/{partition}: {done}/{total} clips, {speed:.1f} audio-s/s"),
     )

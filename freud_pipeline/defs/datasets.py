@@ -10,7 +10,10 @@ from freud_pipeline.defs.resources import FreudStorage
 GROUP = "datasets"
 
 
-def _describe(build: datasets.DatasetBuild) -> dict:
+def dataset_output(context: dg.AssetExecutionContext, build: datasets.DatasetBuild, **extra) -> dict:
+    """What a dataset asset returns (where its manifest and alignments are), after recording the build's metadata
+    (sizes, splits, skipped files, a manifest preview; plus `extra`) on the asset."""
+    context.add_output_metadata({**_metadata(build), **extra})
     return {
         "manifest_path": str(build.manifest_path),
         "alignments_path": str(build.alignments_path) if build.alignments_path else None,
@@ -41,8 +44,7 @@ def asterisk_prompts(context: dg.AssetExecutionContext, config: AsteriskConfig, 
     build = datasets.build_asterisk_prompts(
         storage.path("datasets", "asterisk_prompts"), limit=config.limit, align=config.align, data_root=storage.root
     )
-    context.add_output_metadata(_metadata(build))
-    return _describe(build)
+    return dataset_output(context, build)
 
 
 class FestivalConfig(dg.Config):
@@ -57,8 +59,7 @@ def festival_speech(context: dg.AssetExecutionContext, config: FestivalConfig, s
         storage.path("datasets", "festival_speech"), n_sentences=config.n_sentences, seed=config.seed,
         data_root=storage.root,
     )
-    context.add_output_metadata(_metadata(build))
-    return _describe(build)
+    return dataset_output(context, build)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, description="The embedded default corpus: Asterisk prompts + "
@@ -70,8 +71,7 @@ def default_corpus(
         [datasets.DatasetBuild.from_paths(**asterisk_prompts), datasets.DatasetBuild.from_paths(**festival_speech)],
         storage.path("datasets", "default_corpus"), name="default_corpus",
     )
-    context.add_output_metadata(_metadata(build))
-    return _describe(build)
+    return dataset_output(context, build)
 
 
 # --- Corpora downloaded from the internet: not part of the default job (they fail fast offline). ---
@@ -90,16 +90,14 @@ def librispeech(context: dg.AssetExecutionContext, config: DownloadConfig, stora
         storage.path("datasets", "librispeech", split), split=split, download=config.download, limit=config.limit,
         data_root=storage.root,
     )
-    context.add_output_metadata(_metadata(build))
-    return _describe(build)
+    return dataset_output(context, build)
 
 
 @dg.asset(group_name="external_datasets", kinds={"parquet"}, description="ESC-50 environmental sounds.")
 def esc50(context: dg.AssetExecutionContext, config: DownloadConfig, storage: FreudStorage) -> dict:
     build = datasets.build_esc50(storage.path("datasets", "esc50"), download=config.download, limit=config.limit,
                                  data_root=storage.root)
-    context.add_output_metadata(_metadata(build))
-    return _describe(build)
+    return dataset_output(context, build)
 
 
 @dg.asset(group_name="external_datasets", kinds={"parquet"}, partitions_def=audioset_partitions,
@@ -110,8 +108,7 @@ def audioset(context: dg.AssetExecutionContext, config: DownloadConfig, storage:
         storage.path("datasets", "audioset", subset), subset=subset, download=config.download, limit=config.limit,
         data_root=storage.root,
     )
-    context.add_output_metadata(_metadata(build))
-    return _describe(build)
+    return dataset_output(context, build)
 
 
 class AudioFolderConfig(dg.Config):
@@ -121,5 +118,4 @@ class AudioFolderConfig(dg.Config):
 @dg.asset(group_name="external_datasets", kinds={"parquet"}, description="Any local folder of audio files.")
 def audio_folder(context: dg.AssetExecutionContext, config: AudioFolderConfig, storage: FreudStorage) -> dict:
     build = datasets.build_audio_folder(config.folder, storage.path("datasets", "audio_folder"), data_root=storage.root)
-    context.add_output_metadata(_metadata(build))
-    return _describe(build)
+    return dataset_output(context, build)

@@ -6,8 +6,8 @@ import dagster as dg
 from freud_pipeline import settings
 from freud_pipeline.defs import activations, datasets, features, latents, sae
 from freud_pipeline.defs.partitions import SPLITS, split_partitions
-from freud_pipeline.defs.resources import FreudStorage
-from freud_pipeline.defs import checks, executors, incoming, schedules, sensors
+from freud_pipeline.defs.resources import FreudStorage, MlflowTracking
+from freud_pipeline.defs import checks, executors, incoming, runner, schedules, sensors
 
 CORPUS_ASSETS = [datasets.asterisk_prompts, datasets.festival_speech, datasets.default_corpus]
 ACTIVATION_ASSETS = [activations.activations]
@@ -30,12 +30,14 @@ STAGES = [(corpus_job, None), (activations_job, SPLITS), (index_job, None)]
 
 
 def resources() -> dict:
+    storage = FreudStorage(
+        data_dir=dg.EnvVar("FREUD_DATA_DIR").get_value("") or "",
+        mlflow_tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI").get_value("") or "",
+        lancedb_uri=dg.EnvVar("FREUD_LANCEDB_URI").get_value("") or "",
+    )
     return {
-        "storage": FreudStorage(
-            data_dir=dg.EnvVar("FREUD_DATA_DIR").get_value("") or "",
-            mlflow_tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI").get_value("") or "",
-            lancedb_uri=dg.EnvVar("FREUD_LANCEDB_URI").get_value("") or "",
-        ),
+        "storage": storage,
+        "mlflow": MlflowTracking(storage=storage),  # the SAE run's MLflow store, through an explicit client
         # Outputs (small dicts of paths) persist under the data directory, so any later run can load them.
         "io_manager": dg.FilesystemIOManager(base_dir=str(settings.data_dir() / "dagster_storage")),
     }
@@ -56,13 +58,14 @@ def materialize_default(run_config: dict | None = None, instance: dg.DagsterInst
                         definitions: dg.Definitions = defs) -> list[dg.ExecuteInProcessResult]:
     """Materialise the whole default graph, stage by stage (every split of the activations)."""
     run_config = run_config or {}
+    runner.free_dead_runs(instance)  # a killed earlier run must not hold the pool slots these runs need
     results = []
     for job, partitions in STAGES:
         job_def = definitions.resolve_job_def(job.name)
         ops = {k: v for k, v in run_config.get("ops", {}).items() if job_def.graph.has_node_named(k)}
         for partition in partitions or [None]:
             result = job_def.execute_in_process(run_config={"ops": ops}, instance=instance, partition_key=partition,
-                                                raise_on_error=False)
+                                                raise_on_error=False, tags=runner.process_tags())
             results.append(result)
             if not result.success:
                 return results

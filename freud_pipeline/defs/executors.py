@@ -99,7 +99,8 @@ def freud_executor(default: dict | None = None) -> dg.ExecutorDefinition:
 def reconstructable_job(name: str, module: str = "freud_pipeline.defs.definitions",
                         attribute: str = "defs") -> ReconstructableJob:
     """A job that other processes (multiprocess children, celery workers) can load by module and name."""
-    repo = ReconstructableRepository.for_module(module, attribute, working_directory=str(settings.REPO_ROOT))
+    root = settings.checkout_root()  # None when installed: the module imports from site-packages
+    repo = ReconstructableRepository.for_module(module, attribute, working_directory=str(root) if root else None)
     return repo.get_reconstructable_job(name)
 
 

@@ -57,17 +57,24 @@ def neuron_feature_index(
 
 
 @dg.asset(group_name=GROUP, kinds={"lancedb"}, pool="lancedb_writer",
-          description="Every SAE feature's top clips, statistics, labels and decoder direction.")
+          description="Every SAE feature's top clips, statistics, labels and decoder direction; then the retention "
+                      "rule: SAE runs other than the champion and the last keep_runs go, with their sets.")
 def sae_feature_index(
     context: dg.AssetExecutionContext, storage: FreudStorage, activations: dict, default_corpus: dict,
     topk_sae: dict,
 ) -> dict:
-    from freud_pipeline.sae.checkpoint import load_checkpoint
+    from freud_pipeline.sae.checkpoint import checkpoint_sha256, load_verified
+    from freud_pipeline.sae.retention import prune_runs
 
+    run_id, quality = topk_sae["run_id"], topk_sae.get("quality") or {}
+    if not quality.get("passed"):  # the blocking sae_quality check stops this too; this holds when run alone
+        raise dg.Failure(f"SAE run {run_id} failed its quality check ({'; '.join(quality.get('failures') or [])}): "
+                         "it is not indexed, and the index keeps the sets it has")
+    sha256 = topk_sae.get("sha256") or checkpoint_sha256(topk_sae["checkpoint_dir"])  # older outputs lack it
+    sae = load_verified(topk_sae["checkpoint_dir"], sha256)
     manifest, alignments = _corpus(default_corpus)
-    sae = load_checkpoint(topk_sae["checkpoint_dir"])
     readers = _readers(activations)
-    set_id = f"{topk_sae['model']}/{topk_sae['hook']}/sae-{topk_sae['architecture']}-{topk_sae['run_id'][:8]}"
+    set_id = f"{topk_sae['model']}/{topk_sae['hook']}/sae-{topk_sae['architecture']}-{run_id[:8]}"
     clips = chain.from_iterable(r.iter_clips(topk_sae["hook"], dtype="float32") for r in readers)
 
     def encode(acts):
@@ -77,8 +84,15 @@ def sae_feature_index(
     summary = build_feature_set(
         encoded_clips(clips, encode), set_id=set_id, model=topk_sae["model"], hook=topk_sae["hook"], kind="sae",
         manifest_df=manifest, alignments_df=alignments, index_uri=storage.index_uri,
-        sae_run_id=topk_sae["run_id"], sae_checkpoint=topk_sae["checkpoint_dir"],
+        sae_run_id=run_id, sae_checkpoint=topk_sae["checkpoint_dir"], sae_sha256=sha256,
         decoder=decoder_directions(sae),
     )
+    if topk_sae.get("runs_dir"):  # runs of the immutable layout only (not a checkpoint written in place)
+        champion = (topk_sae.get("registry") or {}).get("champion_run_id")
+        removed = prune_runs(topk_sae["runs_dir"], topk_sae.get("keep_runs", 3), keep=[run_id, champion],
+                             index_uri=storage.index_uri)
+        summary["removed_sae_runs"] = removed
+        if removed:
+            context.log.info(f"retention: removed SAE run(s) {', '.join(removed)} and their feature sets")
     context.add_output_metadata(_summary_metadata(summary))
     return {"set_id": set_id, "index_uri": storage.index_uri}

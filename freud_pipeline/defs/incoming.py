@@ -11,7 +11,7 @@ import dagster as dg
 
 from freud_pipeline.audio.datasets.incoming import build_audio_files, read_batch
 from freud_pipeline.defs.activations import activations_asset
-from freud_pipeline.defs.datasets import _describe, _metadata
+from freud_pipeline.defs.datasets import dataset_output
 from freud_pipeline.defs.resources import FreudStorage
 from freud_pipeline.diskspace import require_free_space
 
@@ -40,9 +40,8 @@ def incoming_audio(context: dg.AssetExecutionContext, config: IncomingConfig, st
                        what=f"incoming batch {key}")
     build = build_audio_files(batch["folder"], list(batch["files"]), out_dir, source="incoming",
                               speaker=config.speaker, align=config.align, data_root=storage.root)
-    context.add_output_metadata({**_metadata(build), "batch": key, "n_files": len(batch["files"]),
-                                 "folder": dg.MetadataValue.path(batch["folder"])})
-    return _describe(build)
+    return dataset_output(context, build, batch=key, n_files=len(batch["files"]),
+                          folder=dg.MetadataValue.path(batch["folder"]))
 
 
 incoming_activations = activations_asset("incoming_activations", INCOMING, incoming_partitions,

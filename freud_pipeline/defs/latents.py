@@ -25,7 +25,9 @@ def sae_latents(context: dg.AssetExecutionContext, config: SaeLatentsConfig, sto
         run_id, hook = f"file:{config.checkpoint}", sae.metadata.get("hook_name", topk_sae["hook"])
         model = sae.metadata.get("model_name", topk_sae["model"])
     else:
-        sae = load_checkpoint(config.checkpoint or topk_sae["checkpoint_dir"])
+        # The trained run's weights are checked against the digest topk_sae recorded.
+        sae = load_checkpoint(config.checkpoint or topk_sae["checkpoint_dir"],
+                              sha256=None if config.checkpoint else topk_sae.get("sha256"))
         run_id = topk_sae["run_id"] if not config.checkpoint else f"dir:{config.checkpoint}"
         hook, model = sae.metadata.get("hook_name", topk_sae["hook"]), sae.metadata.get("model_name", topk_sae["model"])
     source = ActivationReader(storage.root / "activations" / model.replace("/", "_") / config.dataset / config.split)

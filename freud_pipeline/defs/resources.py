@@ -33,3 +33,22 @@ class FreudStorage(dg.ConfigurableResource):
     @property
     def index_uri(self) -> str:
         return self.lancedb_uri or str(self.root / "lancedb")
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """MLflow as the assets reach it: an explicit client of one tracking store (never MLflow's process-wide
+    tracking URI, so one process can serve several stores without crosstalk). Empty `tracking_uri`: the
+    storage's (MLFLOW_TRACKING_URI, else the sqlite store in the data directory)."""
+
+    storage: FreudStorage
+    tracking_uri: str = ""
+    experiment: str = "freud-sae"
+
+    @property
+    def uri(self) -> str:
+        return self.tracking_uri or self.storage.tracking_uri
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)

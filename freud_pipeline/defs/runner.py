@@ -1,11 +1,18 @@
-"""Materialise one asset (and whatever upstream it lacks) from a YAML config file, as `freud collect` does."""
+"""Materialise one asset (and whatever upstream it lacks) from a YAML config file, as `freud collect` does;
+free what runs of a process that died (kill -9, OOM) left holding before an in-process run starts."""
 
+import socket
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import yaml
 
 from freud_pipeline.errors import FreudError
+
+PROCESS_TAG = "freud/process"  # "<host>:<pid>:<process start time>" of the process running an in-process run
+LIVE_STATUSES = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+                 dg.DagsterRunStatus.CANCELING]
 
 
 def load_run_file(path: str | Path) -> dict:
@@ -16,8 +23,55 @@ def load_run_file(path: str | Path) -> dict:
     return data
 
 
+def process_tags() -> dict[str, str]:
+    """Tags of an in-process run naming the process that runs it, so a later run can tell whether it died."""
+    me = psutil.Process()
+    return {PROCESS_TAG: f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"}
+
+
+def _process_gone(tag: str) -> bool:
+    host, pid, started = tag.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False  # another machine's run: its own machine judges it
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) > 1.0  # pid reused by another process
+    except psutil.NoSuchProcess:
+        return True
+
+
+def free_dead_runs(instance: dg.DagsterInstance | None, report=print) -> list[str]:
+    """Mark failed every unfinished in-process run whose process is gone, and free the pool slots of runs that
+    hold some though they ended: without a daemon nothing else would, and the next run would wait forever."""
+    if instance is None:
+        return []
+    freed = []
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=LIVE_STATUSES)):
+        run, tag = record.dagster_run, record.dagster_run.tags.get(PROCESS_TAG)
+        if not tag or not _process_gone(tag):
+            continue
+        pid = tag.rsplit(":", 2)[1]
+        instance.report_run_failed(run, message=f"the process running this run (pid {pid}) is gone "
+                                                "(killed or crashed); marked failed by the next run")
+        freed.append(run.run_id)
+        report(f"run {run.run_id} ({run.job_name}) was left {run.status.value.lower()} by process {pid}, "
+               "which is gone: marked it failed and freed its pool slots")
+    storage = instance.event_log_storage
+    if storage.supports_global_concurrency_limits:
+        for run_id in storage.get_concurrency_run_ids():
+            run = instance.get_run_by_id(run_id)
+            if run is None or run.is_finished:
+                storage.free_concurrency_slots_for_run(run_id)
+    return freed
+
+
 def materialize_asset(defs: dg.Definitions, asset: str, partition: str | None = None, config: dict | None = None,
                       instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
+    free_dead_runs(instance)
+    return _materialize(defs, asset, partition, config, instance)
+
+
+def _materialize(defs: dg.Definitions, asset: str, partition: str | None, config: dict | None,
+                 instance: dg.DagsterInstance | None) -> dg.ExecuteInProcessResult:
     graph = defs.resolve_asset_graph()
     key = dg.AssetKey(asset)
     if not graph.has(key):
@@ -33,14 +87,15 @@ def materialize_asset(defs: dg.Definitions, asset: str, partition: str | None = 
         parent_node = graph.get(parent)
         parent_partition = partition if parent_node.partitions_def is not None else None
         if instance is not None and not _materialised(instance, parent, parent_partition):
-            result = materialize_asset(defs, parent.to_user_string(), parent_partition, None, instance)
+            result = _materialize(defs, parent.to_user_string(), parent_partition, None, instance)
             if not result.success:
                 return result
     selection = dg.AssetSelection.assets(key)
     assets = list(defs.assets) + list(defs.asset_checks or [])
     run_config = {"ops": {asset: {"config": config}}} if config else {}
     return dg.materialize(assets, selection=selection, run_config=run_config, instance=instance,
-                          partition_key=partition, resources=defs.resources, raise_on_error=False)
+                          partition_key=partition, resources=defs.resources, raise_on_error=False,
+                          tags=process_tags())
 
 
 def _materialised(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> bool:

@@ -1,7 +1,7 @@
 """Weekly SAE retraining, and the feature index that follows each new SAE by declarative automation.
 
 `weekly_retraining` runs `sae_retrain_job` (topk_sae only) on FREUD_RETRAIN_CRON (default Mondays 03:00 UTC)
-with the SAE config's defaults, overridden by the YAML mapping in FREUD_RETRAIN_CONFIG when set. The SAE
+with the SAE config's defaults (`demo_config()`, what `make demo` trains), overridden by the YAML mapping in FREUD_RETRAIN_CONFIG when set. The SAE
 feature index carries AutomationCondition.eager() (unless an input's blocking check failed): once the new SAE is
 materialised and passed sae_quality (and none of its inputs is missing or in progress), `automation_sensor`
 requests sae_feature_index.

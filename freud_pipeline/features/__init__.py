@@ -1,4 +1,4 @@
-"""Feature mining, labels, the LanceDB feature index and its query API (see docs/CONTRACTS.md)."""
+"""Feature mining, labels, the LanceDB feature index and its query API (tables: docs/ARCHITECTURE.md)."""
 
 from freud_pipeline.features.query import FeatureIndex, UnknownClipError
 

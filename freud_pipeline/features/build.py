@@ -28,6 +28,7 @@ def build_feature_set(
     index_uri: str | None = None,
     sae_run_id: str | None = None,
     sae_checkpoint: str | None = None,
+    sae_sha256: str | None = None,
     shard_dir: str | None = None,
     decoder: np.ndarray | None = None,
     top_k: int = 32,
@@ -41,7 +42,9 @@ def build_feature_set(
     `mining.encoded_clips`), label against `alignments_df` when given, and publish as `set_id`.
 
     decoder: SAE decoder directions [n_features, d_in] (similarity = decoder cosine); neuron sets use the
-    activation signature. fire_threshold: a frame "fires" above it (density); 0 suits SAE latents and GELU
+    activation signature. sae_run_id / sae_checkpoint / sae_sha256: the SAE run an SAE set's latents come from,
+    its checkpoint directory and the weights' sha256 (`sae.checkpoint.checkpoint_sha256`), which every later
+    load of the set's SAE is verified against. fire_threshold: a frame "fires" above it (density); 0 suits SAE latents and GELU
     neurons (positive exactly when the pre-activation is), signed hooks may want a larger one.
     Returns a summary (set_id, build_id, n_features, n_clips, n_frames, label_summary, seconds).
     """
@@ -75,7 +78,8 @@ def build_feature_set(
         row = store.write_feature_set(
             set_id=set_id, model=model, hook=hook, kind=kind, mining=mining, labels=labels,
             manifest=manifest_df, vectors=decoder, vector_kind="decoder" if decoder is not None else "signature",
-            sae_run_id=sae_run_id, sae_checkpoint=sae_checkpoint, shard_dir=shard_dir, uri=index_uri)
+            sae_run_id=sae_run_id, sae_checkpoint=sae_checkpoint, sae_sha256=sae_sha256, shard_dir=shard_dir,
+            uri=index_uri)
     finally:
         mining.close()
     summary = {

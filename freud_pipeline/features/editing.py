@@ -16,8 +16,9 @@ feature set and records what went through it. No Dash here: the app calls `edit_
 edits, index=FeatureIndex)`.
 
 Threads: the app serves several users at once. Splicing registers a forward hook on the model, which would
-leak into any other forward pass of the same model object, so editing uses its own Whisper instance (not the
-one `FeatureIndex.clip_features` uses) and one edit runs at a time on it (`_EDIT_LOCK`).
+fire in any other forward pass of the same model object, so an edit holds the model's lock (`model_lock`) from
+its first encoder pass to the end of its decode. Editing has its own cached Whisper instance, not the one
+`FeatureIndex.clip_features` uses, only so that an upload's analysis need not wait for a running edit.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from freud_pipeline.errors import EmptyAudioError, FeatureSetError, FreudError
+from freud_pipeline.frames import FRAME_SECONDS, SAMPLE_RATE
 
-FRAME_SECONDS = 0.02  # one encoder position
 MAX_EDITS = 64
-_EDIT_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
 _STAGE_NAMES = {"original": "original", "spliced": "SAE reconstruction", "edited": "edited"}
 
@@ -103,13 +103,14 @@ def sae_sets(index: Any) -> list[dict]:
 
 
 def resolve_target(target: Any, index: Any | None = None) -> dict:
-    """{set_id, sae_checkpoint, model, hook} of a set id (looked up in `index.sets()`), a set row (dict), or a
-    (checkpoint_dir, model, hook) tuple."""
+    """{set_id, sae_checkpoint, sae_sha256, model, hook} of a set id (looked up in `index.sets()`), a set row
+    (dict), or a (checkpoint_dir, model, hook) tuple (sae_sha256 None: nothing to verify against)."""
     if isinstance(target, (tuple, list)):
         if len(target) != 3:
             raise EditError("give a feature set id or a (checkpoint_dir, model, hook) tuple")
         checkpoint, model, hook = target
-        return {"set_id": None, "sae_checkpoint": str(checkpoint), "model": str(model), "hook": str(hook)}
+        return {"set_id": None, "sae_checkpoint": str(checkpoint), "sae_sha256": None, "model": str(model),
+                "hook": str(hook)}
     if isinstance(target, Mapping):
         row = dict(target)
     else:
@@ -125,7 +126,8 @@ def resolve_target(target: Any, index: Any | None = None) -> dict:
                         "only SAE feature sets can be edited")
     if not row.get("sae_checkpoint"):
         raise EditError(f"SAE set {row.get('set_id')!r} was built without sae_checkpoint; rebuild it with one")
-    return {"set_id": row.get("set_id"), "sae_checkpoint": str(row["sae_checkpoint"]), "model": str(row["model"]),
+    return {"set_id": row.get("set_id"), "sae_checkpoint": str(row["sae_checkpoint"]),
+            "sae_sha256": row.get("sae_sha256"), "model": str(row["model"]),
             "hook": str(row["hook"])}
 
 
@@ -141,24 +143,16 @@ def _edit_whisper(model: str, device: str):
     return load_model(model, device=device)
 
 
-@lru_cache(maxsize=4)
-def _cached_sae(checkpoint: str, device: str, _stamp: float):
-    from freud_pipeline.sae.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint, device=device).eval()
-
-
-def load_sae(checkpoint: str | Path, device: str = "cpu"):
-    """The SAE of a checkpoint directory, reloaded when its weights file changes."""
-    from freud_pipeline.sae.checkpoint import WEIGHTS_FILE, CheckpointError, weights_path
+def load_sae(checkpoint: str | Path, device: str = "cpu", sha256: str | None = None):
+    """The SAE of a checkpoint directory through the one cached loader uploads use too
+    (`sae.checkpoint.load_verified`): verified against `sha256`, the digest its feature set recorded."""
+    from freud_pipeline.sae.checkpoint import WEIGHTS_FILE, CheckpointError, load_verified, weights_path
 
     path = Path(checkpoint)
-    weights = weights_path(path)  # either layout: sae_weights.safetensors, or the legacy sae.safetensors
-    if weights is None:
+    if weights_path(path) is None:  # either layout: sae_weights.safetensors, or the legacy sae.safetensors
         raise EditError(f"the SAE checkpoint {path} is missing ({WEIGHTS_FILE} not found); retrain or rebuild the set")
     try:
-        with _LOAD_LOCK:
-            return _cached_sae(str(path), str(device), weights.stat().st_mtime)
+        return load_verified(path, sha256, device)
     except CheckpointError as exc:
         raise EditError(str(exc)) from exc
 
@@ -199,6 +193,7 @@ def edit_clip(
 
     from freud_pipeline.sae.splice import sae_replacement, splice
     from freud_pipeline.whisper.hooks import N_SAMPLES, log_mel, n_real_frames, validate_hooks
+    from freud_pipeline.whisper.models import model_lock
 
     started = time.perf_counter()
     info = resolve_target(target, index)
@@ -214,7 +209,7 @@ def edit_clip(
     report = progress or (lambda _text: None)
 
     report("Loading the SAE and Whisper…")
-    sae = load_sae(info["sae_checkpoint"], device)
+    sae = load_sae(info["sae_checkpoint"], device, info["sae_sha256"])
     bad = [j for j in edits if not 0 <= j < sae.n_latents]
     if bad:
         raise EditError(f"feature {bad[0]} is out of range: this SAE has features 0 to {sae.n_latents - 1}")
@@ -238,9 +233,10 @@ def edit_clip(
             return out
         return wrapped
 
-    if not _EDIT_LOCK.acquire(blocking=False):
+    lock = model_lock(model)  # held from the first encoder pass to the end of the decode
+    if not lock.acquire(blocking=False):
         report("Waiting for another edit to finish…")
-        _EDIT_LOCK.acquire()
+        lock.acquire()
     try:
         with torch.inference_mode():
             report("Running Whisper's encoder: original…")
@@ -256,7 +252,7 @@ def edit_clip(
             x = seen["spliced"][0]
             if x.shape[-1] != sae.d_in:
                 raise EditError(f"the SAE takes {sae.d_in}-wide activations but {info['hook']} gives {x.shape[-1]}")
-            limit = max_new_tokens or default_max_tokens(len(window) / 16000)
+            limit = max_new_tokens or default_max_tokens(len(window) / SAMPLE_RATE)
             options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=limit)
             order = ["original", "spliced", "edited"]
             report("Transcribing original, SAE reconstruction and edited…")  # one batched decode
@@ -268,7 +264,7 @@ def edit_clip(
             latents = sae.encode(x.to(parameter.device, parameter.dtype)).float().cpu()
             x_hat = seen["spliced"][1]
     finally:
-        _EDIT_LOCK.release()
+        lock.release()
     edited_act = seen["edited"][1]
     reference = x if keep_error else x_hat  # the same activation without the edit
     change = (edited_act - reference).norm(dim=-1).numpy()
@@ -295,8 +291,8 @@ def edit_clip(
         "n_latents": int(sae.n_latents),
         "keep_error": bool(keep_error),
         "edits": edits,
-        "duration_s": len(audio) / 16000,
-        "edited_seconds": len(window) / 16000,
+        "duration_s": len(audio) / SAMPLE_RATE,
+        "edited_seconds": len(window) / SAMPLE_RATE,
         "truncated": len(audio) > N_SAMPLES,
         "n_frames": int(n_frames),
         "frame_seconds": FRAME_SECONDS,

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from freud_pipeline.errors import FreudError
-from freud_pipeline.features.mining import FRAME_SECONDS, _first_frame_of, _is_torch
+from freud_pipeline.features.mining import first_frame_of, is_torch_tensor
+from freud_pipeline.frames import FRAME_SECONDS
 
 SILENCE = frozenset({"", "pau", "sil", "sp", "spn", "h#", "<sil>", "<unk>"})
 ALIGNMENT_COLUMNS = ("clip_id", "tier", "label", "start_s", "end_s")
@@ -116,7 +117,7 @@ class LabelCollector:
         clip_id = str(clip_id)
         if clip_id not in self._rows:
             return
-        if _is_torch(acts):
+        if is_torch_tensor(acts):
             acts = acts.float().cpu().numpy()
         acts = np.asarray(acts, dtype=np.float32)
         self.n_aligned_clips += 1
@@ -124,7 +125,7 @@ class LabelCollector:
         phones, phone_first, phone_stop, phone_mid = self._intervals(clip_id, phones=True)
         words, word_first, word_stop, _ = self._intervals(clip_id, phones=False)
         peak = acts.max(axis=0)
-        frame = _first_frame_of(acts, peak, largest=True)
+        frame = first_frame_of(acts, peak, largest=True)
         phone_at = self._frame_labels(phones, phone_first, phone_stop, n_frames)[frame]
         word_at = self._frame_labels(words, word_first, word_stop, n_frames)[frame]
         features = np.flatnonzero(peak > self.weakest)

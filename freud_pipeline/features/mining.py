@@ -32,9 +32,6 @@ import numpy as np
 
 from freud_pipeline.errors import FreudError
 
-# Whisper encoder frame (2 x 160 samples at 16 kHz, as whisper.hooks.FRAME_SECONDS), kept here so that the
-# query API imports without torch/whisper: the app only needs them for clip_features.
-FRAME_SECONDS = 0.02
 QUANTILE_LEVELS = (0.5, 0.9, 0.99)
 # Log histogram for per-frame quantiles: |v| in [2^-16, 2^16), 8 bins per octave (bin width <= 12.5% of the value,
 # interpolated inside a bin), one central bin for smaller magnitudes ("zero"). The bin is read straight from the
@@ -127,7 +124,8 @@ class MiningResult:
             self._spill.cleanup()
 
 
-def _is_torch(x: Any) -> bool:
+def is_torch_tensor(x: Any) -> bool:
+    """Whether `x` is a torch tensor, without importing torch."""
     return type(x).__module__.startswith("torch")
 
 
@@ -236,7 +234,7 @@ class _RankedLists:
 
 def _gather_traces(acts: Any, features: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
     """acts[offset_f : offset_f + length, f] for each feature f -> [n, length] float16 on the host."""
-    if _is_torch(acts):
+    if is_torch_tensor(acts):
         import torch
 
         feats = torch.as_tensor(features, device=acts.device)
@@ -254,9 +252,9 @@ def _gather_traces(acts: Any, features: np.ndarray, offsets: np.ndarray, length:
     return acts[frames, features[:, None]].astype(np.float16)
 
 
-def _first_frame_of(acts: np.ndarray, target: np.ndarray, largest: bool, block: int = 32) -> np.ndarray:
+def first_frame_of(acts: np.ndarray, target: np.ndarray, largest: bool, block: int = 32) -> np.ndarray:
     """First frame where acts[:, f] == target[f] (the peak or trough). numpy's argmax along axis 0 of a C-order
-    [frames, features] array is ~15x slower than this: reduce blocks of frames, then search one block."""
+    [frames, features] array strides across memory; this reduces blocks of frames, then searches one block."""
     n_frames, n_features = acts.shape
     reduce = np.max if largest else np.min
     n_blocks = n_frames // block
@@ -281,7 +279,7 @@ class _ClipSummary:
 
 
 def _summarise(acts: Any, fire_threshold: float, sample: np.ndarray) -> _ClipSummary:
-    if _is_torch(acts):  # only accelerator tensors get here; CPU tensors are converted to numpy (faster)
+    if is_torch_tensor(acts):  # only accelerator tensors get here; CPU tensors are converted to numpy (faster)
         import torch
 
         with torch.no_grad():
@@ -297,8 +295,8 @@ def _summarise(acts: Any, fire_threshold: float, sample: np.ndarray) -> _ClipSum
     peak = acts.max(axis=0)
     trough = acts.min(axis=0)
     return _ClipSummary(
-        peak.astype(np.float32), _first_frame_of(acts, peak, largest=True),
-        trough.astype(np.float32), _first_frame_of(acts, trough, largest=False),
+        peak.astype(np.float32), first_frame_of(acts, peak, largest=True),
+        trough.astype(np.float32), first_frame_of(acts, trough, largest=False),
         acts.sum(axis=0, dtype=np.float32), np.add.reduce(acts > fire_threshold, axis=0, dtype=np.int64),
         acts[sample].astype(np.float32),
     )
@@ -420,9 +418,9 @@ def mine_features(
             raise MiningError(f"clip {clip_id!r} has {acts.shape[1]} features; expected {n_features} like the others")
         if acts.shape[0] == 0:
             continue
-        if _is_torch(acts) and acts.device.type == "cpu":
+        if is_torch_tensor(acts) and acts.device.type == "cpu":
             acts = acts.detach().numpy()  # numpy reduces CPU arrays along frames faster than torch does
-        if not _is_torch(acts) and acts.dtype not in (np.float32, np.float16):
+        if not is_torch_tensor(acts) and acts.dtype not in (np.float32, np.float16):
             acts = acts.astype(np.float32)
         miner.add(str(clip_id), acts)
         for observer in observers:

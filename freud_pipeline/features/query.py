@@ -22,11 +22,11 @@ import pyarrow as pa
 
 from freud_pipeline.errors import EmptyAudioError, FeatureIndexError, FeatureSetError, FreudError
 from freud_pipeline.features import store
-from freud_pipeline.features.mining import FRAME_SECONDS
 from freud_pipeline.features.store import CLIPS, EXAMPLES, FEATURE_SETS, FEATURES, sql_str
+from freud_pipeline.frames import FRAME_SECONDS
 from freud_pipeline.settings import data_dir, lancedb_uri
 
-PUBLIC_SET_FIELDS = ("set_id", "model", "hook", "kind", "n_features", "sae_run_id", "sae_checkpoint",
+PUBLIC_SET_FIELDS = ("set_id", "model", "hook", "kind", "n_features", "sae_run_id", "sae_checkpoint", "sae_sha256",
                      "shard_dir", "created_at", "n_clips", "n_frames", "top_k", "fire_threshold",
                      "vector_kind", "label_summary", "build_id")
 EXAMPLE_COLUMNS = ["sign", "clip_ids", "values", "peak_frames", "trace_offsets", "traces"]
@@ -63,7 +63,7 @@ class FeatureIndex:
 
     Sets below `store.VECTOR_INDEX_MIN_ROWS` features are served from memory once read (feature rows, decoder or
     signature vectors, and ranked examples up to EXAMPLES_IN_MEMORY_BYTES): a build never changes, and each
-    LanceDB point query costs ~7-9 ms of overhead on this CPU. Larger sets query LanceDB's indexes per call."""
+    LanceDB point query has a fixed overhead a dict lookup does not. Larger sets query LanceDB's indexes per call."""
 
     EXAMPLES_IN_MEMORY_BYTES = 128 * 1024 * 1024
 
@@ -152,7 +152,7 @@ class FeatureIndex:
 
     def _small_set_rows(self, build_id: str) -> dict[int, dict] | None:
         """All feature rows of a small set's build, read once and kept (a build never changes; a few MB for 10k
-        features): a point query costs ~9 ms of LanceDB overhead, a dict lookup nothing. None: build retired."""
+        features): a LanceDB point query has a fixed overhead, a dict lookup none. None: build retired."""
         rows = self._feature_cache.get(build_id)
         if rows is None:
             table = self._rows(FEATURES, f"build_id = {sql_str(build_id)}")
@@ -316,7 +316,7 @@ class FeatureIndex:
 
     def _similar_in_memory(self, name: str, table, index: int, n: int) -> list[dict] | None:
         """Exact dot-product neighbours from the set's unit vectors held in memory: a set below the size that
-        gets an ANN index is scanned flat by LanceDB anyway, and a numpy product is ~10x cheaper than its query."""
+        gets an ANN index is scanned flat by LanceDB anyway, and a numpy product is cheaper than its query."""
         cached = self._vectors.get(name)
         if cached is None:
             try:
@@ -411,7 +411,7 @@ class FeatureIndex:
         if set_row["kind"] == "sae" and not sae_checkpoint:
             raise FeatureSetError(f"SAE set {set_id!r} was built without sae_checkpoint; rebuild it with one")
         acts = activations_for_audio(audio, set_row["model"], set_row["hook"], sae_checkpoint, self.device,
-                                     progress=progress)
+                                     sae_sha256=set_row.get("sae_sha256"), progress=progress)
         if progress is not None:
             progress("Ranking the features…")
         peak = acts.max(axis=0)
@@ -426,7 +426,7 @@ class FeatureIndex:
         } for i in best]
 
 
-_model_lock = threading.Lock()
+_model_lock = threading.Lock()  # loading only: one load of each model per process (running: model_lock)
 
 
 @lru_cache(maxsize=2)
@@ -436,20 +436,20 @@ def _whisper(model: str, device: str):
     return load_model(model, device=device)
 
 
-@lru_cache(maxsize=4)
-def _sae(checkpoint: str, device: str):
-    from freud_pipeline.sae.checkpoint import load_checkpoint  # written alongside; imported only when needed
+def _sae(checkpoint: str, sha256: str | None, device: str):
+    """The set's SAE through the one cached, digest-verified loader (shared with feature editing)."""
+    from freud_pipeline.sae.checkpoint import load_verified  # imported only when needed: it brings torch
 
-    try:
-        return load_checkpoint(checkpoint, device=device).eval()
-    except TypeError:  # an older signature without device
-        return load_checkpoint(checkpoint).to(device).eval()
+    return load_verified(checkpoint, sha256, device)
 
 
 def activations_for_audio(audio: np.ndarray, model: str, hook: str, sae_checkpoint: str | None = None,
-                          device: str = "cpu", *, progress: Callable[[str], None] | None = None) -> np.ndarray:
+                          device: str = "cpu", *, sae_sha256: str | None = None,
+                          progress: Callable[[str], None] | None = None) -> np.ndarray:
     """[frames, n_features] for the whole audio: 30 s windows, each padded like Whisper, real frames kept.
-    `progress`, if given, is called with a description of each stage (an exception it raises aborts)."""
+    `progress`, if given, is called with a description of each stage (an exception it raises aborts).
+    Threads: the Whisper model is shared by every caller in the process; each capture holds its lock (see
+    `EncoderCapture`). The SAE is shared too, and safe without a lock: in eval mode `encode` only reads it."""
     import torch
 
     from freud_pipeline.whisper.hooks import EncoderCapture, log_mel, n_real_frames, split_windows
@@ -458,7 +458,7 @@ def activations_for_audio(audio: np.ndarray, model: str, hook: str, sae_checkpoi
     report("Loading Whisper" + (" and the SAE…" if sae_checkpoint else "…"))
     with _model_lock:  # one load per process even when the app serves several requests at once
         whisper_model = _whisper(model, device)
-        sae = _sae(sae_checkpoint, device) if sae_checkpoint else None
+        sae = _sae(sae_checkpoint, sae_sha256, device) if sae_checkpoint else None
     capture = EncoderCapture(whisper_model, [hook])
     parts = []
     windows = split_windows(audio)

@@ -53,6 +53,12 @@ def experiment_url(experiment_id: str, base: str | None = None) -> str:
     return f"{(base or mlflow_ui_url()).rstrip('/')}/#/experiments/{experiment_id}"
 
 
+def model_version_url(name: str, version: str | int, base: str | None = None) -> str:
+    from urllib.parse import quote
+
+    return f"{(base or mlflow_ui_url()).rstrip('/')}/#/models/{quote(name)}/versions/{version}"
+
+
 def tracking_uri_for(data_dir: str | os.PathLike | None = None) -> str:
     """The tracking URI the pipeline logs to: env MLFLOW_TRACKING_URI, else the sqlite store in the data dir."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -205,4 +211,5 @@ def feature_sets_by_run(sets: Iterable[dict]) -> dict[str, list[dict]]:
 
 
 __all__ = ["EXPERIMENT", "RunsUnavailable", "compare_runs", "experiment_id", "experiment_url",
-           "feature_sets_by_run", "headline", "list_runs", "mlflow_ui_url", "run_url", "tracking_uri_for"]
+           "feature_sets_by_run", "headline", "list_runs", "mlflow_ui_url", "model_version_url", "run_url",
+           "tracking_uri_for"]

@@ -1,7 +1,9 @@
 """LanceDB layout of feature sets, and the writer that publishes a set without disturbing readers.
 
 Tables (all sets share them; rows carry the build that wrote them):
-- `feature_sets`: one pointer row per set_id naming its current `build_id`, plus metadata.
+- `feature_sets`: one pointer row per set_id naming its current `build_id`, plus metadata; an SAE set names the
+  training run (`sae_run_id`), its checkpoint directory and the weights' sha256 (`sae_sha256`; null in rows
+  written before it existed).
 - `features`: one row per (build, feature): statistics, per-clip-max histogram, labels. Key `build_id/index`.
 - `examples`: one row per (build, feature, sign) with the ranked examples as list columns (rank = position),
   so `top_examples` is a single indexed row lookup. Key `build_id/index/sign`.
@@ -32,7 +34,8 @@ import pyarrow as pa
 from lancedb.index import FTS, BTree, Bitmap, IvfFlat
 
 from freud_pipeline.features.labels import LabelResult
-from freud_pipeline.features.mining import FRAME_SECONDS, MiningResult
+from freud_pipeline.features.mining import MiningResult
+from freud_pipeline.frames import FRAME_SECONDS
 from freud_pipeline.settings import lancedb_uri
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ FEATURE_SETS_SCHEMA = pa.schema([
     ("sae_checkpoint", pa.string()), ("shard_dir", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
     ("n_clips", pa.int64()), ("n_frames", pa.int64()), ("top_k", pa.int32()), ("fire_threshold", pa.float32()),
     ("quantile_levels", pa.list_(pa.float64())), ("vectors_table", pa.string()), ("vector_kind", pa.string()),
-    ("label_summary", pa.string()), ("previous_builds", pa.list_(pa.string())),
+    ("label_summary", pa.string()), ("previous_builds", pa.list_(pa.string())), ("sae_sha256", pa.string()),
 ])
 FEATURES_SCHEMA = pa.schema([
     ("key", pa.string()), ("build_id", pa.string()), ("set_id", pa.string()), ("index", pa.int32()),
@@ -105,6 +108,14 @@ def _open_or_create(db, name: str, schema: pa.Schema):
     if name in table_names(db):
         return db.open_table(name)
     return db.create_table(name, schema=schema, exist_ok=True)
+
+
+def _with_new_columns(table, schema: pa.Schema):
+    """A table written by an older version gets the columns added since (null in its old rows)."""
+    missing = [field for field in schema if field.name not in table.schema.names]
+    if missing:
+        table.add_columns(missing)
+    return table
 
 
 # ---------------------------------------------------------------- rows
@@ -192,8 +203,8 @@ def _write_vectors(db, name: str, vectors: np.ndarray, labels: list[str | None])
     tbl = db.create_table(name, data=table)  # a fresh name per build
     tbl.create_index("index", config=BTree())
     if n >= VECTOR_INDEX_MIN_ROWS:
-        # IVF_FLAT, not IVF_PQ: at 24,576 x 384 it builds in ~4 s instead of ~2 min (PQ training) on 2 cores,
-        # answers in ~10 ms (flat scan: ~75 ms) and keeps exact distances within the probed partitions.
+        # IVF_FLAT, not IVF_PQ: no PQ training (far quicker to build), answers well within the query target
+        # (benchmarks/RESULTS.md) and keeps exact distances within the probed partitions.
         tbl.create_index("vector", config=IvfFlat(distance_type="dot", num_partitions=max(1, int(np.sqrt(n)))))
 
 
@@ -233,6 +244,7 @@ def write_feature_set(
     sae_run_id: str | None = None,
     sae_checkpoint: str | None = None,
     shard_dir: str | None = None,
+    sae_sha256: str | None = None,
     uri: str | None = None,
     keep_builds: int = 2,
     batch_features: int = 256,
@@ -260,7 +272,7 @@ def write_feature_set(
         tbl.create_index("key", config=BTree(), replace=True)
         tbl.create_index("build_id", config=Bitmap(), replace=True)
 
-    sets = _open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA)
+    sets = _with_new_columns(_open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
     current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
     history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
     row = {
@@ -270,7 +282,7 @@ def write_feature_set(
         "n_frames": mining.n_frames, "top_k": mining.top_k, "fire_threshold": mining.fire_threshold,
         "quantile_levels": list(mining.quantile_levels), "vectors_table": vectors_table,
         "vector_kind": vector_kind, "label_summary": json.dumps(labels.summary if labels else {}),
-        "previous_builds": history[: keep_builds - 1],
+        "previous_builds": history[: keep_builds - 1], "sae_sha256": sae_sha256,
     }
     # The flip: one commit. Readers resolving set_id from here on get the new build.
     sets.merge_insert("set_id").when_matched_update_all().when_not_matched_insert_all().execute(
@@ -294,6 +306,32 @@ def _delete_builds(db, set_id: str, keep: list[str], newest: str) -> None:
         if vectors_table_name(build_id) in existing:
             db.drop_table(vectors_table_name(build_id))
     log.info("deleted %d retired build(s) of %s", len(stale), set_id)
+
+
+def delete_sets_of_run(sae_run_id: str, uri: str | None = None) -> list[str]:
+    """Delete every feature set built from SAE run `sae_run_id`, all its builds included (the retention rule of
+    `freud_pipeline.sae.retention` calls this before it removes the run's checkpoint). The pointer rows go first,
+    so readers stop resolving the sets before their rows disappear. Returns the deleted set ids."""
+    db = connect(uri)
+    if FEATURE_SETS not in table_names(db):
+        return []
+    sets = db.open_table(FEATURE_SETS)
+    rows = sets.search().where(f"sae_run_id = {sql_str(sae_run_id)}").limit(None).to_list()
+    if not rows:
+        return []
+    set_ids = [row["set_id"] for row in rows]
+    in_sets = f"set_id IN ({', '.join(map(sql_str, set_ids))})"
+    sets.delete(in_sets)
+    existing = table_names(db)
+    for name in (FEATURES, EXAMPLES):
+        if name in existing:
+            db.open_table(name).delete(in_sets)
+    builds = {b for row in rows for b in [row["build_id"], *(row["previous_builds"] or [])]}
+    for build_id in builds:
+        if vectors_table_name(build_id) in existing:
+            db.drop_table(vectors_table_name(build_id))
+    log.info("deleted feature set(s) %s of SAE run %s", ", ".join(set_ids), sae_run_id)
+    return set_ids
 
 
 def peak_time_s(frame: int | np.ndarray) -> float | np.ndarray:

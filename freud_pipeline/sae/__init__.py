@@ -1,8 +1,9 @@
 """Sparse autoencoders on Whisper activations: architectures, training, checkpoints, metrics, splicing.
 
 `splice` (Whisper-dependent) is imported from its module: `from freud_pipeline.sae.splice import splice_eval`.
-`train_sae` and `TrainResult` load on first use: they pull in MLflow (seconds), which loading a checkpoint,
-e.g. in the app, does not need.
+`train_sae`, `TrainResult`, `run_sae` (one whole SAE run: train, evaluate, gate, register, promote, report) and
+`SaeRunConfig` load on first use: they pull in MLflow (seconds), which loading a checkpoint, e.g. in the app, does
+not need.
 """
 
 import importlib
@@ -11,9 +12,12 @@ from freud_pipeline.sae.architectures import ARCHITECTURES, architecture_class
 from freud_pipeline.sae.base import ForwardOutput, SparseAutoencoder
 from freud_pipeline.sae.batchtopk import BatchTopKSAE
 from freud_pipeline.sae.checkpoint import (
+    CheckpointDigestError,
     CheckpointError,
+    checkpoint_sha256,
     load_checkpoint,
     load_original_freud_checkpoint,
+    load_verified,
     save_checkpoint,
 )
 from freud_pipeline.sae.config import TrainConfig, demo_config
@@ -22,7 +26,8 @@ from freud_pipeline.sae.metrics import EvalReport, evaluate_sae
 from freud_pipeline.sae.sources import FrameSource, TensorFrameSource
 from freud_pipeline.sae.topk import TopKSAE
 
-_LAZY = {"TrainResult": "freud_pipeline.sae.train", "train_sae": "freud_pipeline.sae.train"}
+_LAZY = {"TrainResult": "freud_pipeline.sae.train", "train_sae": "freud_pipeline.sae.train",
+         "SaeRunConfig": "freud_pipeline.sae.run", "run_sae": "freud_pipeline.sae.run"}
 
 
 def __getattr__(name: str):
@@ -32,7 +37,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ARCHITECTURES", "BatchTopKSAE", "CheckpointError", "EvalReport", "ForwardOutput", "FrameSource", "L1SAE",
-    "SparseAutoencoder", "TensorFrameSource", "TopKSAE", "TrainConfig", "TrainResult", "architecture_class",
-    "demo_config", "evaluate_sae", "load_checkpoint", "load_original_freud_checkpoint", "save_checkpoint", "train_sae",
+    "ARCHITECTURES", "BatchTopKSAE", "CheckpointDigestError", "CheckpointError", "EvalReport", "ForwardOutput",
+    "FrameSource", "L1SAE", "SaeRunConfig", "SparseAutoencoder", "TensorFrameSource", "TopKSAE", "TrainConfig",
+    "TrainResult", "architecture_class", "checkpoint_sha256", "demo_config", "evaluate_sae", "load_checkpoint",
+    "load_original_freud_checkpoint", "load_verified", "run_sae", "save_checkpoint", "train_sae",
 ]  # fmt: skip

@@ -9,15 +9,22 @@ jumprelu); ours is `freud_architecture`.
 
 Checkpoints written before that layout (`sae.safetensors`, our architecture names in `architecture`, a scalar
 threshold) still load.
+
+A checkpoint is identified by the sha256 of its weights file (`checkpoint_sha256`): a feature set records it, and
+`load_verified` — the one cached loader the app and the feature index use — refuses weights with another digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from freud_pipeline.errors import FreudError
 from freud_pipeline.sae.architectures import ARCHITECTURES, architecture_class
@@ -38,6 +45,10 @@ _FORMAT_KEYS = (
 
 class CheckpointError(FreudError, ValueError):
     """An SAE checkpoint is missing, incomplete or in a format this version cannot read."""
+
+
+class CheckpointDigestError(CheckpointError):
+    """An SAE checkpoint's weights are not the ones that were recorded (their sha256 differs)."""
 
 
 def weights_path(directory: str | Path) -> Path | None:
@@ -93,11 +104,31 @@ def checkpoint_architecture(cfg: dict) -> str:
     return architecture
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+def checkpoint_sha256(directory: str | Path) -> str:
+    """sha256 (hex) of a checkpoint's weights file: what a feature set records and `load_verified` checks."""
+    weights = weights_path(directory)
+    if weights is None:
+        raise CheckpointError(f"{directory} is not an SAE checkpoint: no {WEIGHTS_FILE}")
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
+                    sha256: str | None = None) -> SparseAutoencoder:
+    """The SAE of a checkpoint directory. With `sha256`, the weights must have that digest (checked on the very
+    bytes that are loaded), else CheckpointDigestError."""
     directory = Path(directory)
     weights, cfg_path = weights_path(directory), directory / CFG_FILE
     if weights is None or not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not an SAE checkpoint: it needs both {WEIGHTS_FILE} and {CFG_FILE}")
+    data = weights.read_bytes()
+    if sha256 and (actual := hashlib.sha256(data).hexdigest()) != sha256:
+        raise CheckpointDigestError(
+            f"{weights}: the weights' sha256 is {actual[:16]}…, not the {sha256[:16]}… recorded when the feature set "
+            f"was built: this checkpoint was changed since; rebuild the feature set from an intact SAE run")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("normalize_activations", "none") != "none":
         raise CheckpointError(
@@ -107,11 +138,49 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise CheckpointError(f"{cfg_path}: apply_b_dec_to_input=false is not supported")
     try:
         sae = architecture_class(checkpoint_architecture(cfg)).from_cfg(cfg)
-        sae.load_exported(load_file(weights))
+        sae.load_exported(load_bytes(data))
     except ValueError as exc:
         raise CheckpointError(f"{cfg_path}: {exc}") from exc
     sae.metadata = {k: v for k, v in cfg.items() if k not in sae.cfg and k not in _FORMAT_KEYS}
     return sae.to(device).eval()
+
+
+_VERIFIED_MAX = 4
+_verified: OrderedDict[tuple[str, str, str], SparseAutoencoder] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
+def load_verified(directory: str | Path, sha256: str | None, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """The SAE of a checkpoint, verified against `sha256` and cached by (directory, sha256, device): the one
+    loader behind uploads, edits and the feature index, so every page sees the weights a set was mined with.
+
+    A cached SAE stays valid however the file changes later: its key is the digest it was verified against.
+    `sha256` None (sets built before digests were recorded) keys on the weights file's size and modification
+    time instead, so a rewritten file is reloaded, never served stale. Returned SAEs are shared: read only."""
+    directory = Path(directory).resolve()
+    if sha256:
+        version = sha256
+    else:
+        weights = weights_path(directory)
+        if weights is None:
+            raise CheckpointError(f"{directory} is not an SAE checkpoint: no {WEIGHTS_FILE}")
+        stat = weights.stat()
+        version = f"unverified:{stat.st_size}:{stat.st_mtime_ns}"
+    key = (str(directory), version, str(device))
+    with _verified_lock:  # one load per key even when several requests ask at once
+        sae = _verified.get(key)
+        if sae is None:
+            sae = _verified[key] = load_checkpoint(directory, device=device, sha256=sha256)
+            while len(_verified) > _VERIFIED_MAX:
+                _verified.popitem(last=False)
+        _verified.move_to_end(key)
+        return sae
+
+
+def clear_verified_cache() -> None:
+    """Forget every SAE `load_verified` holds (the next call reads and verifies the files again)."""
+    with _verified_lock:
+        _verified.clear()
 
 
 def load_original_freud_checkpoint(

@@ -54,14 +54,10 @@ class TrainConfig(BaseModel):
 
 
 def demo_config(**overrides) -> TrainConfig:
-    """TopK 16x (6144 latents), k=32 on tiny.en encoder.blocks.2: the training settings of
-    configs/train/demo_topk.yaml (that file also sets device cpu).
-
-    200 steps of 2048 frames (410k frames), cosine lr 1e-3, a checkpoint at step 100. Measured by
-    benchmarks/train.py on the default corpus (benchmarks/RESULTS.md, "SAE training"): train_sae took 43 s wall on
-    2 CPU cores during a quiet spell (10,096 frames/s; MLflow logging and the mid-run checkpoint included, the
-    store created beforehand) and 103-128 s with the cores shared (load ~4-7); dev FVU 0.217, CE recovered 0.645
-    spliced into 8 held-out clips."""
+    """The demo SAE: TopK 16x (6144 latents), k=32 on tiny.en encoder.blocks.2, 200 steps of 2048 frames, cosine
+    lr 1e-3, a checkpoint at step 100. What `make demo` trains (the topk_sae asset's defaults) and
+    configs/train/demo_topk.yaml holds (that file also sets device cpu); benchmarks/train.py measures it
+    (benchmarks/RESULTS.md, "SAE training")."""
     defaults = dict(
         architecture="topk",
         hook="encoder.blocks.2",

@@ -7,15 +7,17 @@ optionally with latents scaled for feature editing), `zero_replacement`, `mean_r
 `splice_eval` compares teacher-forced decoder cross-entropy on reference transcripts and greedy-decoding WER
 with the original activation, the SAE's reconstruction, and zero / mean ablation. Only positions holding real
 audio are replaced: the padding Whisper appends up to 30 s is not what the SAE was trained on.
+
+Threads: a splice holds the model's lock (`model_lock`) while it is open, so a forward pass of another thread
+that holds the lock too (every capture, splice and decode here does) never runs through it. Code that runs the
+model inside a splice, or decodes (whisper's decoder registers key/value cache hooks), holds the lock as well.
 """
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
-import jiwer
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,10 @@ import whisper
 from torch import Tensor
 from whisper.tokenizer import get_tokenizer
 
+from freud_pipeline.audio.text import normalise_transcript, word_error_rate
 from freud_pipeline.sae.base import SparseAutoencoder
 from freud_pipeline.whisper.hooks import EncoderCapture, log_mel, n_real_frames, validate_hooks
+from freud_pipeline.whisper.models import model_lock
 
 Replacement = Callable[[Tensor], Tensor]  # [T, d] activations of one clip -> replacement of the same shape
 
@@ -33,7 +37,8 @@ Replacement = Callable[[Tensor], Tensor]  # [T, d] activations of one clip -> re
 def splice(
     model: whisper.model.Whisper, hook: str, replace: Replacement, n_frames: int | Sequence[int] | None = None
 ) -> Iterator[None]:
-    """While open, the output of `hook` at the first `n_frames` positions (per batch item) is `replace(output)`."""
+    """While open, the output of `hook` at the first `n_frames` positions (per batch item) is `replace(output)`.
+    The model's lock is held while it is open: open and run it in one thread."""
     validate_hooks(model, [hook])
     module = dict(model.named_modules())[hook]
 
@@ -45,11 +50,12 @@ def splice(
             new[row, :limit] = replace(act[row, :limit]).to(act.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    handle = module.register_forward_hook(swap)
-    try:
-        yield
-    finally:
-        handle.remove()
+    with model_lock(model):
+        handle = module.register_forward_hook(swap)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def sae_replacement(
@@ -81,12 +87,6 @@ def zero_replacement() -> Replacement:
 
 def mean_replacement(mean: Tensor) -> Replacement:
     return lambda x: mean.to(x.device, x.dtype).expand_as(x)
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, no punctuation, single spaces: WER should count words, not commas."""
-    text = text.lower().replace("'", "")
-    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
 
 
 def _encode(model, mels: Tensor, hook: str, replace: Replacement | None, n_frames: list[int]) -> Tensor:
@@ -128,44 +128,47 @@ def splice_eval(
     """
     if not clips:
         raise ValueError("splice_eval needs at least one (audio, transcript) clip")
-    if any(not normalize_text(text) for _, text in clips):
+    if any(not normalise_transcript(text) for _, text in clips):
         raise ValueError("every clip needs a non-empty reference transcript for CE and WER")
-    validate_hooks(model, [hook])
-    device = next(model.parameters()).device
-    mels = torch.stack([log_mel(audio, model.dims.n_mels) for audio, _ in clips]).to(device)
-    n_frames = [n_real_frames(len(audio)) for audio, _ in clips]
-    if mean_activation is None:
-        captured = EncoderCapture(model, [hook]).capture(mels)[hook]
-        mean_activation = torch.cat([captured[i, :n] for i, n in enumerate(n_frames)]).mean(0)
+    with model_lock(model):  # encodes, splices and decodes: the model is ours until the result is in
+        validate_hooks(model, [hook])
+        device = next(model.parameters()).device
+        mels = torch.stack([log_mel(audio, model.dims.n_mels) for audio, _ in clips]).to(device)
+        n_frames = [n_real_frames(len(audio)) for audio, _ in clips]
+        if mean_activation is None:
+            captured = EncoderCapture(model, [hook]).capture(mels)[hook]
+            mean_activation = torch.cat([captured[i, :n] for i, n in enumerate(n_frames)]).mean(0)
 
-    tokenizer = get_tokenizer(multilingual=model.is_multilingual, language="en", task="transcribe")
-    prompt = list(tokenizer.sot_sequence_including_notimestamps)
-    token_rows = [prompt + tokenizer.encode(" " + text.strip()) + [tokenizer.eot] for _, text in clips]
+        tokenizer = get_tokenizer(multilingual=model.is_multilingual, language="en", task="transcribe")
+        prompt = list(tokenizer.sot_sequence_including_notimestamps)
+        token_rows = [prompt + tokenizer.encode(" " + text.strip()) + [tokenizer.eot] for _, text in clips]
 
-    conditions = {
-        "original": None,
-        "spliced": sae_replacement(sae, keep_error=keep_error),
-        "zero": zero_replacement(),
-        "mean": mean_replacement(mean_activation),
-    }
-    result: dict = {"n_clips": len(clips)}
-    features = {}
-    for name, replace in conditions.items():
-        features[name] = _encode(model, mels, hook, replace, n_frames)
-        total, count = _cross_entropy(model, features[name], token_rows, len(prompt))
-        result[f"ce_{name}"] = total / count
-    result["n_tokens"] = count
-    gap_zero = result["ce_zero"] - result["ce_original"]
-    gap_mean = result["ce_mean"] - result["ce_original"]
-    result["ce_recovered"] = (result["ce_zero"] - result["ce_spliced"]) / gap_zero if gap_zero else float("nan")
-    result["ce_recovered_vs_mean"] = (result["ce_mean"] - result["ce_spliced"]) / gap_mean if gap_mean else float("nan")
+        conditions = {
+            "original": None,
+            "spliced": sae_replacement(sae, keep_error=keep_error),
+            "zero": zero_replacement(),
+            "mean": mean_replacement(mean_activation),
+        }
+        result: dict = {"n_clips": len(clips)}
+        features = {}
+        for name, replace in conditions.items():
+            features[name] = _encode(model, mels, hook, replace, n_frames)
+            total, count = _cross_entropy(model, features[name], token_rows, len(prompt))
+            result[f"ce_{name}"] = total / count
+        result["n_tokens"] = count
+        gap_zero = result["ce_zero"] - result["ce_original"]
+        gap_mean = result["ce_mean"] - result["ce_original"]
+        result["ce_recovered"] = (result["ce_zero"] - result["ce_spliced"]) / gap_zero if gap_zero else float("nan")
+        result["ce_recovered_vs_mean"] = (
+            (result["ce_mean"] - result["ce_spliced"]) / gap_mean if gap_mean else float("nan"))
 
-    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=max_new_tokens)
-    references = [normalize_text(text) for _, text in clips]
-    transcripts = {"reference": [text for _, text in clips]}
-    for name in ("original", "spliced"):
-        # Features, not mels: decode() recognises their shape and skips the encoder, so the splice is kept.
-        transcripts[name] = [r.text for r in whisper.decode(model, features[name], options)]
-        result[f"wer_{name}"] = jiwer.wer(references, [normalize_text(t) for t in transcripts[name]])
-    result["transcripts"] = [dict(zip(transcripts, row)) for row in zip(*transcripts.values())]
-    return result
+        options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
+                                          sample_len=max_new_tokens)
+        references = [text for _, text in clips]
+        transcripts = {"reference": [text for _, text in clips]}
+        for name in ("original", "spliced"):
+            # Features, not mels: decode() recognises their shape and skips the encoder, so the splice is kept.
+            transcripts[name] = [r.text for r in whisper.decode(model, features[name], options)]
+            result[f"wer_{name}"] = word_error_rate(references, transcripts[name])
+        result["transcripts"] = [dict(zip(transcripts, row)) for row in zip(*transcripts.values())]
+        return result

@@ -2,6 +2,8 @@
 
 Layout of `out_dir` after a run: sae_weights.safetensors + cfg.json (the final SAE, taking raw activations),
 trainer_state.pt (to resume or extend), eval_report.json, feature_density.png, checkpoints/step_XXXXXXXX/.
+`freud_pipeline.sae.run.run_sae` gives every run its own directory, written under a temporary name and renamed
+when the run is complete (docs/SAE_FORMAT.md, "Run directories").
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from freud_pipeline import settings
+from freud_pipeline.devices import resolve_device
 from freud_pipeline.sae.architectures import architecture_class
 from freud_pipeline.sae.base import ForwardOutput, SparseAutoencoder
-from freud_pipeline.sae.checkpoint import CFG_FILE, WEIGHTS_FILE, CheckpointError, save_checkpoint
+from freud_pipeline.sae.checkpoint import CFG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_sha256, save_checkpoint
 from freud_pipeline.sae.config import TrainConfig
 from freud_pipeline.sae.density_plot import write_density_plot
 from freud_pipeline.sae.firing import FiringTracker
@@ -50,14 +54,7 @@ class TrainResult:
     input_scale: float
     steps: int
     frames_per_second: float
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use 'cpu' or 'auto'")
-    return torch.device(name)
+    sha256: str = ""  # of the final weights file (checkpoint_sha256)
 
 
 def lr_factor(cfg: TrainConfig):
@@ -159,18 +156,17 @@ def train_sae(
     source,
     cfg: TrainConfig | dict,
     *,
-    out_dir: str | Path | None = None,
+    out_dir: str | Path | Callable[[str], Path] | None = None,
     mlflow_tracking_uri: str | None = None,
     experiment: str = "freud-sae",
     run_name: str | None = None,
     tags: dict | None = None,
-    mlflow_tags: dict | None = None,  # alias of `tags`, as named in docs/CONTRACTS.md
     eval_source=None,
     resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Train `cfg.architecture` on `source` (a frame source, or a 2-D tensor/array of frames).
 
-    `out_dir` defaults to <data_dir>/sae/<mlflow run id>.
+    `out_dir`: a directory, or a function of the MLflow run id giving one; default <data_dir>/sae/<run id>.
     `eval_source` is evaluated every `cfg.eval_every` steps and at the end (else the training source, at the end).
     `resume_from`: a checkpoint directory of an earlier run (its trainer_state.pt); the run continues in a new
     MLflow run tagged with the old one and ends with the weights the uninterrupted run would have had.
@@ -179,7 +175,7 @@ def train_sae(
     mlflow_tracking_uri = mlflow_tracking_uri or settings.mlflow_tracking_uri()
     source = as_frame_source(source, cfg.hook)
     eval_source = as_frame_source(eval_source, cfg.hook) if eval_source is not None else None
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     d_in = source.width(cfg.hook)
     n_latents = cfg.latents_for(d_in)
     model_name = cfg.model_name or getattr(source, "model_name", None) or "unknown"
@@ -208,7 +204,7 @@ def train_sae(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     run_tags = {"model": model_name, "hook": cfg.hook, "architecture": cfg.architecture}
-    run_tags |= {**(tags or {}), **(mlflow_tags or {})}
+    run_tags |= tags or {}
     if saved is not None:
         run_tags |= {"resumed_from": resume_from, "resumed_from_run": saved.get("run_id"), "resumed_at_step": start}
     run_name = run_name or f"{cfg.architecture}-{cfg.hook}-{n_latents}"
@@ -229,7 +225,10 @@ def train_sae(
             **cfg.model_dump(), "d_in": d_in, "n_latents_resolved": n_latents, "input_scale": scale,
             "start_step": start, "device_resolved": str(device),
         })  # fmt: skip
-        out_dir = Path(out_dir) if out_dir is not None else settings.data_dir() / "sae" / run.run_id
+        if callable(out_dir):
+            out_dir = Path(out_dir(run.run_id))
+        else:
+            out_dir = Path(out_dir) if out_dir is not None else settings.data_dir() / "sae" / run.run_id
         metrics: dict[str, float] = {}
         started, frames_done = time.perf_counter(), 0
         for step in range(start + 1, cfg.steps + 1):
@@ -258,6 +257,8 @@ def train_sae(
                 checkpoint(out_dir / "checkpoints" / f"step_{step:08d}", step)
         elapsed = time.perf_counter() - started
         final = checkpoint(out_dir, cfg.steps)
+        sha256 = checkpoint_sha256(out_dir)
+        run.client.set_tag(run.run_id, "checkpoint_sha256", sha256)
         eval_metrics = _publish_final(run, final, cfg, source, eval_source, out_dir)
 
     return TrainResult(
@@ -268,4 +269,5 @@ def train_sae(
         input_scale=scale,
         steps=cfg.steps,
         frames_per_second=frames_done / elapsed if elapsed > 0 else float("nan"),
+        sha256=sha256,
     )

@@ -3,7 +3,9 @@
 Hook names are module names, as in the original FREUD: `encoder.blocks.{i}` (residual stream after block i),
 `encoder.blocks.{i}.mlp.0|1|2` (MLP pre-activation, post-GELU "neurons", output), `encoder.blocks.{i}.attn`
 (attention output) and `encoder.ln_post`. Capture runs the encoder only, and only up to the deepest block any
-requested hook needs: the text decoder is never run to reach an encoder activation.
+requested hook needs: the text decoder is never run to reach an encoder activation. A capture holds the
+model's lock (`models.model_lock`) from registering its hooks to removing them, so captures of one shared model
+from several threads never see each other's forward passes.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import whisper
-from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from whisper.audio import N_FRAMES, N_SAMPLES
 
 from freud_pipeline.errors import HookError
+from freud_pipeline.frames import SAMPLES_PER_FRAME
+from freud_pipeline.whisper.models import model_lock
 
-FRAME_SECONDS = 2 * HOP_LENGTH / SAMPLE_RATE  # one encoder position = 20 ms (conv2 has stride 2)
-SAMPLES_PER_FRAME = 2 * HOP_LENGTH
 WINDOW_FRAMES = N_FRAMES // 2  # 1500 encoder positions per 30 s window
 
 _BLOCK_HOOK = re.compile(r"^encoder\.blocks\.(\d+)(?:\.(attn|mlp\.[012]))?$")
@@ -100,7 +102,7 @@ class EncoderCapture:
     """Capture several hook points in one encoder pass.
 
     `capture(mel)` takes a batch of log-mels [B, n_mels, T] (T = 3000 for padded windows, or fewer frames for
-    trimmed clips) and returns {hook: Tensor[B, T/2, width]}.
+    trimmed clips) and returns {hook: Tensor[B, T/2, width]}. Safe to call from several threads on one model.
     """
 
     def __init__(self, model: whisper.model.Whisper, hooks: Sequence[str]):
@@ -130,7 +132,7 @@ class EncoderCapture:
         if mel.dim() == 2:
             mel = mel.unsqueeze(0)
         mel = mel.to(encoder.conv1.weight.device, encoder.conv1.weight.dtype)
-        with self._registered() as store:
+        with model_lock(self.model), self._registered() as store:
             x = F.gelu(encoder.conv1(mel))
             x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
             # Sliced rather than asserted equal, so trimmed (shorter than 30 s) inputs work too.

