@@ -8,13 +8,15 @@ all workers read back one request-signing secret from it.
 
 Jobs are identified as "<pid>-<uuid hex>". A thread cannot be killed: `terminate_job` sets a cancel flag that
 the job sees at its next progress report (it raises `JobCancelled` there), and a cancelled queued job never
-starts. A job whose process has gone is not running.
+starts. A job whose process has gone is not running. Besides the latest progress report (what the browser polls,
+so it may never see a short stage), each job keeps the whole sequence of its reports (`stages`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -111,7 +113,7 @@ class ThreadedDiskcacheManager(DiskcacheManager):
                                "the app's background manager); register it inside create_app")
         pid = os.getpid()
         job = f"{pid}-{uuid.uuid4().hex}"
-        record = {"pid": pid, "created": psutil.Process(pid).create_time(), "key": key}
+        record = {"pid": pid, "created": psutil.Process(pid).create_time(), "key": key, "submitted": time.time()}
         self.handle.set(_record_key(job), record, expire=self.expire_s)
         self._set_state(job, QUEUED)
         self._executor().submit(self._run, job, key, job_fn, args, context)
@@ -144,6 +146,21 @@ class ThreadedDiskcacheManager(DiskcacheManager):
 
     def job_state(self, job: str) -> str | None:
         return self.handle.get(_state_key(str(job)))
+
+    def stages(self, job: str) -> list:
+        """Every progress report of the job, in the order it made them (each as Dash stores it: a list of the
+        progress outputs' values). A cancelled job's list ends before the report at which it stopped."""
+        return self.handle.get(_stages_key(str(job))) or []
+
+    def jobs(self) -> list[str]:
+        """The jobs the cache still holds a record of (any process's), oldest first."""
+        records = [(key[len(_record_key("")):], self.handle.get(key)) for key in self.handle.iterkeys()
+                   if isinstance(key, str) and _is_record_key(key)]
+        return [job for job, record in sorted(records, key=lambda r: (r[1] or {}).get("submitted", 0.0))]
+
+    def _add_stage(self, job: str, value) -> None:
+        key = _stages_key(job)  # one writer per job (its thread): read, append, write
+        self.handle.set(key, [*(self.handle.get(key) or []), value], expire=self.expire_s)
 
     def terminate_job(self, job):
         if job is None:
@@ -203,6 +220,8 @@ class _JobStore:
             if key == self.progress_key:
                 raise JobCancelled(self.job)
             return  # a result nobody waits for any more
+        if key == self.progress_key:
+            self.manager._add_stage(self.job, value)
         self.manager.handle.set(key, value, expire=self.manager.expire_s)
 
 
@@ -216,6 +235,14 @@ def _state_key(job: str) -> str:
 
 def _cancel_key(job: str) -> str:
     return f"freud-job-{job}-cancel"
+
+
+def _stages_key(job: str) -> str:
+    return f"freud-job-{job}-stages"
+
+
+def _is_record_key(key: str) -> bool:
+    return key.startswith(_record_key("")) and not key.endswith(("-state", "-cancel", "-stages"))
 
 
 # -- the indicator ----------------------------------------------------------------------------------------------

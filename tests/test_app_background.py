@@ -152,6 +152,28 @@ def test_a_running_job_stops_at_its_next_progress_report(managers):
     assert not manager.job_running(job)
     _wait(lambda: manager.job_state(job) == DONE, what="the job to stop")
     assert len(stages) < 1000 and manager.get_result(key, job) is manager.UNDEFINED
+    # its recorded reports are exactly those it made before the one at which it stopped
+    assert manager.stages(job) == [[f"stage {i}"] for i in stages]
+
+
+def test_every_progress_report_is_kept_in_order_for_another_worker(managers):
+    """The browser polls the latest report only (a short stage can fall between two polls); the job's whole
+    sequence of reports is kept, and another worker reads the same one."""
+    worker_a, worker_b = managers(), managers()
+
+    def quick(set_progress):
+        for text in ("Decoding audio…", "Running Whisper's encoder: original…", "Ranking the features…"):
+            set_progress(text)  # faster than any poll
+        set_progress(["two", "outputs"])
+        return "done"
+
+    key, job = _start(worker_a, quick)
+    other_key, other_job = _start(worker_a, quick)
+    assert _collect(worker_b, key, job) == "done" and _collect(worker_b, other_key, other_job) == "done"
+    expected = [["Decoding audio…"], ["Running Whisper's encoder: original…"], ["Ranking the features…"],
+                ["two", "outputs"]]
+    assert worker_b.stages(job) == expected and worker_a.stages(other_job) == expected
+    assert worker_b.jobs() == [job, other_job] and worker_b.stages("no-such-job") == []
 
 
 def test_a_job_of_a_dead_worker_is_not_running(managers, tmp_path):

@@ -193,3 +193,22 @@ def test_spectrogram_png_is_served_top_down():
     assert picture.shape == (80, 50)
     assert picture[-1].mean() < picture[0].mean()  # dark (loud) row last, i.e. at the bottom
     assert len(spec.version) == 12 and spec.version == spectrogram_image(mel).version
+
+
+def test_page_links_and_upload_decoding_shared_by_the_pages():
+    import base64
+    import io
+    import wave
+
+    from dash_app.data import decode_upload, edit_href, wav_data_uri
+
+    assert (edit_href("asterisk/vm intro", "tiny.en:sae", "12:0")
+            == "/edit?clip=asterisk%2Fvm%20intro&set=tiny.en%3Asae&features=12%3A0")
+    assert edit_href(upload="tok", set_id="s") == "/edit?upload=tok&set=s" and edit_href() == "/edit"
+    assert decode_upload("data:audio/wav;base64," + base64.b64encode(b"RIFF1234").decode()) == b"RIFF1234"
+    with pytest.raises(ValueError):
+        decode_upload("data:text/plain,hello")
+    uri = wav_data_uri(np.zeros(1600, np.float32))
+    assert uri.startswith("data:audio/wav;base64,")
+    with wave.open(io.BytesIO(decode_upload(uri))) as wav:
+        assert (wav.getframerate(), wav.getnframes()) == (16000, 1600)

@@ -1,11 +1,12 @@
 """Shared models under threads: results from 4 threads at once are bit for bit the sequential ones.
 
 The app analyses uploads and runs edits on background threads that share one cached Whisper (and SAE) per
-process. A real small TopK SAE is trained on real tiny.en `encoder.blocks.0.attn` frames (a cheap hook to
-reach) and indexed as a feature set next to a neuron set of the same hook; short recorded Asterisk prompts are analysed (`clip_features`) and
-edited (`edit_clip`) first one after the other, then from 4 threads at once, each thread on another clip in each
-round. Without the per-model lock (docs/ARCHITECTURE.md, "Thread safety") a forward pass fires another thread's
-capture hook and results are silently swapped.
+process. A real small TopK SAE is trained on real tiny.en `encoder.blocks.0.attn` frames (cheap to reach, and
+the rest of block 0 still runs after the hook fires, so a hook left exposed to other threads is caught) and
+indexed as a feature set next to a neuron set of the same hook. Short recorded Asterisk prompts are analysed
+(`clip_features`) and edited (`edit_clip`) one after the other, then from 4 threads at once, each thread on
+another clip in each round. Without the per-model lock (docs/ARCHITECTURE.md, "Thread safety") a forward pass
+fires another thread's capture hook and results are silently swapped.
 """
 
 from __future__ import annotations

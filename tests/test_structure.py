@@ -205,28 +205,36 @@ def test_shared_rules_are_not_reimplemented(call, home):
     assert users == []
 
 
+def _time_literal(node: ast.AST) -> bool:
+    numbers = [side.value for side in (getattr(node, "left", None), getattr(node, "right", None))
+               if isinstance(side, ast.Constant) and type(side.value) in (int, float)]
+    return isinstance(node, ast.BinOp) and any(n in (0.02, 0.01, 16000) for n in numbers)
+
+
 def test_time_is_not_computed_with_literal_frame_or_sample_rate():
     """Arithmetic with 0.02 s, 0.01 s or 16 kHz uses freud_pipeline.frames, not a number of its own."""
-    literals = {0.02, 0.01, 16000}
     found = sorted(f"{modules()[name].relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}"
-                   for name in modules() if name != "freud_pipeline.frames" for node in ast.walk(tree(name))
-                   if isinstance(node, ast.BinOp) and any(isinstance(side, ast.Constant) and type(side.value) in (int, float)
-                                                          and side.value in literals for side in (node.left, node.right)))
+                   for name in modules() if name != "freud_pipeline.frames"
+                   for node in ast.walk(tree(name)) if _time_literal(node))
     assert found == []
 
 
-REFERENCE = re.compile(r"(?<![\w/.])(?:docs|scripts|deploy|benchmarks|configs|tests)/[\w./-]*\w\.(?:md|py|yaml|yml|sh|txt|json|toml)\b")
+REFERENCE = re.compile(r"(?<![\w/.])(?:docs|scripts|deploy|benchmarks|configs|tests)/[\w./-]*\w"
+                       r"\.(?:md|py|yaml|yml|sh|txt|json|toml)\b")
 UPSTREAM = "(ksadov/freud)"  # a config's note naming the file it was ported from in the original repository
+
+
+def _text_files() -> list[Path]:
+    tops = (*SCANNED, "docs", "configs", "scripts", "deploy", "tests")
+    found = [p for top in tops for p in (ROOT / top).rglob("*") if p.suffix in (".py", ".md", ".yaml", ".yml", ".sh")]
+    return [p for p in [*found, ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml"] if p.is_file()]
 
 
 def test_referenced_repository_files_exist():
     """Docs, docstrings, help texts and configs name only files that are in the repository."""
-    texts = [p for top in (*SCANNED, "docs", "configs", "scripts", "deploy", "tests") for p in (ROOT / top).rglob("*")
-             if p.suffix in (".py", ".md", ".yaml", ".yml", ".sh", ".toml") and p.is_file()]
-    texts += [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml"]
-    missing = sorted({f"{path.relative_to(ROOT)}: {ref}" for path in texts if path.is_file()
-                      for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if UPSTREAM not in line
-                      for ref in REFERENCE.findall(line) if not (ROOT / ref).exists()})
+    missing = sorted({f"{path.relative_to(ROOT)}: {ref}" for path in _text_files()
+                      for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                      if UPSTREAM not in line for ref in REFERENCE.findall(line) if not (ROOT / ref).exists()})
     assert missing == []
 
 

@@ -33,7 +33,7 @@ from dash_app.data import (
     set_label,
     wav_data_uri,
 )
-from dash_app.figures import clip_figure
+from dash_app.figures import clip_figure, clip_graph_style
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def results_view(result: dict, access: IndexAccess, audio, source: dict) -> html
                else wav_data_uri(audio))
         spectrogram = [
             dcc.Graph(id="edit-spectrogram", figure=figure, config={"displayModeBar": False, "responsive": True},
-                      className="clip-graph"),
+                      className="clip-graph", style=clip_graph_style(figure.layout.height)),
             html.Div([audio_player(src, "edit-spectrogram", "edit-readout", player_id="edit-player"),
                       html.Span(id="edit-readout", className="readout")], className="player-row"),
         ]

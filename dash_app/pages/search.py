@@ -38,7 +38,7 @@ from dash_app.data import (
     validate_search,
 )
 from dash_app import wire
-from dash_app.figures import clip_figure_dict, display_rounded, histogram_figure
+from dash_app.figures import clip_figure_dict, clip_graph_style, display_rounded, histogram_figure
 from dash_app.pages.upload import clip_href
 from freud_pipeline.frames import FRAME_SECONDS
 
@@ -190,7 +190,7 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
                                   shade_scale=shade_scale, trace_offset_frames=offset, value_range=value_range,
                                   image_url=spectrogram_url(clip_id, spectrogram.version), rounded=True)
         graph = wire.dcc("Graph", id=graph_id, figure=figure, config={"displayModeBar": False, "responsive": True},
-                         className="clip-graph")
+                         className="clip-graph", style=clip_graph_style(figure["layout"]["height"]))
         links = [wire.dcc("Link", "top features of this clip →", href=clip_href(clip_id, set_id), className="download")]
         if edit_feature is not None:
             links.append(wire.dcc("Link", "ablate it here (edit) →", className="download edit-link",
