@@ -10,8 +10,9 @@
 2. Peak memory of each step: a fresh subprocess per implementation runs a few steps; the increase of its peak RSS
    (VmHWM, reset just before the first step) over its RSS before that step is the step's memory.
 3. The demo SAE (configs/train/demo_topk.yaml): the pipeline's SAE run (`run_sae`: train, splice-evaluate,
-   quality gate; not registered) on real tiny.en encoder.blocks.2 activations of the default corpus (data/activations/tiny.en/default_corpus/{train,dev}, collected into a temporary directory if
-   absent), its wall time, final dev FVU, and CE recovered when spliced into 8 held-out clips.
+   quality gate; not registered) on real tiny.en encoder.blocks.2 activations of the default corpus
+   (data/activations/tiny.en/default_corpus/{train,dev}, collected into a temporary directory if absent): its
+   training wall time, final dev FVU, and CE recovered when spliced into 8 held-out clips.
 
 sparsify is not a dependency: install it apart from the venv (its dependencies are all absent from our pins, so
 nothing of ours changes), and point --sparsify-path at that directory (default .venv/extras/sparsify):
@@ -276,8 +277,8 @@ def demo_sae(dirs: dict[str, Path], scratch: Path, splice_clips: int) -> dict:
     with TrainingRun(uri, "bench-warmup", "warmup", {}):  # creates the store: not part of the demo's time
         pass
     result = run_sae(cfg, ActivationReader(dirs["train"]), ActivationReader(dirs["dev"]), runs_dir=scratch / "sae",
-                     tracking_uri=uri, experiment="bench-demo", corpus_manifest=manifest if manifest.is_file() else None,
-                     data_root=settings.data_dir())
+                     tracking_uri=uri, experiment="bench-demo", data_root=settings.data_dir(),
+                     corpus_manifest=manifest if manifest.is_file() else None)
     out = {"config": run["config"], "train_sae_wall_s": result.seconds["train"],
            "frames_per_s": result.frames_per_second, "steps": cfg.steps, "frames": cfg.steps * cfg.batch_size,
            **{k.removeprefix("eval/"): v for k, v in result.metrics.items() if k.startswith("eval/")}}

@@ -55,6 +55,18 @@ def require_extra(present: bool, what: str, *, module_level: bool = False) -> No
     pytest.skip(what + " is missing: run scripts/install.sh", allow_module_level=module_level)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under `make test` (FREUD_REQUIRE_EXTRAS=1) a skip from anywhere (a stray pytest.skip or skipif) fails the
+    test: every environment guard goes through `require_extra`, and nothing is hidden."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and os.environ.get("FREUD_REQUIRE_EXTRAS") == "1":
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under make test (FREUD_REQUIRE_EXTRAS=1), which allows no skips: {reason}"
+
+
 def requires(present: bool, what: str):
     """`require_extra` as a test decorator: checked when the test runs (fixtures still injected by name)."""
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 try:
-    from test_app import PROMPTS, _shot, _type, clip_dir, dash_duo, manifest
+    from test_app import PROMPTS, _see, _type, clip_dir, dash_duo, manifest
 except ImportError:  # tests collected as a package
-    from tests.test_app import PROMPTS, _shot, _type, clip_dir, dash_duo, manifest
+    from tests.test_app import PROMPTS, _see, _type, clip_dir, dash_duo, manifest
 
 __all__ = ["clip_dir", "dash_duo", "manifest"]  # fixtures: used by pytest, not by name
 
@@ -29,6 +29,10 @@ pytestmark = [pytest.mark.browser]
 
 HOOK = "encoder.blocks.2"
 EDIT_CLIP = "asterisk-hello-world"
+# what freud_pipeline.features.editing.edit_clip reports, in order
+EDIT_STAGES = ["Loading the SAE and Whisper…", "Running Whisper's encoder: original…",
+               "Running Whisper's encoder: SAE reconstruction…", "Running Whisper's encoder: edited…",
+               "Transcribing original, SAE reconstruction and edited…", "Comparing the activations…"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,9 +165,7 @@ def test_edit_and_clip_features_report_their_stages(sae_world, top_latent, clip_
     stages = []
     result = editing.edit_clip(audio, sae_world["set_id"], {top_latent: 0.0}, index=sae_world["index"],
                                progress=stages.append)
-    assert stages == ["Loading the SAE and Whisper…", "Running Whisper's encoder: original…",
-                      "Running Whisper's encoder: SAE reconstruction…", "Running Whisper's encoder: edited…",
-                      "Transcribing original, SAE reconstruction and edited…", "Comparing the activations…"]
+    assert stages == EDIT_STAGES
 
     class Stop(Exception):
         pass
@@ -350,7 +352,8 @@ def test_edit_page_ablating_the_top_feature(dash_duo, sae_world, top_latent):
     link = dash_duo.find_element(f"#edit-table a[href*='index={top_latent}']")
     assert sae_world["set_id"].split("/")[0] in link.get_attribute("href")
     dash_duo.wait_for_element("#edit-spectrogram .js-plotly-plot")
-    _shot(dash_duo, "edit-ablate-top-feature")
+    _see(dash_duo, "edit-ablate-top-feature", "#edit-graph", "#edit-spectrogram", "#edit-spectrogram image",
+         "#edit-player")
 
 
 def test_edit_page_upload_errors_and_flip(dash_duo, sae_world, top_latent, clip_dir):
@@ -382,7 +385,7 @@ def test_edit_page_upload_errors_and_flip(dash_duo, sae_world, top_latent, clip_
     dash_duo.wait_for_text_to_equal("#edit-features-error", "")
     dash_duo.find_element("#edit-go").click()
     dash_duo.wait_for_contains_text("#edit-factor-error", "must be a number")
-    _shot(dash_duo, "edit-errors")
+    _see(dash_duo, "edit-errors")
     # flip the top feature, without the error term
     _type(dash_duo, "#edit-factor", "0")
     _type(dash_duo, "#edit-features", f"{top_latent}:-3")
@@ -395,7 +398,7 @@ def test_edit_page_upload_errors_and_flip(dash_duo, sae_world, top_latent, clip_
     assert min(after) == pytest.approx(-3 * max(before), rel=1e-3)
     assert "SAE reconstruction" in dash_duo.find_element("#edit-transcripts").text
     assert dash_duo.find_element("#edit-player").get_attribute("src").startswith("data:audio/wav;base64,")
-    _shot(dash_duo, "edit-upload-flip")
+    _see(dash_duo, "edit-upload-flip", "#edit-graph", "#edit-spectrogram", "#edit-spectrogram image", "#edit-player")
 
 
 def test_search_and_upload_pages_link_into_the_edit_page(dash_duo, sae_world, top_latent, clip_dir):
@@ -435,12 +438,16 @@ new MutationObserver(function () {
 
 def test_edit_progress_shows_stages_and_cancel_stops_an_edit(dash_duo, sae_world, top_latent, clip_dir, tmp_path):
     """An edit of a long upload runs in the background: the indicator shows its stages, Cancel ends it (no
-    result), and the next edit's result replaces the indicator."""
+    result), and the next edit's result replaces the indicator. The browser polls the latest stage only, so it
+    may miss a short one: each job's whole sequence of stages is read from the app's background manager."""
     from dash.testing.wait import until
+
+    from dash_app.background import STARTING
 
     long_wav = tmp_path / "long.wav"
     long_wav.write_bytes(_wav(_long_clip(clip_dir)))
-    dash_duo.start_server(_app(sae_world))
+    app = _app(sae_world)
+    dash_duo.start_server(app)
     dash_duo.driver.get(dash_duo.server_url + "/edit")
     dash_duo.find_element("#edit-upload input").send_keys(str(long_wav))
     dash_duo.wait_for_contains_text("#edit-source-summary", "long.wav", timeout=60)
@@ -453,7 +460,7 @@ def test_edit_progress_shows_stages_and_cancel_stops_an_edit(dash_duo, sae_world
     go.click()
     until(lambda: "Whisper" in dash_duo.find_element("#edit-progress-text").text, 60)
     assert progress.is_displayed() and not go.is_enabled() and cancel.is_displayed()
-    _shot(dash_duo, "edit-progress")
+    _see(dash_duo, "edit-progress")
     cancel.click()
     until(lambda: not progress.is_displayed(), 10)
     assert go.is_enabled() and not cancel.is_displayed() and not dash_duo.find_elements("#edit-output")
@@ -461,9 +468,16 @@ def test_edit_progress_shows_stages_and_cancel_stops_an_edit(dash_duo, sae_world
     go.click()
     dash_duo.wait_for_element("#edit-graph .js-plotly-plot", timeout=180)
     until(lambda: not progress.is_displayed(), 10)
-    seen = dash_duo.driver.execute_script("return window.progressSeen;")
-    for stage in ("Running Whisper's encoder: original…", "Transcribing original, SAE reconstruction and edited…"):
-        assert stage in seen, seen
+    # the first edit stopped part-way through its stages; the second reported every stage, in order
+    manager = app.freud_background
+    edits = [stages for stages in map(manager.stages, manager.jobs()) if [EDIT_STAGES[0]] in stages]
+    assert len(edits) == 2, edits
+    cancelled, finished = edits
+    assert finished == [[stage] for stage in [*EDIT_STAGES, "Drawing the results…"]]
+    assert 1 <= len(cancelled) < len(EDIT_STAGES) and cancelled == finished[: len(cancelled)]
+    # and the indicator showed those stages (decoding a long clip takes many polls), no other text
+    seen = [text for text in dash_duo.driver.execute_script("return window.progressSeen;") if text != STARTING]
+    assert EDIT_STAGES[4] in seen and all([text] in finished for text in seen), seen
     assert dash_duo.find_element("#edit-transcript-original").text.strip()
     assert go.is_enabled() and not cancel.is_displayed()
 
@@ -493,6 +507,7 @@ def test_edit_page_records_from_the_fake_microphone(dash_duo, sae_world):
     dash_duo.find_element("#edit-record-button").click()
     dash_duo.wait_for_contains_text("#edit-source-summary", "recording.webm", timeout=60)
     assert dash_duo.find_element("#edit-audio-error").text == ""
+    _see(dash_duo, "edit-recording")
 
 
 def test_edit_page_without_sae_set(dash_duo, feature_index_stub):
@@ -501,7 +516,7 @@ def test_edit_page_without_sae_set(dash_duo, feature_index_stub):
     dash_duo.start_server(create_app(feature_index_stub))
     dash_duo.driver.get(dash_duo.server_url + "/edit")
     dash_duo.wait_for_contains_text("#edit-no-sae", "No SAE feature set to edit")
-    _shot(dash_duo, "edit-no-sae-set")
+    _see(dash_duo, "edit-no-sae-set")
 
 
 @pytest.fixture
@@ -547,7 +562,7 @@ def test_runs_page_lists_and_compares_two_runs(dash_duo, sae_world):
         "255, 243, 224" in k_row.find_elements("css selector", "td")[1].get_attribute("style")
     table = dash_duo.find_element("#runs-compare-table").text
     assert table.count("FVU (final eval)") == 1 and table.count("dead % (final eval)") == 1
-    _shot(dash_duo, "runs-compare")
+    _see(dash_duo, "runs-compare")
     # sort by FVU (native sorting) keeps both rows
     dash_duo.find_element("#runs-table th[data-dash-column='fvu'] .column-header--sort").click()
     time.sleep(0.5)
@@ -565,6 +580,7 @@ def test_runs_page_without_runs(dash_duo, sae_world, tmp_path):
                                      mlflow_uri=f"sqlite:///{tmp_path / 'empty.db'}"))
     dash_duo.driver.get(dash_duo.server_url + "/runs")
     dash_duo.wait_for_contains_text("#runs-empty", "No SAE runs yet", timeout=60)
+    _see(dash_duo, "runs-empty")
 
 
 # ---------------------------------------------------------------------------------------------------------------

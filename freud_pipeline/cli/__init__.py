@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_hooks)
 
     p = sub.add_parser("demo", help="materialise the whole pipeline on the embedded data, then serve the UIs")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface of the three UIs (default 127.0.0.1; Dagster's UI checks no Host header, see "
+                        "docs/OPERATING.md, Security)")
     p.add_argument("--dagster-port", type=int, default=3000)
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.add_argument("--app-port", type=int, default=8050)

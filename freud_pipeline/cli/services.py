@@ -15,6 +15,9 @@ from pathlib import Path
 from freud_pipeline import settings
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 @dataclass
 class Service:
     name: str
@@ -72,6 +75,9 @@ def _answers(url: str) -> bool:
 
 def start_services(host="127.0.0.1", dagster_port=3000, mlflow_port=5000, app_port=8050, wait_s=300.0) -> list[Service]:
     """Start each UI in its own process group (so it survives this command), then wait until all answer."""
+    if host not in LOOPBACK_HOSTS:
+        print(f"warning: the Dagster UI answers any Host header; bound to {host} it is open to the network and to "
+              f"DNS rebinding (docs/OPERATING.md, Security)", file=sys.stderr)
     stop_services(quiet=True)
     dagster_home()
     logs = settings.data_dir() / "logs"

@@ -94,8 +94,9 @@ def _metadata(result: SaeRunResult) -> dict:
         **result.headline, "frames_per_s": float(result.frames_per_second),
     }
     if registry:
+        url = model_version_url(registry["name"], registry["version"])
         metadata |= {"registered_model": registry["name"], "model_version": int(registry["version"]),
-                     "model_version_url": dg.MetadataValue.url(model_version_url(registry["name"], registry["version"])),
+                     "model_version_url": dg.MetadataValue.url(url),
                      "promoted_to_champion": registry["promoted"], "promotion": registry["reason"]}
     if result.splice.get("transcripts"):
         table = pd.DataFrame(result.splice["transcripts"])[["clip_id", "reference", "original", "spliced"]]

@@ -44,8 +44,8 @@ def build_feature_set(
     decoder: SAE decoder directions [n_features, d_in] (similarity = decoder cosine); neuron sets use the
     activation signature. sae_run_id / sae_checkpoint / sae_sha256: the SAE run an SAE set's latents come from,
     its checkpoint directory and the weights' sha256 (`sae.checkpoint.checkpoint_sha256`), which every later
-    load of the set's SAE is verified against. fire_threshold: a frame "fires" above it (density); 0 suits SAE latents and GELU
-    neurons (positive exactly when the pre-activation is), signed hooks may want a larger one.
+    load of the set's SAE is verified against. fire_threshold: a frame "fires" above it (density); 0 suits SAE
+    latents and GELU neurons (positive exactly when the pre-activation is), signed hooks may want a larger one.
     Returns a summary (set_id, build_id, n_features, n_clips, n_frames, label_summary, seconds).
     """
     if kind not in store.KINDS:

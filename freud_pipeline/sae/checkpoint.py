@@ -127,8 +127,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
     data = weights.read_bytes()
     if sha256 and (actual := hashlib.sha256(data).hexdigest()) != sha256:
         raise CheckpointDigestError(
-            f"{weights}: the weights' sha256 is {actual[:16]}…, not the {sha256[:16]}… recorded when the feature set "
-            f"was built: this checkpoint was changed since; rebuild the feature set from an intact SAE run")
+            f"{weights}: the weights' sha256 is {actual[:16]}…, not the {sha256[:16]}… recorded when the feature "
+            f"set was built: this checkpoint was changed since; rebuild the feature set from an intact SAE run")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("normalize_activations", "none") != "none":
         raise CheckpointError(
