@@ -473,8 +473,11 @@ def test_edit_progress_shows_stages_and_cancel_stops_an_edit(dash_duo, sae_world
     edits = [stages for stages in map(manager.stages, manager.jobs()) if [EDIT_STAGES[0]] in stages]
     assert len(edits) == 2, edits
     cancelled, finished = edits
-    assert finished == [[stage] for stage in [*EDIT_STAGES, "Drawing the results…"]]
-    assert 1 <= len(cancelled) < len(EDIT_STAGES) and cancelled == finished[: len(cancelled)]
+    full = [[stage] for stage in [*EDIT_STAGES, "Drawing the results…"]]
+    # the second may have waited for the model while the cancelled one ran on to its next stage
+    waited = [["Waiting for another edit to finish…"]]
+    assert finished in (full, full[:1] + waited + full[1:]), finished
+    assert 1 <= len(cancelled) < len(EDIT_STAGES) and cancelled == full[: len(cancelled)], cancelled
     # and the indicator showed those stages (decoding a long clip takes many polls), no other text
     seen = [text for text in dash_duo.driver.execute_script("return window.progressSeen;") if text != STARTING]
     assert EDIT_STAGES[4] in seen and all([text] in finished for text in seen), seen

@@ -1,5 +1,7 @@
 """Packaging: the environment `make test` builds is consistent (`pip check`), and a built wheel works on its own,
-from any directory, outside this checkout."""
+from any directory, outside this checkout: `freud hooks`, `freud transcribe` and the Dagster pipeline through
+`freud collect` (corpus subset and one activations partition; `freud demo --small` also trains the demo SAE,
+too long for the suite, and runs the same package code)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import yaml
 
 try:
     from conftest import ASTERISK
@@ -34,10 +37,10 @@ def wheel_venv(tmp_path_factory) -> Path:
     install stays invisible): honest about FREUD's own files, and no download."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"  # build from a copy: no build/ or egg-info left in the checkout
-    for name in ("pyproject.toml", "README.md", "freud_pipeline", "dash_app"):
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copyfile
-        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                            if (REPO / name).is_dir() else {}))
+    for package in ("freud_pipeline", "dash_app"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(REPO / name, source / name)
     dist = root / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(dist)], check=True, capture_output=True)
@@ -91,6 +94,7 @@ def test_wheel_default_data_dir_is_per_user_outside_a_checkout(wheel_venv, elsew
     assert out.strip() == str(tmp_path / "xdg" / "freud")
 
 
+@pytest.mark.slow
 def test_wheel_cli_hooks_and_transcribe_from_any_directory(wheel_venv, elsewhere):
     cwd, env = elsewhere
     assert "encoder.blocks.2" in _run(wheel_venv, ["freud", "hooks"], cwd, env)
@@ -101,11 +105,20 @@ def test_wheel_cli_hooks_and_transcribe_from_any_directory(wheel_venv, elsewhere
     assert "agent" in text and "logged" in text, text
 
 
-def test_wheel_demo_small_runs_from_any_directory(wheel_venv, elsewhere):
+@pytest.mark.slow
+def test_wheel_runs_the_pipeline_from_any_directory(wheel_venv, elsewhere):
+    """`freud collect` from the wheel: the Festival sentence list, the Dagster instance template and the data
+    directory all come from the installed package and FREUD_DATA_DIR, nothing from the checkout or the cwd."""
     cwd, env = elsewhere
-    out = _run(wheel_venv, ["freud", "demo", "--no-serve", "--small"], cwd, env, timeout=900)
-    assert "Pipeline materialised" in out
+    runs = {"asterisk_prompts": {"limit": 4, "align": False}, "festival_speech": {"n_sentences": 2},
+            "activations": {"hooks": ["encoder.blocks.2"], "device": "cpu"}}
+    for asset, config in runs.items():
+        path = cwd.parent / f"{asset}.yaml"
+        path.write_text(yaml.safe_dump({"asset": asset, "config": config}
+                                       | ({"partition": "train"} if asset == "activations" else {})))
+        out = _run(wheel_venv, ["freud", "collect", "--config", str(path)], cwd, env)
+        assert "materialised" in out, out
     data = Path(env["FREUD_DATA_DIR"])
     assert "default_limit: 1" in (data / "dagster_home" / "dagster.yaml").read_text()  # the shipped template
-    assert (data / "lancedb").is_dir()
+    assert list((data / "activations" / "tiny.en" / "default_corpus" / "train").glob("shard-*.arrow"))
     assert not any(cwd.iterdir())  # nothing written where the user happened to stand

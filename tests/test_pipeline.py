@@ -73,6 +73,11 @@ def test_feature_index_answers_for_neurons_and_sae(materialised):
     sets = {s["set_id"]: s for s in index.sets()}
     assert sets[neuron["set_id"]]["n_features"] == 1536 and sets[neuron["set_id"]]["kind"] == "neuron"
     assert sets[sae["set_id"]]["kind"] == "sae"
+    # The set is pinned to the SAE run it was mined with: its immutable run directory and the weights' digest.
+    trained = output(materialised[0], "topk_sae")
+    assert sets[sae["set_id"]]["sae_run_id"] == trained["run_id"]
+    assert sets[sae["set_id"]]["sae_sha256"] == trained["sha256"]
+    assert sets[sae["set_id"]]["sae_checkpoint"] == trained["checkpoint_dir"]
     examples = index.top_examples(neuron["set_id"], 0, n=5)
     assert 1 <= len(examples) <= 5
     assert [e["value"] for e in examples] == sorted((e["value"] for e in examples), reverse=True)
@@ -91,6 +96,13 @@ def test_sae_is_evaluated_checked_and_registered(materialised):
     assert {"fvu", "dead_pct", "ce_recovered", "threshold/fvu_max"} <= set(evaluation.metadata)
     assert sae["quality"]["passed"] and sae["registry"]["promoted"]
     assert sae["registry"]["name"] == "freud-sae.tiny_en.encoder_blocks_2.topk"
+    from pathlib import Path
+
+    from freud_pipeline.sae.checkpoint import checkpoint_sha256
+
+    run_dir = Path(sae["checkpoint_dir"])  # sae/<model>-<hook>-<architecture>/<run id>, complete
+    assert run_dir.name == sae["run_id"] and run_dir.parent.name == "tiny.en-encoder.blocks.2-topk"
+    assert sae["sha256"] == checkpoint_sha256(run_dir) and (run_dir / "quality_report.json").is_file()
 
     (materialization,) = [e.materialization for e in index_run.get_asset_materialization_events()
                           if e.step_key == "topk_sae"]
