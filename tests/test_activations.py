@@ -193,3 +193,13 @@ def test_streaming_mode_yields_what_collection_stores(collected, corpus):
     batches = list(stream.random_frames("encoder.blocks.2", batch_size=64, seed=0, epochs=1))
     total = sum(len(a) for _, a in stream.iter_clips("encoder.blocks.2"))
     assert all(b.shape == (64, 384) for b in batches) and len(batches) == total // 64
+
+
+def test_random_frames_from_fewer_frames_than_a_batch_gives_whole_batches(collected):
+    """A split smaller than one batch (the small demo's dev split against the demo SAE's batch) used to loop
+    forever without yielding; now each batch is every stored frame, once per epoch."""
+    reader = ActivationReader(collected)
+    batches = list(reader.random_frames("encoder.blocks.2", batch_size=reader.n_frames + 1000, seed=0, epochs=2))
+    assert [len(b) for b in batches] == [reader.n_frames, reader.n_frames]
+    endless = reader.random_frames("encoder.blocks.2", batch_size=10 * reader.n_frames, seed=0)
+    assert len(next(endless)) == reader.n_frames

@@ -116,8 +116,12 @@ class ActivationReader:
         """Shuffled frames across all shards as float32 tensors [batch_size, width]; endless when epochs is None.
 
         Each epoch is one permutation of every stored frame, so all shards are covered and none repeats within
-        an epoch. Sorting each batch's indices before the gather keeps reads local in the mapped files.
+        an epoch. Sorting each batch's indices before the gather keeps reads local in the mapped files. A shard
+        set smaller than one batch gives batches of all its frames (never an endless loop yielding nothing).
         """
+        if self.n_frames == 0:
+            raise ValueError(f"{self.directory} holds no frames to draw batches from")
+        batch_size = min(batch_size, self.n_frames)
         rng = np.random.default_rng(seed)
         arrays = [self.batch_array(b, hook) for b in range(len(self._batches))]
         epoch = 0
