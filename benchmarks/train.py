@@ -265,11 +265,11 @@ def demo_sae(dirs: dict[str, Path], scratch: Path, splice_clips: int) -> dict:
     """The demo SAE run as the pipeline runs it (`freud_pipeline.sae.run.run_sae`), into a scratch MLflow store."""
     from freud_pipeline import settings
     from freud_pipeline.activations import ActivationReader
-    from freud_pipeline.defs.runner import load_run_file
+    from freud_pipeline.validation import load_run_config
     from freud_pipeline.sae.run import SaeRunConfig, run_sae
     from freud_pipeline.sae.tracking import TrainingRun
 
-    run = load_run_file(REPO / "configs" / "train" / "demo_topk.yaml")
+    run = load_run_config(REPO / "configs" / "train" / "demo_topk.yaml")
     manifest = settings.data_dir() / "datasets" / "default_corpus" / "manifest.parquet"
     cfg = SaeRunConfig(**run["config"], model_name="tiny.en", register_model=False,
                        splice_clips=splice_clips if manifest.is_file() else 0)

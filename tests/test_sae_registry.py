@@ -216,10 +216,10 @@ def test_train_configs_exist():
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.stem)
 def test_train_config_parses_into_asset_and_train_config(path):
-    from freud_pipeline.defs.runner import load_run_file
+    from freud_pipeline.validation import load_run_config
     from freud_pipeline.defs.sae import SaeAssetConfig, run_config
 
-    run = load_run_file(path)
+    run = load_run_config(path)
     assert run["asset"] == "topk_sae" and "partition" not in run
     config = SaeAssetConfig(**run["config"])  # unknown keys would be rejected here
     assert set(run["config"]) <= set(SaeAssetConfig.model_fields)

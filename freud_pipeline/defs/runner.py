@@ -2,25 +2,15 @@
 free what runs of a process that died (kill -9, OOM) left holding before an in-process run starts."""
 
 import socket
-from pathlib import Path
 
 import dagster as dg
 import psutil
-import yaml
 
 from freud_pipeline.errors import FreudError
 
 PROCESS_TAG = "freud/process"  # "<host>:<pid>:<process start time>" of the process running an in-process run
 LIVE_STATUSES = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
                  dg.DagsterRunStatus.CANCELING]
-
-
-def load_run_file(path: str | Path) -> dict:
-    """A config file: {asset: name, partition: key (optional), config: {...}}."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if "asset" not in data:
-        raise FreudError(f"{path}: a config file names the asset to materialise under 'asset:'")
-    return data
 
 
 def process_tags() -> dict[str, str]:
