@@ -14,7 +14,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import yaml
 
 try:
     from conftest import ASTERISK
@@ -106,19 +105,17 @@ def test_wheel_cli_hooks_and_transcribe_from_any_directory(wheel_venv, elsewhere
 
 
 @pytest.mark.slow
-def test_wheel_runs_the_pipeline_from_any_directory(wheel_venv, elsewhere):
-    """`freud collect` from the wheel: the Festival sentence list, the Dagster instance template and the data
-    directory all come from the installed package and FREUD_DATA_DIR, nothing from the checkout or the cwd."""
+def test_wheel_runs_the_small_demo_from_any_directory(wheel_venv, elsewhere):
+    """`freud demo --no-serve --small` from the wheel: the Festival sentence list, the Dagster instance template
+    and the data directory all come from the installed package and FREUD_DATA_DIR, nothing from the checkout or
+    the cwd; the feature sets it builds are then readable by `freud sets`."""
     cwd, env = elsewhere
-    runs = {"asterisk_prompts": {"limit": 4, "align": False}, "festival_speech": {"n_sentences": 2},
-            "activations": {"hooks": ["encoder.blocks.2"], "device": "cpu"}}
-    for asset, config in runs.items():
-        path = cwd.parent / f"{asset}.yaml"
-        path.write_text(yaml.safe_dump({"asset": asset, "config": config}
-                                       | ({"partition": "train"} if asset == "activations" else {})))
-        out = _run(wheel_venv, ["freud", "collect", "--config", str(path)], cwd, env)
-        assert "materialised" in out, out
+    out = _run(wheel_venv, ["freud", "demo", "--no-serve", "--small"], cwd, env, timeout=900)
+    assert "Pipeline materialised" in out, out[-3000:]
     data = Path(env["FREUD_DATA_DIR"])
     assert "default_limit: 1" in (data / "dagster_home" / "dagster.yaml").read_text()  # the shipped template
     assert list((data / "activations" / "tiny.en" / "default_corpus" / "train").glob("shard-*.arrow"))
+    sets = json.loads(_run(wheel_venv, ["freud", "sets", "--json"], cwd, env))
+    kinds = {s["kind"] for s in (sets if isinstance(sets, list) else sets.get("sets", []))}
+    assert {"neuron", "sae"} <= kinds, sets
     assert not any(cwd.iterdir())  # nothing written where the user happened to stand
