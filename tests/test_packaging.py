@@ -1,7 +1,6 @@
 """Packaging: the environment `make test` builds is consistent (`pip check`), and a built wheel works on its own,
-from any directory, outside this checkout: `freud hooks`, `freud transcribe` and the Dagster pipeline through
-`freud collect` (corpus subset and one activations partition; `freud demo --small` also trains the demo SAE,
-too long for the suite, and runs the same package code)."""
+from any directory, outside this checkout: `freud hooks`, `freud transcribe` and `freud demo --no-serve --small`
+(the whole default pipeline on a corpus subset, the demo SAE included)."""
 
 from __future__ import annotations
 
