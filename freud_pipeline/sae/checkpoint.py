@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from freud_pipeline.devices import resolve_device
 from freud_pipeline.errors import FreudError
 from freud_pipeline.sae.architectures import ARCHITECTURES, architecture_class
 from freud_pipeline.sae.base import SparseAutoencoder
@@ -142,7 +143,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
     except ValueError as exc:
         raise CheckpointError(f"{cfg_path}: {exc}") from exc
     sae.metadata = {k: v for k, v in cfg.items() if k not in sae.cfg and k not in _FORMAT_KEYS}
-    return sae.to(device).eval()
+    return sae.to(resolve_device(device)).eval()
 
 
 _VERIFIED_MAX = 4
@@ -236,7 +237,7 @@ def load_original_freud_checkpoint(
         "source": f"original-freud:{path.name}",
         "step": int(checkpoint.get("step", 0) or 0),
     }
-    return sae.to(device).eval()
+    return sae.to(resolve_device(device)).eval()
 
 
 def _strip_prefixes(key: str) -> str:
