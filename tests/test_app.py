@@ -457,7 +457,7 @@ def test_upload_wav_shows_top_features(dash_duo, feature_index, upload_wav):
 
     # the link and the figure patch come in one response, but Plotly redraws the figure asynchronously
     until(lambda: dash_duo.driver.execute_script(
-        "return document.querySelector('#upload-graph .js-plotly-plot').data[2].name;") == f"feature {third}", 10)
+        "return document.querySelector('#upload-graph .js-plotly-plot').data[2].name;") == f"feature {third}", 30)
     assert f"index={third}" in dash_duo.find_element("#upload-search-link").get_attribute("href")
     _see(dash_duo, "upload-top-features", "#upload-graph", "#upload-bars", "#upload-player")
 
