@@ -67,7 +67,8 @@ def _scalars(d: dict, skip: set[str]) -> list[tuple[str, Any]]:
 _CARD_SKIP = {"set_id", "index", "label", "labels", "label_score", "label_scores", "scores", "density", "stats",
               "trace", "histogram", "examples", "key", "build_id", "label_kind", "label_precision", "label_recall",
               "label_f1", "word_label", "word_precision", "quantiles", "quantile_levels", "hist_counts", "hist_edges",
-              "kind"}
+              "kind", "label_reason", "label_lift", "label_p_value", "label_base_rate", "label_n_peaks",
+              "label_heldout_precision", "label_heldout_n", "label_validated", "artefact"}
 
 
 
@@ -80,6 +81,8 @@ def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, simi
     for key, name in (("label_precision", "precision"), ("label_recall", "recall"), ("label_f1", "F1")):
         if finite_float(feature.get(key)) is not None:
             score_bits.append(f"{name} {finite_float(feature.get(key)):.2f}")
+    if label:
+        score_bits += _quality_bits(feature)
     for key in ("label_score", "label_scores", "scores"):
         value = feature.get(key)
         if isinstance(value, dict):
@@ -98,7 +101,8 @@ def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, simi
         rows += [(f"frame quantile {float(q):g}", finite_float(v)) for q, v in quantiles.items() if finite_float(v) is not None]
     density = feature.get("density", stats.get("density"))
     label_line = [h("Span", "label: ", className="muted"),
-                  h("Strong", str(label) if label else "none yet", id="feature-label"),
+                  h("Strong", str(label) if label else ("unlabelled" if feature.get("label_reason") else "none yet"),
+                    id="feature-label"),
                   h("Span", f"  ({', '.join(score_bits)})" if score_bits else "", className="muted")]
     if feature.get("label_kind") and label:
         label_line.insert(1, h("Span", f"{feature['label_kind']} ", className="muted"))
@@ -106,6 +110,9 @@ def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, simi
         h("H3", [f"Feature {index}", h("Span", f" · {set_label}", className="muted")], className="card-title"),
         h("Div", label_line, className="card-line"),
     ]
+    if feature.get("label_reason"):  # the evidence for the label, or why there is none
+        head.append(h("Div", [h("Span", "evidence: ", className="muted"), h("Span", str(feature["label_reason"]))],
+                      className="card-line", id="feature-label-evidence"))
     word = feature.get("word_label")
     if word:
         precision = finite_float(feature.get("word_precision"))
@@ -131,6 +138,23 @@ def feature_card(feature: dict, *, set_id: str, index: int, set_label: str, simi
                               *(links or [h("Span", "none", className="muted")])],
                       className="card-line similar", id="similar-features")
     return h("Div", [*head, table, similar_block], className="card feature-card", id="feature-card")
+
+
+def _quality_bits(feature: dict) -> list[str]:
+    """Lift, Bonferroni p and held-out precision of a feature's label (features.labels), as short texts."""
+    bits = []
+    lift, p = finite_float(feature.get("label_lift")), finite_float(feature.get("label_p_value"))
+    if lift is not None:
+        bits.append(f"lift {lift:.1f}")
+    if p is not None:
+        bits.append(f"p {p:.1e}" if p < 1e-3 else f"p {p:.3f}")
+    held, n_held = finite_float(feature.get("label_heldout_precision")), feature.get("label_heldout_n")
+    if held is not None:
+        bits.append(f"held-out precision {held:.2f} of {n_held} peaks"
+                    + (" ✓" if feature.get("label_validated") else ""))
+    elif feature.get("label_kind"):
+        bits.append("no held-out peaks")
+    return bits
 
 
 def _label_text(x: Any) -> str:

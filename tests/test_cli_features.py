@@ -19,6 +19,7 @@ from freud_pipeline.cli import main
 from freud_pipeline.cli.features import jsonable
 from freud_pipeline.features import FeatureIndex
 from freud_pipeline.features.build import build_feature_set
+from freud_pipeline.features.store import LABEL_QUALITY
 
 HOOK = "encoder.blocks.2.mlp.1"
 SET = "tiny.en/mlp2"
@@ -175,12 +176,13 @@ def test_top_features_of_a_wav_file(index, tmp_path, capsys):
                           index["uri"], "--json")
     assert code == 0, err
     got = _strict_json(out)
-    want = index["ix"].clip_features(load_audio(wav), SET, n=5)
+    want = index["ix"].clip_features(load_audio(wav), SET, n=5, include_artefacts=False)  # the CLI's default
     assert len(got) == 5 and all("trace" not in row for row in got)
     assert [r["index"] for r in got] == [r["index"] for r in want]
     assert np.allclose([r["value"] for r in got], [r["value"] for r in want], rtol=1e-5)
     assert [r["peak_time_s"] for r in got] == [r["peak_time_s"] for r in want]
-    assert got == sorted(got, key=lambda r: -r["value"]) and set(got[0]) == {"index", "value", "peak_time_s", "label"}
+    assert got == sorted(got, key=lambda r: -r["value"]) and set(got[0]) == {
+        "index", "value", "peak_time_s", "label", "artefact", "label_validated", *LABEL_QUALITY}
 
     code, out, _ = _run(capsys, "top-features", str(wav), "--set", SET, "--n", "2", "--index-uri", index["uri"],
                         "--json", "--traces")

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/upload"
 MAX_TOP_FEATURES = 200
+ARTEFACT_ALLOWANCE = 16  # features read beyond "Top features", so that left-out artefacts leave the bars full
 FIGURE_HEIGHT = 260  # px, of the clip's spectrogram with its activation trace
 HIDDEN = {"display": "none"}
 SHOWN = {"display": "block"}
@@ -183,6 +184,16 @@ def parse_top_n(value) -> int | None:
     return int(number) if number.is_integer() and 1 <= number <= MAX_TOP_FEATURES else None
 
 
+def split_artefacts(ranked: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """(the n strongest features that are not artefacts, the artefacts ranked above the last of them).
+
+    Artefact features (labelled e.g. "clip onset") are left out of the bars: one tops almost every clip and says
+    nothing about it. They are named in the summary line instead, so nothing is hidden silently."""
+    shown = [f for f in ranked if not f.get("artefact")][:n]
+    floor = shown[-1]["value"] if len(shown) == n else -float("inf")
+    return shown, [f for f in ranked if f.get("artefact") and f["value"] >= floor]
+
+
 def _edit_link(set_id: str, index: int, clip: dict | None) -> list:
     """A link that opens this clip on /edit with the feature ablated (SAE sets only: neurons are not editable)."""
     if not clip:
@@ -195,10 +206,15 @@ def _feature_link(set_id: str, feature: dict, clip: dict | None = None) -> list:
     """`clip`: {"clip_id": ...} or {"token": ...} for the edit link, None when the set is not an SAE set."""
     index = int(feature["index"])
     label = feature.get("label")
+    kind = feature.get("label_kind")
+    lift, held = feature.get("label_lift"), feature.get("label_heldout_precision")
+    quality = "".join([f", lift {lift:.1f}" if isinstance(lift, (int, float)) else "",
+                       f", held-out precision {held:.2f}" if isinstance(held, (int, float)) else ""])
     return [
         html.Span("showing feature ", className="muted"),
         html.Strong(str(index)),
-        html.Span(f" ({label})" if label else ""),
+        html.Span(f" ({kind + ' ' if kind in ('class', 'artefact') else ''}{label}{quality})" if label
+                  else (" (unlabelled)" if feature.get("label_reason") else "")),
         html.Span(f" · max {fmt(float(feature.get('value') or 0.0))} at {float(feature.get('peak_time_s') or 0):.2f} s",
                   className="muted"),
         " · ",
@@ -314,7 +330,8 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         if message or info is None:
             return message or f"Unknown feature set {set_id!r}.", "", *hide
         try:
-            features = [dict(f) for f in access.index.clip_features(audio, str(set_id), n, progress=set_progress)]
+            ranked = access.index.clip_features(audio, str(set_id), n + ARTEFACT_ALLOWANCE, progress=set_progress)
+            features, artefacts = split_artefacts([dict(f) for f in ranked], n)
         except Exception as exc:  # noqa: BLE001 - show the reason next to the control
             log.exception("clip_features failed")
             return f"The features of this clip could not be computed: {exc}", "", *hide
@@ -330,6 +347,8 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         bars = top_features_figure(features, set_label=set_label(info), selected=top["index"] if top else None)
         src = src or wav_data_uri(audio)
         summary = f"{filename or 'clip'} · {len(audio) / SAMPLE_RATE:.2f} s · {len(features)} features of {set_label(info)}"
+        if artefacts:
+            summary += " · left out, artefacts: " + ", ".join(f"{f['index']} ({f['label']})" for f in artefacts)
         edit_clip = None
         if info.get("kind") == "sae":  # hand the clip to the edit page: by id, or the decoded upload by token
             edit_clip = {"clip_id": filename} if source == "clip" else {"token": access.uploads.put(audio)}

@@ -4,6 +4,8 @@ Pure wrappers over `freud_pipeline.features.FeatureIndex`. With `--json` each co
 query API returns (a list, or a dict for `feature`), made strict JSON: NaN/inf become null, timestamps ISO 8601
 strings. Per-frame traces are left out unless `--traces` is given (a 30 s clip is 1,500 values per row).
 Bad input (unknown set, index out of range, unreadable audio) is a FreudError: one line on stderr, exit code 2.
+`top-features` leaves artefact features (clip onset, silence, ...) out unless `--artefacts` is given: such a
+feature tops almost every clip and tells nothing about this one. Every row carries its label's quality fields.
 """
 
 from __future__ import annotations
@@ -111,15 +113,27 @@ def top_features(args) -> int:
 
     index = open_index(args.index_uri)
     audio = load_audio(args.audio)
-    rows = index.clip_features(audio, args.set, n=args.n)  # checks the set before loading Whisper
+    # checks the set before loading Whisper
+    rows = index.clip_features(audio, args.set, n=args.n, include_artefacts=args.artefacts)
     if args.json:
         _print_json(_drop_traces(rows, args.traces))
         return 0
-    print(f"{args.audio}: top {len(rows)} features of set {args.set} (by maximum over the clip)")
-    body = [[str(r + 1), str(row["index"]), _fmt(row["value"]), f"{row['peak_time_s']:.2f}", _fmt(row["label"])]
+    left_out = "" if args.artefacts else "; artefact features left out (--artefacts shows them)"
+    print(f"{args.audio}: top {len(rows)} features of set {args.set} (by maximum over the clip{left_out})")
+    body = [[str(r + 1), str(row["index"]), _fmt(row["value"]), f"{row['peak_time_s']:.2f}", *label_cells(row)]
             for r, row in enumerate(rows)]
-    print(_table(["rank", "index", "value", "peak_s", "label"], body, right={0, 1, 2, 3}))
+    print(_table(["rank", "index", "value", "peak_s", "label", "kind", "lift", "held-out"], body,
+                 right={0, 1, 2, 3, 6, 7}))
     return 0
+
+
+def label_cells(row: dict) -> list[str]:
+    """label, kind, lift, held-out precision (of n peaks) of a feature row; "unlabelled" when nothing passed."""
+    if not row.get("label"):
+        return ["unlabelled" if row.get("label_reason") else "-", "-", "-", "-"]
+    held = row.get("label_heldout_precision")
+    return [str(row["label"]), _fmt(row.get("label_kind")), _fmt(row.get("label_lift"), 3),
+            "-" if held is None else f"{_fmt(held, 2)} of {_fmt(row.get('label_heldout_n'))}"]
 
 
 def top_examples(args) -> int:
@@ -149,8 +163,12 @@ def feature(args) -> int:
         return 0
     stats = info["stats"]
     print(f"set {info['set_id']} ({info['kind']}), feature {info['index']}")
+    label, kind, lift, held = label_cells(info)
     lines = [
-        ("label", f"{info['label']} ({info.get('label_kind') or 'phone'})" if info.get("label") else "-"),
+        ("label", f"{label} ({kind})" if info.get("label") else label),
+        ("evidence", _fmt(info.get("label_reason"))),
+        ("lift / p (Bonferroni)", f"{lift} / {_fmt(info.get('label_p_value'), 2)}"),
+        ("held-out precision", held + (" (validated)" if info.get("label_validated") else "")),
         ("label precision/recall/F1", " / ".join(_fmt(info.get(k), 3) for k in
                                                 ("label_precision", "label_recall", "label_f1"))),
         ("word label", f"{_fmt(info.get('word_label'))} (precision {_fmt(info.get('word_precision'), 3)})"),
@@ -175,10 +193,16 @@ def sets(args) -> int:
     if not rows:
         print(f"no feature sets in {index.uri}")
         return 0
+    def validated(row: dict) -> str:  # share of features with a held-out-validated phone or class label
+        share = (row.get("label_summary") or {}).get("share_validated")
+        return "-" if share is None else f"{share:.1%}"
+
     body = [[row["set_id"], _fmt(row["model"]), _fmt(row["hook"]), row["kind"], str(row["n_features"]),
-             _fmt(row.get("n_clips")), row["created_at"].strftime("%Y-%m-%d %H:%M") if row.get("created_at") else "-"]
+             _fmt(row.get("n_clips")), validated(row),
+             row["created_at"].strftime("%Y-%m-%d %H:%M") if row.get("created_at") else "-"]
             for row in rows]
-    print(_table(["set_id", "model", "hook", "kind", "features", "clips", "created (UTC)"], body, right={4, 5}))
+    print(_table(["set_id", "model", "hook", "kind", "features", "clips", "validated labels", "created (UTC)"],
+                 body, right={4, 5, 6}))
     return 0
 
 
@@ -221,6 +245,9 @@ def add_parsers(sub) -> None:
     p.add_argument("audio", help="an audio file (anything ffmpeg decodes; .g722 is raw G.722)")
     p.add_argument("--set", required=True, help="feature set id (see `freud sets`)")
     p.add_argument("--n", type=_positive_int, default=32, help="how many features (default 32)")
+    p.add_argument("--artefacts", action="store_true",
+                   help="include artefact features (labelled e.g. 'clip onset'; left out by default: they top "
+                        "almost every clip and say nothing about it)")
     _common(p, traces=True)
     p.set_defaults(func=top_features)
 
@@ -237,7 +264,8 @@ def add_parsers(sub) -> None:
     _common(p, traces=True)
     p.set_defaults(func=top_examples)
 
-    p = sub.add_parser("feature", help="a feature's statistics, label and label scores")
+    p = sub.add_parser("feature", help="a feature's statistics, label and its quality (lift, significance, "
+                                       "held-out precision)")
     p.add_argument("--set", required=True, help="feature set id (see `freud sets`)")
     p.add_argument("--index", type=int, required=True, help="feature index within the set")
     _common(p)

@@ -77,7 +77,9 @@ librispeech_activations = activations_asset("librispeech_activations", "librispe
 audioset_activations = activations_asset("audioset_activations", "audioset", audioset_partitions, True)
 esc50_activations = activations_asset("esc50_activations", "esc50", split_partitions, False)
 audio_folder_activations = activations_asset("audio_folder_activations", "audio_folder", split_partitions, False)
-EXTERNAL_ACTIVATIONS = [librispeech_activations, audioset_activations, esc50_activations, audio_folder_activations]
+large_corpus_activations = activations_asset("large_corpus_activations", "large_corpus", split_partitions, False)
+EXTERNAL_ACTIVATIONS = [librispeech_activations, audioset_activations, esc50_activations, audio_folder_activations,
+                        large_corpus_activations]
 
 
 def split_dirs(activations: dict) -> dict[str, str]:

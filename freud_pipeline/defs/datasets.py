@@ -119,3 +119,58 @@ class AudioFolderConfig(dg.Config):
 def audio_folder(context: dg.AssetExecutionContext, config: AudioFolderConfig, storage: FreudStorage) -> dict:
     build = datasets.build_audio_folder(config.folder, storage.path("datasets", "audio_folder"), data_root=storage.root)
     return dataset_output(context, build)
+
+
+# --- The large corpus: more voices, speakers and languages; built on request (`freud collect --config
+# configs/datasets/large_corpus.yaml` or large_corpus_job), never by `make demo`. ---
+
+LARGE_GROUP = "large_corpus"
+
+
+class FestivalVoicesConfig(dg.Config):
+    voices: list[str] = list(datasets.festival_voices.VOICES)  # every English Festival voice in Debian main
+    clips_per_voice: int = 200  # clips of several sentences each
+    clip_words: int = 45  # at least this many words per clip
+    holdout_voices: list[str] = list(datasets.festival_voices.DEFAULT_HOLDOUT)  # whole voices in the test split
+    seed: int = 0
+
+
+@dg.asset(group_name=LARGE_GROUP, kinds={"parquet"}, description="Synthetic English speech from every English "
+          "Festival voice in Debian main, reading public-domain prose (Devil's Dictionary, Jargon File), exact "
+          "word/phone timings; held-out voices form the test split.")
+def festival_voices(context: dg.AssetExecutionContext, config: FestivalVoicesConfig, storage: FreudStorage) -> dict:
+    build = datasets.build_festival_voices(
+        storage.path("datasets", "festival_voices"), voices=tuple(config.voices),
+        clips_per_voice=config.clips_per_voice, clip_words=config.clip_words,
+        holdout_voices=tuple(config.holdout_voices), seed=config.seed, data_root=storage.root,
+    )
+    return dataset_output(context, build)
+
+
+class AsteriskLanguagesConfig(dg.Config):
+    languages: list[str] = list(datasets.asterisk_languages.LANGUAGES)
+    limit: int | None = None  # first N speech prompts of each language only
+
+
+@dg.asset(group_name=LARGE_GROUP, kinds={"parquet"}, description="Real recorded prompts in French, Spanish, "
+          "Italian and Russian (Debian asterisk-core-sounds-*), unaligned: for SAE training and non-English contrast.")
+def asterisk_languages(context: dg.AssetExecutionContext, config: AsteriskLanguagesConfig,
+                       storage: FreudStorage) -> dict:
+    build = datasets.build_asterisk_languages(
+        storage.path("datasets", "asterisk_languages"), languages=tuple(config.languages), limit=config.limit,
+        data_root=storage.root,
+    )
+    return dataset_output(context, build)
+
+
+@dg.asset(group_name=LARGE_GROUP, kinds={"parquet"}, description="The large corpus: English Asterisk prompts + "
+          "every Festival voice + the other-language prompts, with speaker and language columns.")
+def large_corpus(context: dg.AssetExecutionContext, storage: FreudStorage, asterisk_prompts: dict,
+                 festival_voices: dict, asterisk_languages: dict) -> dict:
+    builds = [datasets.DatasetBuild.from_paths(**d) for d in (asterisk_prompts, festival_voices, asterisk_languages)]
+    build = datasets.combine_large(builds, storage.path("datasets", "large_corpus"))
+    manifest = datasets.load_manifest(build.manifest_path)
+    return dataset_output(context, build, n_speakers=int(manifest["speaker"].nunique()),
+                          hours=round(build.total_seconds / 3600, 2),
+                          speakers=dg.MetadataValue.json(manifest.groupby("speaker")["duration_s"].sum()
+                                                         .div(60).round(1).to_dict()))

@@ -10,6 +10,8 @@ from freud_pipeline.defs.resources import FreudStorage, MlflowTracking
 from freud_pipeline.defs import checks, executors, incoming, runner, schedules, sensors
 
 CORPUS_ASSETS = [datasets.asterisk_prompts, datasets.festival_speech, datasets.default_corpus]
+# The large corpus (more voices, speakers, languages): built on request, never by the default stages (`make demo`).
+LARGE_CORPUS_ASSETS = [datasets.festival_voices, datasets.asterisk_languages, datasets.large_corpus]
 ACTIVATION_ASSETS = [activations.activations]
 # The SAE feature index rebuilds by itself when a new SAE lands (eager automation condition, defs/schedules.py).
 INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, schedules.rebuild_on_new_sae(features.sae_feature_index)]
@@ -26,6 +28,9 @@ activations_job = dg.define_asset_job("activations_job", selection=dg.AssetSelec
                                       description="Collect activations of one split (a partition).")
 index_job = dg.define_asset_job("index_job", selection=dg.AssetSelection.assets(*INDEX_ASSETS),
                                 description="Train the SAE and build the feature index.")
+large_corpus_job = dg.define_asset_job(
+    "large_corpus_job", selection=dg.AssetSelection.assets(*LARGE_CORPUS_ASSETS),
+    description="Build the large corpus (every Festival voice, other-language prompts); needs asterisk_prompts.")
 STAGES = [(corpus_job, None), (activations_job, SPLITS), (index_job, None)]
 
 
@@ -44,8 +49,8 @@ def resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=DEFAULT_ASSETS + EXTERNAL_ASSETS + INCOMING_ASSETS,
-    jobs=[corpus_job, activations_job, index_job, incoming.incoming_job, schedules.sae_retrain_job],
+    assets=DEFAULT_ASSETS + LARGE_CORPUS_ASSETS + EXTERNAL_ASSETS + INCOMING_ASSETS,
+    jobs=[corpus_job, large_corpus_job, activations_job, index_job, incoming.incoming_job, schedules.sae_retrain_job],
     resources=resources(),
     asset_checks=checks.CHECKS + sae.SAE_CHECKS,  # sae_quality: the blocking gate on the trained SAE
     sensors=sensors.SENSORS,

@@ -36,6 +36,7 @@ def build_feature_set(
     fire_threshold: float = 0.0,
     trace_radius: int = 750,
     occurrences_per_phone: int = 64,
+    heldout_speakers: list[str] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Mine `clips_iter` ((clip_id, acts[frames, n_features]); SAE sets pass latents, see
@@ -46,6 +47,8 @@ def build_feature_set(
     its checkpoint directory and the weights' sha256 (`sae.checkpoint.checkpoint_sha256`), which every later
     load of the set's SAE is verified against. fire_threshold: a frame "fires" above it (density); 0 suits SAE
     latents and GELU neurons (positive exactly when the pre-activation is), signed hooks may want a larger one.
+    Labels are learned on some aligned clips and validated on the others (`labels.heldout_split`: by the
+    manifest's `speaker` column when it names several, or `heldout_speakers`; else a fixed half of the clips).
     Returns a summary (set_id, build_id, n_features, n_clips, n_frames, label_summary, seconds).
     """
     if kind not in store.KINDS:
@@ -61,7 +64,8 @@ def build_feature_set(
         if decoder.ndim != 2 or decoder.shape[0] != n_features:
             raise MiningError(f"decoder must be [n_features={n_features}, d_in], got {decoder.shape}; "
                               f"transpose a [d_in, n_latents] weight")
-    collector = (LabelCollector(alignments_df, n_features, top_k, occurrences_per_phone, seed)
+    collector = (LabelCollector(alignments_df, n_features, top_k, occurrences_per_phone, seed, manifest=manifest_df,
+                                heldout_speakers=heldout_speakers, fire_threshold=fire_threshold)
                  if alignments_df is not None and len(alignments_df) else None)
 
     def all_clips():

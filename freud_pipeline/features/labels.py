@@ -1,36 +1,76 @@
-"""Phone and word labels for features, from forced alignments, collected during the mining pass.
+"""Phone, phone-class and artefact labels for features, from forced alignments, with their evidence.
 
-For each feature, over clips that have alignments:
-- its top-K clips by peak (same ranking as mining, restricted to aligned clips) and the phone / word whose
-  interval holds each peak frame's centre (silence and unaligned frames count as "no phone");
-- label = the most frequent phone under those peaks; precision = its share of the peaks;
-- recall = share of that phone's occurrences where the feature's maximum inside the occurrence exceeds
-  half the median of its top-K peaks. The threshold is only known after the pass, so occurrence maxima are
-  kept for a bounded uniform sample: a reservoir of `occurrences_per_phone` occurrences per phone, each an
-  [n_features] float16 vector (memory: n_phones x occurrences_per_phone x n_features x 2 bytes, e.g.
-  40 x 64 x 24,576 x 2 = 126 MB). Recall is exact when a phone has fewer occurrences than that;
-- F1 = 2PR / (P + R). Words get a label and precision only (too many word types for a per-word sample).
+`LabelCollector` is a mining observer: it sees every clip during the mining pass. Per feature:
+
+Peaks. A feature's peak in a clip is its maximum there (first frame on ties); a clip where it never exceeds the
+set's fire threshold gives no peak (a latent that is 0 throughout would otherwise "peak" at frame 0). The
+`top_k` clips with the highest peaks are kept twice: among the training clips and among the held-out clips
+(`heldout_split`: whole speakers/voices when the manifest has several, else a fixed half of the clips).
+
+Candidates. Every phone and phone class (`audio.phones.PHONE_CLASSES`) seen in the training alignments. Its
+base rate q is the share of the training clips' frames it covers (silence counts in the total), i.e. the chance
+that a peak lands on it if peaks fell on random frames. Of the n training peaks, k land on it: precision
+P = k / n, lift = P / q, and p = P(Binomial(n, q) >= k), one-sided, Bonferroni-adjusted over the m candidates
+tested (`p_value` = min(1, m p)).
+
+Artefacts are tested first and take precedence: clip onset (peak in the first 100 ms of its clip), clip end (in
+the last 100 ms), a fixed frame (the commonest peak frame, past the onset; its p is also multiplied by the number
+of frame positions it was chosen from) and silence / non-speech (no phone covers the peak frame). Each has its
+own base rate (e.g. the share of frames within 100 ms of a clip start); a feature is an artefact when the test
+is significant and at least half of its peaks show it; with half its peaks at a clip's onset or end but too few
+to be significant, it gets no label at all. Loudness is not tested: an observer sees activations,
+not the audio.
+
+Label. Among the phone and class candidates that are significant (p_value < ALPHA), clearly above chance
+(lift >= MIN_LIFT) and precise enough (P >= MIN_PRECISION), the one with the largest score wins, where
+score = KL(Bernoulli(P) || Bernoulli(q)) in bits: the information that "the peak is on this label" carries
+beyond chance (2 ln 2 n score is the G-test statistic). A class therefore wins over its best phone only when its
+members together explain the peaks better than that phone alone (peaks on s and sh alike: "sibilant"; on s only:
+"s"); ties go to the phone. Otherwise the feature is unlabelled: label None, and `reason` says why.
+
+Held-out. The label chosen on the training clips is scored on the held-out clips' top peaks: heldout_precision is
+the share of them on the label (for an artefact: showing it); a label is validated when heldout_precision >=
+VALIDATED_PRECISION over at least MIN_SUPPORT held-out peaks.
+
+Recall (training clips) = share of the label's occurrences where the feature's maximum inside the occurrence
+exceeds half the median of its top-K training peaks. The threshold is only known after the pass, so occurrence
+maxima are kept for a bounded uniform sample: a reservoir of `occurrences_per_phone` occurrences per phone, each
+an [n_features] float16 vector (n_phones x occurrences_per_phone x n_features x 2 bytes, e.g. 40 x 64 x 24,576 x
+2 = 126 MB); a class's recall weighs its phones by their number of occurrences. F1 = 2PR / (P + R). Words get a
+label and precision only (too many word types for a per-word sample), the commonest word under the peaks when it
+passes the same test as phones (Bonferroni over the words seen); none for artefacts.
 
 Frame t covers [t, t+1) x 20 ms; it belongs to the interval holding its centre (t + 0.5) x 20 ms.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
+from freud_pipeline.audio.phones import PHONE_CLASSES
 from freud_pipeline.errors import FreudError
 from freud_pipeline.features.mining import first_frame_of, is_torch_tensor
 from freud_pipeline.frames import FRAME_SECONDS
 
 SILENCE = frozenset({"", "pau", "sil", "sp", "spn", "h#", "<sil>", "<unk>"})
 ALIGNMENT_COLUMNS = ("clip_id", "tier", "label", "start_s", "end_s")
-MIN_SUPPORT = 3  # aligned top peaks needed before a feature gets a label
+MIN_SUPPORT = 3  # peaks needed before a feature gets a label (and before a held-out check counts)
+ALPHA = 0.01  # significance level, after Bonferroni over the candidates
+MIN_LIFT = 2.0
+MIN_PRECISION = 0.25
+ARTEFACT_SHARE = 0.5  # share of peaks that must show an artefact
+VALIDATED_PRECISION = 0.5
+ONSET_FRAMES = 5  # 100 ms
 F1_GOOD = 0.5
+KINDS = ("phone", "class", "artefact")
+ONSET, END, FIXED, SILENT = "clip onset", "clip end", "fixed frame", "silence / non-speech"
 
 
 class AlignmentError(FreudError, ValueError):
@@ -45,24 +85,104 @@ def interval_frames(start_s, end_s) -> tuple[np.ndarray, np.ndarray]:
     return to_frame(start_s), to_frame(end_s)
 
 
+def heldout_split(clip_ids: Iterable[str], manifest: pd.DataFrame | None = None,
+                  heldout_speakers: Iterable[str] | None = None) -> tuple[frozenset[str], dict[str, Any]]:
+    """(held-out clip ids, description) for label validation.
+
+    With `heldout_speakers`, or when the manifest's `speaker` column names two or more speakers among the clips,
+    whole speakers are held out: by default, ordered by clip count (most first, then by name), every third one
+    starting with the second (two speakers: the smaller one; more voices simply join the rotation). Otherwise every
+    second clip in order of sha1(clip_id): half of them, in an order unrelated to their names."""
+    clip_ids = sorted({str(c) for c in clip_ids})
+    speaker_of: dict[str, str] = {}
+    if manifest is not None and {"clip_id", "speaker"} <= set(manifest.columns):
+        known = manifest.dropna(subset=["speaker"])
+        speaker_of = dict(zip(known["clip_id"].astype(str), known["speaker"].astype(str)))
+    counts = Counter(speaker_of[c] for c in clip_ids if c in speaker_of)
+    if heldout_speakers is not None:
+        held = set(map(str, heldout_speakers))
+        if not held & set(counts):
+            raise AlignmentError(f"held-out speaker(s) {sorted(held)} have no aligned clips; "
+                                 f"speakers with aligned clips: {sorted(counts) or 'none'}")
+    elif len(counts) >= 2:
+        ordered = sorted(counts, key=lambda s: (-counts[s], s))
+        held = {s for i, s in enumerate(ordered) if i % 3 == 1}
+    else:
+        held = set()
+    if held:
+        heldout = frozenset(c for c in clip_ids if speaker_of.get(c) in held)
+        info = {"heldout_by": "speaker", "train_speakers": sorted(set(counts) - held),
+                "heldout_speakers": sorted(held & set(counts))}
+    else:
+        shuffled = sorted(clip_ids, key=lambda c: hashlib.sha1(c.encode()).digest())
+        heldout = frozenset(shuffled[1::2])
+        info = {"heldout_by": "clip", "heldout_rule": "every second clip in order of sha1(clip_id)",
+                "speakers": sorted(counts)}
+    info.update(n_train_clips=len(clip_ids) - len(heldout), n_heldout_clips=len(heldout))
+    return heldout, info
+
+
 @dataclass
 class LabelResult:
     phones: list[str]
     label: list[str | None]  # per feature
-    precision: np.ndarray
+    kind: list[str | None]  # "phone", "class", "artefact" or None (unlabelled)
+    reason: list[str | None]  # the evidence, or why there is no label
+    precision: np.ndarray  # training peaks on the label
     recall: np.ndarray
     f1: np.ndarray
+    lift: np.ndarray
+    p_value: np.ndarray  # Bonferroni-adjusted
+    base_rate: np.ndarray
+    n_peaks: np.ndarray  # training peaks
+    heldout_precision: np.ndarray
+    heldout_n: np.ndarray
     word_label: list[str | None]
     word_precision: np.ndarray
     threshold: np.ndarray  # recall threshold per feature
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+class _Peaks:
+    """Streaming top-K clips per feature by peak, with what lies under each peak."""
+
+    def __init__(self, n_features: int, k: int):
+        self.peak = np.full((n_features, k), -np.inf, np.float32)
+        self.phone = np.full((n_features, k), -1, np.int32)
+        self.word = np.full((n_features, k), -1, np.int32)
+        self.frame = np.zeros((n_features, k), np.int32)
+        self.from_end = np.zeros((n_features, k), np.int32)
+        self.weakest = np.full(n_features, -np.inf, np.float32)
+        self.weakest_slot = np.zeros(n_features, np.int64)
+
+    def update(self, score: np.ndarray, phone: np.ndarray, word: np.ndarray, frame: np.ndarray, n_frames: int):
+        features = np.flatnonzero(score > self.weakest)  # -inf scores (no peak) never enter
+        if not features.size:
+            return
+        slots = self.weakest_slot[features]
+        self.peak[features, slots] = score[features]
+        self.phone[features, slots] = phone[features]
+        self.word[features, slots] = word[features]
+        self.frame[features, slots] = frame[features]
+        self.from_end[features, slots] = n_frames - 1 - frame[features]
+        rows = self.peak[features]
+        self.weakest_slot[features] = rows.argmin(axis=1)
+        self.weakest[features] = rows[np.arange(features.size), self.weakest_slot[features]]
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.isfinite(self.peak)
+
+
 class LabelCollector:
-    """A mining observer (`mine_features(..., observers=[collector])`); `result()` after the pass."""
+    """A mining observer (`mine_features(..., observers=[collector])`); `result()` after the pass.
+
+    manifest / heldout_speakers: how clips are held out (`heldout_split`). fire_threshold: a clip whose maximum
+    does not exceed it gives the feature no peak."""
 
     def __init__(self, alignments: pd.DataFrame, n_features: int, top_k: int = 32,
-                 occurrences_per_phone: int = 64, seed: int = 0):
+                 occurrences_per_phone: int = 64, seed: int = 0, *, manifest: pd.DataFrame | None = None,
+                 heldout_speakers: Iterable[str] | None = None, fire_threshold: float = 0.0):
         missing = [c for c in ALIGNMENT_COLUMNS if c not in alignments.columns]
         if missing:
             raise AlignmentError(f"alignments lack column(s) {missing}; expected {list(ALIGNMENT_COLUMNS)}")
@@ -86,15 +206,18 @@ class LabelCollector:
         firsts = np.flatnonzero(np.r_[True, clip_ids[1:] != clip_ids[:-1]]) if len(clip_ids) else np.zeros(0, int)
         lasts = np.r_[firsts[1:], len(clip_ids)]
         self._rows = {clip_ids[a]: (a, b) for a, b in zip(firsts, lasts)}
+        self.heldout, self.split_info = heldout_split(self._rows, manifest, heldout_speakers)
         self.n_features, self.top_k, self.per_phone = n_features, top_k, occurrences_per_phone
+        self.fire_threshold = float(fire_threshold)
         self.rng = np.random.default_rng(seed)
-        self.peak = np.full((n_features, top_k), -np.inf, np.float32)
-        self.peak_phone = np.full((n_features, top_k), -1, np.int32)
-        self.peak_word = np.full((n_features, top_k), -1, np.int32)
-        self.weakest = np.full(n_features, -np.inf, np.float32)
-        self.weakest_slot = np.zeros(n_features, np.int64)
+        self.train, self.held = _Peaks(n_features, top_k), _Peaks(n_features, top_k)
         self.reservoir: dict[int, np.ndarray] = {}
         self.seen = np.zeros(len(self.phones), np.int64)
+        # Base rates, over the training clips' frames.
+        self.phone_frames = np.zeros(len(self.phones), np.int64)
+        self.word_frames = np.zeros(len(self.words), np.int64)
+        self.frames = self.silent_frames = self.onset_frames = self.end_frames = 0
+        self.frames_at = np.zeros(0, np.int64)  # training clips with at least t + 1 frames, per t
         self.n_aligned_clips = 0
 
     def _intervals(self, clip_id: str, phones: bool) -> tuple[np.ndarray, ...]:
@@ -124,24 +247,34 @@ class LabelCollector:
         n_frames = acts.shape[0]
         phones, phone_first, phone_stop, phone_mid = self._intervals(clip_id, phones=True)
         words, word_first, word_stop, _ = self._intervals(clip_id, phones=False)
+        phone_of_frame = self._frame_labels(phones, phone_first, phone_stop, n_frames)
         peak = acts.max(axis=0)
         frame = first_frame_of(acts, peak, largest=True)
-        phone_at = self._frame_labels(phones, phone_first, phone_stop, n_frames)[frame]
-        word_at = self._frame_labels(words, word_first, word_stop, n_frames)[frame]
-        features = np.flatnonzero(peak > self.weakest)
-        if features.size:
-            slots = self.weakest_slot[features]
-            self.peak[features, slots] = peak[features]
-            self.peak_phone[features, slots] = phone_at[features]
-            self.peak_word[features, slots] = word_at[features]
-            rows = self.peak[features]
-            self.weakest_slot[features] = rows.argmin(axis=1)
-            self.weakest[features] = rows[np.arange(features.size), self.weakest_slot[features]]
+        word_of_frame = self._frame_labels(words, word_first, word_stop, n_frames)
+        word_at = word_of_frame[frame]
+        score = np.where(peak > self.fire_threshold, peak, -np.inf).astype(np.float32)
+        held = clip_id in self.heldout
+        (self.held if held else self.train).update(score, phone_of_frame[frame], word_at, frame, n_frames)
+        if held:
+            return
+        self._count_frames(phone_of_frame, word_of_frame)
         for phone, a, b, mid in zip(phones, phone_first, phone_stop, phone_mid):
             if a >= b:  # shorter than a frame, no frame centre inside: the frame holding its midpoint
                 a, b = mid, mid + 1
             if a < n_frames:
                 self._sample(phone, acts[a:b].max(axis=0))
+
+    def _count_frames(self, phone_of_frame: np.ndarray, word_of_frame: np.ndarray) -> None:
+        n = len(phone_of_frame)
+        self.frames += n
+        self.phone_frames += np.bincount(phone_of_frame[phone_of_frame >= 0], minlength=len(self.phones))
+        self.word_frames += np.bincount(word_of_frame[word_of_frame >= 0], minlength=len(self.words))
+        self.silent_frames += int((phone_of_frame < 0).sum())
+        self.onset_frames += min(n, ONSET_FRAMES)
+        self.end_frames += min(n, ONSET_FRAMES)
+        if n > len(self.frames_at):
+            self.frames_at = np.r_[self.frames_at, np.zeros(n - len(self.frames_at), np.int64)]
+        self.frames_at[:n] += 1
 
     def _sample(self, phone: int, occurrence_max: np.ndarray) -> None:
         """Reservoir sampling (Algorithm R): every occurrence of a phone is kept with equal probability."""
@@ -156,50 +289,230 @@ class LabelCollector:
             if slot < self.per_phone:
                 self.reservoir[phone][slot] = occurrence_max
 
+    # ------------------------------------------------------------ the verdict
+
+    def _candidates(self) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+        """(names, kinds, members [n_phones, C] bool, base rates [C]) of phones and classes seen in training."""
+        n_phones = len(self.phones)
+        classes = [(name, members) for name, members in PHONE_CLASSES.items()
+                   if len(members & set(self.phones)) >= 2]
+        members = np.zeros((n_phones, n_phones + len(classes)), bool)
+        members[np.arange(n_phones), np.arange(n_phones)] = True
+        for j, (_, phones) in enumerate(classes):
+            members[[i for i, p in enumerate(self.phones) if p in phones], n_phones + j] = True
+        base = (self.phone_frames @ members) / max(self.frames, 1)
+        keep = base > 0
+        names = [*self.phones, *(name for name, _ in classes)]
+        kinds = ["phone"] * n_phones + ["class"] * len(classes)
+        return ([n for n, k in zip(names, keep) if k], [c for c, k in zip(kinds, keep) if k], members[:, keep],
+                base[keep])
+
+    def _artefacts(self, n: np.ndarray, m: int) -> dict[str, dict[str, np.ndarray]]:
+        """Per artefact test: hits, base rate, adjusted p, held-out hits (and the frame, for a fixed frame)."""
+        train, held = self.train, self.held
+        valid, held_valid = train.valid, held.valid
+        frames = max(self.frames, 1)
+        tests = {
+            ONSET: (valid & (train.frame < ONSET_FRAMES), self.onset_frames / frames, m,
+                    held_valid & (held.frame < ONSET_FRAMES)),
+            END: (valid & (train.from_end < ONSET_FRAMES), self.end_frames / frames, m,
+                  held_valid & (held.from_end < ONSET_FRAMES)),
+            SILENT: (valid & (train.phone < 0), self.silent_frames / frames, m, held_valid & (held.phone < 0)),
+        }
+        # Fixed frame: the commonest peak frame past the onset; chosen among every position, so tested for each.
+        mode = _row_modes(np.where(valid & (train.frame >= ONSET_FRAMES), train.frame, -1 - np.arange(self.top_k)))
+        at = np.clip(mode, 0, max(len(self.frames_at) - 1, 0))
+        base_fixed = np.where(mode >= 0, self.frames_at[at] / frames if len(self.frames_at) else 0.0, 1.0)
+        tests[FIXED] = (valid & (train.frame == mode[:, None]), base_fixed, m * max(len(self.frames_at), 1),
+                        held_valid & (held.frame == mode[:, None]))
+        out = {}
+        for name, (hits, base, tested, held_hits) in tests.items():
+            k = hits.sum(axis=1)
+            out[name] = {"k": k, "base": np.broadcast_to(base, k.shape).astype(np.float64),
+                         "p": _p_values(k, n, np.broadcast_to(base, k.shape), tested),
+                         "held": held_hits.sum(axis=1), "mode": mode}
+        return out
+
     def result(self) -> LabelResult:
         n_features, n_phones = self.n_features, len(self.phones)
-        valid = np.isfinite(self.peak)
-        support = valid.sum(axis=1)
-        with warnings.catch_warnings():  # features without aligned peaks: all-NaN rows, threshold 0
-            warnings.simplefilter("ignore", RuntimeWarning)
-            threshold = 0.5 * np.nanmedian(np.where(valid, self.peak, np.nan), axis=1)
-        threshold = np.nan_to_num(threshold, nan=0.0)
-        phone_counts = _row_counts(np.where(valid, self.peak_phone, -1), n_phones)
-        word_counts = _row_counts(np.where(valid, self.peak_word, -1), len(self.words))
-        labelled = (support >= MIN_SUPPORT) & (threshold > 0) & (phone_counts.sum(axis=1) > 0)
-        best_phone = phone_counts.argmax(axis=1) if n_phones else np.zeros(n_features, np.int64)
-        precision = np.where(labelled, phone_counts.max(axis=1, initial=0) / np.maximum(support, 1), np.nan)
-        fired = np.zeros((max(n_phones, 1), n_features), np.float32)
-        for phone, sample in self.reservoir.items():
-            kept = min(self.seen[phone], self.per_phone)
-            fired[phone] = (sample[:kept].astype(np.float32) > threshold).mean(axis=0)
-        recall = np.where(labelled, fired[best_phone, np.arange(n_features)], np.nan)
+        train, held = self.train, self.held
+        valid, held_valid = train.valid, held.valid
+        n, n_held = valid.sum(axis=1), held_valid.sum(axis=1)
+        names, kinds, members, base = self._candidates()
+        m = len(names) + 4  # phone and class candidates, and the four artefact tests
+        phone_counts = _row_counts(np.where(valid, train.phone, -1), n_phones)
+        hits = phone_counts @ members  # [F, C]
         with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-        f1 = np.where(labelled, f1, np.nan)
-        word_ok = (support >= MIN_SUPPORT) & (word_counts.sum(axis=1) > 0)
-        best_word = word_counts.argmax(axis=1) if self.words else np.zeros(n_features, np.int64)
-        word_precision = np.where(word_ok, word_counts.max(axis=1, initial=0) / np.maximum(support, 1), np.nan)
-        good = labelled & (f1 >= F1_GOOD)
+            precision = hits / n[:, None]
+            lift = precision / base
+        p = _p_values(hits, n[:, None], base[None, :], m)
+        score = _kl_bits(np.nan_to_num(precision), base[None, :])
+        passing = (n[:, None] >= MIN_SUPPORT) & (p < ALPHA) & (lift >= MIN_LIFT) & (precision >= MIN_PRECISION)
+        best = np.where(passing, score, -np.inf).argmax(axis=1) if names else np.zeros(n_features, np.int64)
+        labelled = passing.any(axis=1) if names else np.zeros(n_features, bool)
+        runner_up = np.nan_to_num(score, nan=-np.inf).argmax(axis=1) if names else best
+        chosen = np.where(labelled, best, runner_up)
+
+        artefacts = self._artefacts(n, m)
+        artefact = np.full(n_features, None, object)
+        at_edge = np.zeros(n_features, bool)  # half the peaks at a clip's start or end: never a phone label
+        for name, test in artefacts.items():  # in order of precedence
+            share = test["k"] / np.maximum(n, 1)
+            found = ((artefact == None) & (n >= MIN_SUPPORT)  # noqa: E711 - elementwise on an object array
+                     & (test["p"] < ALPHA) & (share >= ARTEFACT_SHARE))
+            artefact[found] = name
+            if name in (ONSET, END):
+                at_edge |= (n > 0) & (share >= ARTEFACT_SHARE)
+        labelled &= ~at_edge
+
+        # Held-out hits of the chosen phone / class.
+        in_label = np.zeros((n_features, n_phones + 1), bool)  # column 0: silence
+        if names:
+            in_label[:, 1:] = members[:, chosen].T
+        held_hits = np.take_along_axis(in_label, np.where(held_valid, held.phone + 1, 0), axis=1) & held_valid
+        held_k = held_hits.sum(axis=1).astype(np.float64)
+
+        threshold = self._recall_threshold(valid)
+        recall = self._recall(members[:, chosen].T if names else np.zeros((n_features, n_phones), bool), threshold)
+        out = {key: np.full(n_features, np.nan) for key in ("precision", "lift", "p", "base", "held")}
+        label, kind, reason = [None] * n_features, [None] * n_features, [None] * n_features
+        for f in range(n_features):
+            c = chosen[f]
+            if artefact[f] is not None:
+                test = artefacts[artefact[f]]
+                k, q = test["k"][f], test["base"][f]
+                label[f], kind[f] = artefact[f], "artefact"
+                if artefact[f] == FIXED:
+                    label[f] = f"{FIXED} {int(test['mode'][f])}"
+                reason[f] = f"{k} of {n[f]} training peaks {_WHERE[artefact[f]]} (chance {q:.3f})"
+                out["precision"][f], out["base"][f], out["p"][f] = k / n[f], q, test["p"][f]
+                out["lift"][f] = k / n[f] / q if q > 0 else np.inf
+                out["held"][f] = test["held"][f] / n_held[f] if n_held[f] else np.nan
+            elif labelled[f]:
+                label[f], kind[f] = names[c], kinds[c]
+                what = names[c] + (f" ({'/'.join(sorted(PHONE_CLASSES[names[c]] & set(self.phones)))})"
+                                   if kinds[c] == "class" else "")
+                reason[f] = f"{hits[f, c]} of {n[f]} training peaks on {what} (base rate {base[c]:.3f})"
+                out["precision"][f], out["lift"][f], out["p"][f], out["base"][f] = \
+                    precision[f, c], lift[f, c], p[f, c], base[c]
+                out["held"][f] = held_k[f] / n_held[f] if n_held[f] else np.nan
+            elif at_edge[f]:
+                reason[f] = "half or more of its training peaks sit at a clip's first or last 100 ms"
+            elif n[f] < MIN_SUPPORT:
+                reason[f] = f"only {n[f]} training peak(s) above the fire threshold (needs {MIN_SUPPORT})"
+            elif names:
+                reason[f] = (f"no phone or class clearly above chance (best: {names[c]}, precision "
+                             f"{precision[f, c]:.2f}, lift {lift[f, c]:.1f}, p {p[f, c]:.2g})")
+        is_label = np.array([k in ("phone", "class") for k in kind], bool)
+        recall = np.where(is_label, recall, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(out["precision"] + recall > 0,
+                          2 * out["precision"] * recall / (out["precision"] + recall), 0.0)
+        f1 = np.where(is_label, f1, np.nan)
+        best_word, word_precision, word_ok = self._word_labels(valid, n, np.array([k != "artefact" for k in kind]))
+        validated = is_label & (n_held >= MIN_SUPPORT) & (np.nan_to_num(out["held"]) >= VALIDATED_PRECISION)
         return LabelResult(
-            phones=self.phones,
-            label=[self.phones[p] if ok else None for p, ok in zip(best_phone, labelled)],
-            precision=precision.astype(np.float32),
-            recall=recall.astype(np.float32),
-            f1=f1.astype(np.float32),
+            phones=self.phones, label=label, kind=kind, reason=reason,
+            precision=out["precision"].astype(np.float32), recall=recall.astype(np.float32),
+            f1=f1.astype(np.float32), lift=out["lift"].astype(np.float32), p_value=out["p"],
+            base_rate=out["base"].astype(np.float32), n_peaks=n.astype(np.int32),
+            heldout_precision=out["held"].astype(np.float32), heldout_n=n_held.astype(np.int32),
             word_label=[self.words[w] if ok else None for w, ok in zip(best_word, word_ok)],
             word_precision=word_precision.astype(np.float32),
             threshold=threshold.astype(np.float32),
-            summary={
-                "n_aligned_clips": self.n_aligned_clips,
-                "n_labelled": int(labelled.sum()),
-                "n_f1_at_least_0_5": int(good.sum()),
-                "phones_covered": sorted({self.phones[p] for p in best_phone[good]}),
-                "n_phones": n_phones,
-                "recall_threshold": "0.5 x median of the feature's top-K aligned peaks",
-                "occurrences_per_phone": self.per_phone,
-            },
+            summary=self._summary(label, kind, artefact, out["held"], f1, is_label, validated),
         )
+
+    def _word_labels(self, valid: np.ndarray, n: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(word id, precision, shown) per feature: the commonest word under the training peaks, shown under the
+        same rule as phones (Bonferroni over the words seen, lift and precision), never for artefacts."""
+        n_features = len(n)
+        if not self.words:
+            return np.zeros(n_features, np.int64), np.full(n_features, np.nan), np.zeros(n_features, bool)
+        counts = _row_counts(np.where(valid, self.train.word, -1), len(self.words))
+        best = counts.argmax(axis=1)
+        k = counts[np.arange(n_features), best]
+        base = self.word_frames[best] / max(self.frames, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = k / n
+            lift = precision / base
+        p = _p_values(k, n, base, int((self.word_frames > 0).sum()))
+        shown = allowed & (n >= MIN_SUPPORT) & (k > 0) & (p < ALPHA) & (lift >= MIN_LIFT) & (precision >= MIN_PRECISION)
+        return best, np.where(shown, precision, np.nan), shown
+
+    def _recall_threshold(self, valid: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():  # features without training peaks: all-NaN rows, threshold 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            threshold = 0.5 * np.nanmedian(np.where(valid, self.train.peak, np.nan), axis=1)
+        return np.nan_to_num(threshold, nan=0.0)
+
+    def _recall(self, label_phones: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+        """Share of the label's sampled occurrences (phones weighted by how often they occur) above threshold."""
+        fired = np.zeros((len(self.phones), self.n_features), np.float32)
+        for phone, sample in self.reservoir.items():
+            kept = min(self.seen[phone], self.per_phone)
+            fired[phone] = (sample[:kept].astype(np.float32) > threshold).mean(axis=0)
+        weights = label_phones * self.seen[None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (weights * fired.T).sum(axis=1) / weights.sum(axis=1)
+
+    def _summary(self, label, kind, artefact, heldout, f1, is_label, validated) -> dict[str, Any]:
+        n_features = self.n_features
+        good = is_label & (np.nan_to_num(f1) >= F1_GOOD)
+        held_of_labels = heldout[is_label & np.isfinite(heldout)]
+        return {
+            "n_aligned_clips": self.n_aligned_clips,
+            **self.split_info,
+            "n_labelled": int(is_label.sum()),
+            "n_phone_labels": int(sum(k == "phone" for k in kind)),
+            "n_class_labels": int(sum(k == "class" for k in kind)),
+            "n_artefacts": int(sum(k == "artefact" for k in kind)),
+            "artefacts": {name: int((artefact == name).sum()) for name in (ONSET, END, FIXED, SILENT)},
+            "n_validated": int(validated.sum()),
+            "share_labelled": float(is_label.sum() / max(n_features, 1)),
+            "share_validated": float(validated.sum() / max(n_features, 1)),
+            "median_heldout_precision": float(np.median(held_of_labels)) if held_of_labels.size else None,
+            "n_f1_at_least_0_5": int(good.sum()),
+            "phones_covered": sorted({label[f] for f in np.flatnonzero(good) if kind[f] == "phone"}),
+            "classes_covered": sorted({label[f] for f in np.flatnonzero(good) if kind[f] == "class"}),
+            "n_phones": len(self.phones),
+            "rule": f"Bonferroni p < {ALPHA}, lift >= {MIN_LIFT}, precision >= {MIN_PRECISION}; validated: "
+                    f"held-out precision >= {VALIDATED_PRECISION} over >= {MIN_SUPPORT} held-out peaks",
+            "recall_threshold": "0.5 x median of the feature's top-K training peaks",
+            "occurrences_per_phone": self.per_phone,
+        }
+
+
+_WHERE = {ONSET: "in the first 100 ms of their clip", END: "in the last 100 ms of their clip",
+          FIXED: "at one frame", SILENT: "on silence (no phone)"}
+
+
+def _p_values(k: np.ndarray, n: np.ndarray, q: np.ndarray, tested: int) -> np.ndarray:
+    """Bonferroni-adjusted one-sided binomial p: min(1, tested x P(Binomial(n, q) >= k))."""
+    from scipy.stats import binom  # here: the query side imports this module and never needs scipy
+
+    k, n, q = np.broadcast_arrays(np.asarray(k), np.asarray(n), np.clip(np.asarray(q, np.float64), 0, 1))
+    p = np.where(k > 0, binom.sf(k - 1, n, q), 1.0)
+    return np.minimum(1.0, tested * np.nan_to_num(p, nan=1.0))
+
+
+def _kl_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(Bernoulli(p) || Bernoulli(q)) in bits, 0 log 0 = 0."""
+    p, q = np.broadcast_arrays(p, np.clip(q, 1e-12, 1 - 1e-12))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inside = np.where(p > 0, p * np.log2(p / q), 0.0)
+        outside = np.where(p < 1, (1 - p) * np.log2((1 - p) / (1 - q)), 0.0)
+    return inside + outside
+
+
+def _row_modes(values: np.ndarray, block: int = 1024) -> np.ndarray:
+    """The commonest value of each row (the first in row order on ties), in blocks of rows ([B, K, K] each)."""
+    out = np.empty(len(values), values.dtype)
+    for a in range(0, len(values), block):
+        rows = values[a : a + block]
+        same = (rows[:, :, None] == rows[:, None, :]).sum(axis=2)
+        out[a : a + block] = rows[np.arange(len(rows)), same.argmax(axis=1)]
+    return out
 
 
 def _row_counts(ids: np.ndarray, n_labels: int) -> np.ndarray:

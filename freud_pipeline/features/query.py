@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from freud_pipeline.errors import EmptyAudioError, FeatureIndexError, FeatureSetError, FreudError
 from freud_pipeline.features import store
+from freud_pipeline.features.labels import MIN_SUPPORT, VALIDATED_PRECISION
 from freud_pipeline.features.store import CLIPS, EXAMPLES, FEATURE_SETS, FEATURES, sql_str
 from freud_pipeline.frames import FRAME_SECONDS
 from freud_pipeline.settings import data_dir, lancedb_uri
@@ -46,6 +47,15 @@ def _clean(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+def label_flags(row: dict) -> dict:
+    """`artefact` (the feature's label names an artefact, e.g. clip onset) and `label_validated` (a phone or class
+    label whose held-out precision is >= labels.VALIDATED_PRECISION over >= labels.MIN_SUPPORT held-out peaks)."""
+    held, n_held = _clean(row.get("label_heldout_precision")), row.get("label_heldout_n") or 0
+    return {"artefact": row.get("label_kind") == "artefact",
+            "label_validated": row.get("label_kind") in ("phone", "class") and held is not None
+            and held >= VALIDATED_PRECISION and n_held >= MIN_SUPPORT}
 
 
 def _float_lists(column: pa.ChunkedArray, row: int) -> list[np.ndarray]:
@@ -142,13 +152,16 @@ class FeatureIndex:
         return query.limit(limit).to_arrow()
 
     def _feature_rows(self, set_row: dict, indices: list[int], columns: list[str]) -> dict[int, dict]:
+        """Rows of `indices` with `columns`; a column the table lacks (written by an older version) reads None."""
         if set_row["n_features"] < store.VECTOR_INDEX_MIN_ROWS:
             rows = self._small_set_rows(set_row["build_id"])
             if rows is not None:
-                return {i: {"index": i, **{c: rows[i][c] for c in columns}} for i in indices if i in rows}
+                return {i: {"index": i, **{c: rows[i].get(c) for c in columns}} for i in indices if i in rows}
         keys = ", ".join(sql_str(store.feature_key(set_row["build_id"], int(i))) for i in indices)
-        table = self._rows(FEATURES, f"key IN ({keys})", ["index", *columns], len(indices))
-        return {row["index"]: row for row in table.to_pylist()}
+        present = set(self._table(FEATURES).schema.names)
+        table = self._rows(FEATURES, f"key IN ({keys})", ["index", *(c for c in columns if c in present)],
+                           len(indices))
+        return {row["index"]: {**dict.fromkeys(columns), **row} for row in table.to_pylist()}
 
     def _small_set_rows(self, build_id: str) -> dict[int, dict] | None:
         """All feature rows of a small set's build, read once and kept (a build never changes; a few MB for 10k
@@ -201,7 +214,7 @@ class FeatureIndex:
         returns it) from the same read."""
         def read(set_row):
             rows = self._feature_rows(set_row, [index], [
-                "density", "mean", "max", "min", "quantiles", "label", "label_kind", "label_precision",
+                "density", "mean", "max", "min", "quantiles", "label", *store.LABEL_QUALITY,
                 "label_recall", "label_f1", "word_label", "word_precision", "n_top", "n_bottom",
                 *(["hist_counts", "hist_edges"] if histogram else [])])
             if index not in rows:
@@ -213,7 +226,7 @@ class FeatureIndex:
             row["quantiles"] = {f"{q:g}": _clean(v) for q, v in zip(levels, rows[index]["quantiles"] or [])}
             stats = {k: row.pop(k) for k in ("mean", "max", "min", "quantiles", "n_top", "n_bottom")}
             stats.update(density=row["density"], fire_threshold=_clean(set_row["fire_threshold"]))
-            out = {"set_id": set_id, "kind": set_row["kind"], **row, "stats": stats}
+            out = {"set_id": set_id, "kind": set_row["kind"], **row, **label_flags(row), "stats": stats}
             if hist is not None:
                 out["histogram"] = hist
             return out
@@ -339,14 +352,18 @@ class FeatureIndex:
         return [{"index": int(j), "_distance": float(1.0 - dots[j]), "label": labels[j]} for j in top]
 
     def features_by_label(self, set_id: str, label: str, limit: int = 100) -> list[dict]:
-        """Features whose phone label or word label is `label` (case-insensitive), best F1 first."""
+        """Features whose label (phone, phone class or artefact) or word label is `label` (case-insensitive), best
+        F1 first, each with its label quality fields."""
         set_row = self._set(set_id)
         wanted = sql_str(label.strip().lower())
+        columns = ["index", "label", *store.LABEL_QUALITY, "label_recall", "label_f1", "word_label",
+                   "word_precision", "max"]
+        present = set(self._table(FEATURES).schema.names)
         rows = self._rows(FEATURES, f"build_id = {sql_str(set_row['build_id'])} AND "
                           f"(label = {wanted} OR word_label = {wanted})",
-                          ["index", "label", "label_precision", "label_recall", "label_f1", "word_label",
-                           "word_precision", "max"]).to_pylist()
-        rows = [{k: _clean(v) for k, v in r.items()} for r in rows]
+                          [c for c in columns if c in present]).to_pylist()
+        rows = [{**dict.fromkeys(columns), **{k: _clean(v) for k, v in r.items()}} for r in rows]
+        rows = [{**r, **label_flags(r)} for r in rows]
         rows.sort(key=lambda r: (r["label"] != label.lower(), -(r["label_f1"] or r["word_precision"] or 0)))
         return rows[:limit]
 
@@ -398,10 +415,15 @@ class FeatureIndex:
 
     # ------------------------------------------------------------ live audio
 
-    def clip_features(self, audio: np.ndarray, set_id: str, n: int = 32, *,
+    def clip_features(self, audio: np.ndarray, set_id: str, n: int = 32, *, include_artefacts: bool = True,
                       progress: Callable[[str], None] | None = None) -> list[dict]:
         """Features most active on `audio` (float32 mono 16 kHz), ranked by their maximum over the clip.
         Runs Whisper up to the set's hook (and the set's SAE for SAE sets) like the mining pipeline did.
+        Each carries its label and the label's quality (`store.LABEL_QUALITY`, `label_validated`) and `artefact`
+        (its label names an artefact such as the clip onset). include_artefacts=False leaves artefact features out
+        (the n strongest of the others). The default keeps them, marked: this is a measurement of the clip, and
+        the edit page ablates whatever is strongest; the views that read features as a description of the clip
+        (`freud top-features`, the upload page) leave them out unless asked.
         `progress`, if given, is called with a description of each stage (an exception it raises aborts)."""
         set_row = self._set(set_id)
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -415,15 +437,26 @@ class FeatureIndex:
         if progress is not None:
             progress("Ranking the features…")
         peak = acts.max(axis=0)
-        best = np.argsort(-peak, kind="stable")[: max(n, 0)]
-        labels = self._feature_rows(set_row, best.tolist(), ["label"]) if best.size else {}
+        order = np.argsort(-peak, kind="stable")
+        columns = ["label", *store.LABEL_QUALITY]
+        picked: list[tuple[int, dict]] = []
+        start, n = 0, max(n, 0)
+        while len(picked) < n and start < len(order):  # artefacts left out: read further down the ranking
+            chunk = order[start : start + (n - len(picked)) * (1 if include_artefacts else 2) + 8].tolist()
+            start += len(chunk)
+            rows = self._feature_rows(set_row, chunk, columns)
+            for i in chunk:
+                row = {c: _clean(v) for c, v in rows.get(i, dict.fromkeys(columns)).items() if c != "index"}
+                row.update(label_flags(row))
+                if (include_artefacts or not row["artefact"]) and len(picked) < n:
+                    picked.append((i, row))
         return [{
             "index": int(i),
             "value": float(peak[i]),
             "peak_time_s": float(store.peak_time_s(int(acts[:, i].argmax()))),
             "trace": acts[:, i].astype(np.float32).tolist(),
-            "label": labels.get(int(i), {}).get("label"),
-        } for i in best]
+            **row,
+        } for i, row in picked]
 
 
 _model_lock = threading.Lock()  # loading only: one load of each model per process (running: model_lock)

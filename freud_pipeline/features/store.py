@@ -4,7 +4,9 @@ Tables (all sets share them; rows carry the build that wrote them):
 - `feature_sets`: one pointer row per set_id naming its current `build_id`, plus metadata; an SAE set names the
   training run (`sae_run_id`), its checkpoint directory and the weights' sha256 (`sae_sha256`; null in rows
   written before it existed).
-- `features`: one row per (build, feature): statistics, per-clip-max histogram, labels. Key `build_id/index`.
+- `features`: one row per (build, feature): statistics, per-clip-max histogram, labels with their quality
+  (`LABEL_QUALITY`: kind, precision, lift, Bonferroni p, base rate, peaks, held-out precision; see
+  `features.labels`). Key `build_id/index`.
 - `examples`: one row per (build, feature, sign) with the ranked examples as list columns (rank = position),
   so `top_examples` is a single indexed row lookup. Key `build_id/index/sign`.
 - `vectors_<hash of build_id>`: one table per build, (index, unit-length vector, label): SAE decoder
@@ -61,7 +63,13 @@ FEATURES_SCHEMA = pa.schema([
     ("label_precision", pa.float32()), ("label_recall", pa.float32()), ("label_f1", pa.float32()),
     ("word_label", pa.string()), ("word_precision", pa.float32()),
     ("n_top", pa.int32()), ("n_bottom", pa.int32()),
+    # Label quality (features.labels); tables written before them get them, null in old rows, on their next write.
+    ("label_reason", pa.string()), ("label_lift", pa.float32()), ("label_p_value", pa.float64()),
+    ("label_base_rate", pa.float32()), ("label_n_peaks", pa.int32()), ("label_heldout_precision", pa.float32()),
+    ("label_heldout_n", pa.int32()),
 ])
+LABEL_QUALITY = ("label_kind", "label_precision", "label_lift", "label_p_value", "label_base_rate", "label_n_peaks",
+                 "label_heldout_precision", "label_heldout_n", "label_reason")
 EXAMPLES_SCHEMA = pa.schema([
     ("key", pa.string()), ("build_id", pa.string()), ("set_id", pa.string()), ("feature", pa.int32()),
     ("sign", pa.string()), ("clip_ids", pa.list_(pa.string())), ("values", pa.list_(pa.float32())),
@@ -138,13 +146,20 @@ def _feature_rows(build_id: str, set_id: str, mining: MiningResult, labels: Labe
         "hist_counts": [c.tolist() for _, c in hist],
         "hist_edges": [e.tolist() for e, _ in hist],
         "label": labels.label if labels else none,
-        "label_kind": [("phone" if label else None) for label in labels.label] if labels else none,
+        "label_kind": labels.kind if labels else none,
         "label_precision": labels.precision if labels else nan,
         "label_recall": labels.recall if labels else nan,
         "label_f1": labels.f1 if labels else nan,
         "word_label": labels.word_label if labels else none,
         "word_precision": labels.word_precision if labels else nan,
         "n_top": n_top.astype(np.int32), "n_bottom": n_bottom.astype(np.int32),
+        "label_reason": labels.reason if labels else none,
+        "label_lift": labels.lift if labels else nan,
+        "label_p_value": labels.p_value if labels else nan.astype(np.float64),
+        "label_base_rate": labels.base_rate if labels else nan,
+        "label_n_peaks": labels.n_peaks if labels else pa.nulls(n, pa.int32()),
+        "label_heldout_precision": labels.heldout_precision if labels else nan,
+        "label_heldout_n": labels.heldout_n if labels else pa.nulls(n, pa.int32()),
     }, schema=FEATURES_SCHEMA)
 
 
@@ -259,7 +274,7 @@ def write_feature_set(
 
     n_top = _kept_counts(mining.top, "+")
     n_bottom = _kept_counts(mining.bottom, "-")
-    features = _open_or_create(db, FEATURES, FEATURES_SCHEMA)
+    features = _with_new_columns(_open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
     features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
     examples = _open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA)
     examples.add(pa.RecordBatchReader.from_batches(

@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from freud_pipeline.audio.datasets.asterisk import build_asterisk_prompts
+from freud_pipeline.audio.datasets.asterisk_languages import build_asterisk_languages
 from freud_pipeline.audio.datasets.audioset import build_audioset, download_audioset
 from freud_pipeline.audio.datasets.esc50 import build_esc50, download_esc50
 from freud_pipeline.audio.datasets.festival import build_festival_speech
+from freud_pipeline.audio.datasets.festival_voices import build_festival_voices
 from freud_pipeline.audio.datasets.folder import build_audio_folder
+from freud_pipeline.audio.datasets.large import build_large_corpus, combine_large
 from freud_pipeline.audio.datasets.librispeech import build_librispeech, download_librispeech
 from freud_pipeline.audio.datasets.manifest import (
     ALIGNMENT_SCHEMA,
@@ -35,7 +38,8 @@ def build_default_dataset(data_root: Path | None = None, n_sentences: int = 60, 
 
 
 __all__ = [
-    "ALIGNMENT_SCHEMA", "MANIFEST_SCHEMA", "DatasetBuild", "assign_split", "build_asterisk_prompts", "build_audio_folder",
+    "ALIGNMENT_SCHEMA", "MANIFEST_SCHEMA", "DatasetBuild", "assign_split", "build_asterisk_languages",
+    "build_asterisk_prompts", "build_audio_folder", "build_festival_voices", "build_large_corpus", "combine_large",
     "build_audioset", "build_default_dataset", "build_esc50", "build_festival_speech", "build_librispeech", "combine",
     "download_audioset", "download_esc50", "download_librispeech", "load_alignments", "load_manifest", "write_manifest",
 ]

@@ -48,9 +48,10 @@ def _scheme_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _run_festival(items: list[tuple[str, str]], work_dir: Path) -> None:
-    """Synthesise (clip_id, sentence) items in one Festival process: <clip_id>.wav and <clip_id>.lab."""
-    lines = [f"({VOICE})", _DUMP_FUNCTION]
+def run_festival(items: list[tuple[str, str]], work_dir: Path, voice: str = VOICE) -> None:
+    """Synthesise (clip_id, sentence) items in one Festival process with `voice` (a Festival voice function):
+    <clip_id>.wav and <clip_id>.lab (freud_dump's segment lines) in `work_dir`."""
+    lines = [f"({voice})", _DUMP_FUNCTION]
     for clip_id, sentence in items:
         stem = _scheme_string(str(work_dir / clip_id))[:-1]
         lines.append(f"(set! utt (utt.synth (Utterance Text {_scheme_string(sentence)})))")
@@ -60,7 +61,7 @@ def _run_festival(items: list[tuple[str, str]], work_dir: Path) -> None:
     script.write_text("\n".join(lines) + "\n", encoding="utf-8")
     proc = subprocess.run(["festival", "-b", str(script)], capture_output=True, text=True)
     if proc.returncode != 0 or not all((work_dir / f"{cid}.lab").exists() for cid, _ in items):
-        raise RuntimeError(f"festival failed on {script}: {proc.stderr.strip()[-500:]}")
+        raise RuntimeError(f"festival ({voice}) failed on {script}: {proc.stderr.strip()[-500:]}")
 
 
 def parse_segments(lab_text: str, clip_id: str) -> list[dict]:
@@ -116,7 +117,7 @@ def build_festival_speech(
             n_batches = min(workers or default_workers(), len(todo))
             batches = [todo[i::n_batches] for i in range(n_batches)]  # one Festival process per core
             with ThreadPoolExecutor(n_batches) as pool:
-                list(pool.map(lambda batch: _run_festival(batch, work_dir), batches))
+                list(pool.map(lambda batch: run_festival(batch, work_dir), batches))
             for clip_id, _ in todo:
                 shutil.copyfile(work_dir / f"{clip_id}.lab", audio_dir / f"{clip_id}.lab")
         jobs = [(work_dir / f"{cid}.wav", audio_dir / f"{cid}.wav", None) for cid, _ in items]
