@@ -329,7 +329,7 @@ class LabelCollector:
         for name, (hits, base, tested, held_hits) in tests.items():
             k = hits.sum(axis=1)
             out[name] = {"k": k, "base": np.broadcast_to(base, k.shape).astype(np.float64),
-                         "p": _p_values(k, n, np.broadcast_to(base, k.shape), tested),
+                         "p": p_values(k, n, np.broadcast_to(base, k.shape), tested),
                          "held": held_hits.sum(axis=1), "mode": mode}
         return out
 
@@ -345,7 +345,7 @@ class LabelCollector:
         with np.errstate(invalid="ignore", divide="ignore"):
             precision = hits / n[:, None]
             lift = precision / base
-        p = _p_values(hits, n[:, None], base[None, :], m)
+        p = p_values(hits, n[:, None], base[None, :], m)
         score = _kl_bits(np.nan_to_num(precision), base[None, :])
         passing = (n[:, None] >= MIN_SUPPORT) & (p < ALPHA) & (lift >= MIN_LIFT) & (precision >= MIN_PRECISION)
         best = np.where(passing, score, -np.inf).argmax(axis=1) if names else np.zeros(n_features, np.int64)
@@ -436,7 +436,7 @@ class LabelCollector:
         with np.errstate(invalid="ignore", divide="ignore"):
             precision = k / n
             lift = precision / base
-        p = _p_values(k, n, base, int((self.word_frames > 0).sum()))
+        p = p_values(k, n, base, int((self.word_frames > 0).sum()))
         shown = allowed & (n >= MIN_SUPPORT) & (k > 0) & (p < ALPHA) & (lift >= MIN_LIFT) & (precision >= MIN_PRECISION)
         return best, np.where(shown, precision, np.nan), shown
 
@@ -487,7 +487,7 @@ _WHERE = {ONSET: "in the first 100 ms of their clip", END: "in the last 100 ms o
           FIXED: "at one frame", SILENT: "on silence (no phone)"}
 
 
-def _p_values(k: np.ndarray, n: np.ndarray, q: np.ndarray, tested: int) -> np.ndarray:
+def p_values(k: np.ndarray, n: np.ndarray, q: np.ndarray, tested: int) -> np.ndarray:
     """Bonferroni-adjusted one-sided binomial p: min(1, tested x P(Binomial(n, q) >= k))."""
     from scipy.stats import binom  # here: the query side imports this module and never needs scipy
 
