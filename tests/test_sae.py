@@ -463,8 +463,8 @@ def test_tensor_source_serves_full_reshuffled_batches():
 
 def test_configs_validate():
     demo = demo_config()
-    assert demo.architecture == "topk" and demo.expansion_factor == 16 and demo.k == 32 and demo.hook == HOOK
-    # demo_config is configs/train/demo_topk.yaml (what benchmarks/train.py measured), apart from its device.
+    assert demo.architecture == "topk" and demo.expansion_factor == 16 and demo.k == 64 and demo.hook == HOOK
+    # demo_config is configs/train/demo_topk.yaml (what RESULTS.md "Demo SAE" measured), apart from its device.
     import yaml
 
     from freud_pipeline.defs.sae import SaeAssetConfig, run_config
