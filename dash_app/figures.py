@@ -297,3 +297,50 @@ def top_features_figure(features: list[dict], *, set_label: str = "", selected: 
         clickmode="event",
     )
     return fig
+
+
+def tradeoff_figure(runs: list[dict], height: int = 320) -> go.Figure:
+    """The sparsity trade-off of SAE runs: L0 against FVU (left) and against ΔWER with its confidence interval
+    (right), one point per run, coloured by architecture. Runs without a number for a panel are left out of it."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("FVU (held-out frames) vs L0", "ΔWER (spliced − original) vs L0"))
+    palette = ["#3949ab", "#e53935", "#43a047", "#fb8c00", "#8e24aa", "#00897b"]
+    archs = sorted({str(r.get("architecture") or "?") for r in runs})
+    for i, arch in enumerate(archs):
+        mine = [r for r in runs if str(r.get("architecture") or "?") == arch and r.get("l0") is not None]
+        colour = palette[i % len(palette)]
+
+        def text(r):
+            return (f"{r.get('run_name')}<br>{r.get('n_latents') or '?'} latents, k {r.get('k') or '–'}, "
+                    f"{r.get('steps') or '?'} steps")
+
+        with_fvu = [r for r in mine if r.get("fvu") is not None]
+        fig.add_trace(go.Scatter(
+            x=[r["l0"] for r in with_fvu], y=[r["fvu"] for r in with_fvu], mode="markers", name=arch,
+            legendgroup=arch, marker={"color": colour, "size": 9}, text=[text(r) for r in with_fvu],
+            hovertemplate="%{text}<br>L0 %{x:.1f}, FVU %{y:.3f}<extra></extra>"), row=1, col=1)
+        with_wer = [r for r in mine if r.get("delta_wer") is not None]
+        lows = [r.get("delta_wer_ci_low") for r in with_wer]
+        highs = [r.get("delta_wer_ci_high") for r in with_wer]
+        error = None
+        if with_wer and all(v is not None for v in lows + highs):
+            error = {"type": "data", "symmetric": False,
+                     "array": [100 * (h - r["delta_wer"]) for h, r in zip(highs, with_wer)],
+                     "arrayminus": [100 * (r["delta_wer"] - lo) for lo, r in zip(lows, with_wer)]}
+        fig.add_trace(go.Scatter(
+            x=[r["l0"] for r in with_wer], y=[100 * r["delta_wer"] for r in with_wer], mode="markers", name=arch,
+            legendgroup=arch, showlegend=False, marker={"color": colour, "size": 9}, error_y=error,
+            text=[text(r) for r in with_wer],
+            hovertemplate="%{text}<br>L0 %{x:.1f}, ΔWER %{y:+.2f} points<extra></extra>"), row=1, col=2)
+    if not any(r.get("delta_wer") is not None for r in runs):
+        fig.add_annotation(text="no run has a splice evaluation (ΔWER) yet", showarrow=False, row=1, col=2,
+                           x=0.5, y=0.5, xref="x2 domain", yref="y2 domain", font={"color": "#6b7280"})
+    fig.add_hline(y=0, line={"color": "#9ca3af", "dash": "dot", "width": 1}, row=1, col=2)
+    fig.update_xaxes(title_text="L0 (active latents per frame)", type="log")
+    fig.update_yaxes(title_text="FVU", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="ΔWER, points (95% CI)", row=1, col=2)
+    fig.update_layout(height=height, margin={"l": 56, "r": 12, "t": 36, "b": 48}, plot_bgcolor="#fafafa",
+                      legend={"title": {"text": "architecture"}}, font={"size": 11})
+    return fig

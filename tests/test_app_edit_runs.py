@@ -216,7 +216,10 @@ def test_runs_listing_and_comparison(sae_world, tmp_path):
     # the topk_sae asset logs its held-out splice evaluation as splice/...; the final evaluation wins over steps
     logged = {"splice/ce_recovered": 0.8, "splice/ce_recovered_vs_mean": 0.9, "splice/wer_spliced": 0.0,
               "splice/wer_original": 0.1, "eval/fvu": 0.2, "fvu": 0.3, "eval/dead_fraction": 0.05, "l0": 31.0}
-    assert headline(logged) == {"fvu": 0.2, "l0": 31.0, "dead_pct": 5.0, "ce_recovered": 0.8, "wer": 0.0}
+    assert headline(logged) == {"fvu": 0.2, "l0": 31.0, "dead_pct": 5.0, "ce_recovered": 0.8, "wer": 0.0,
+                                "delta_wer": -0.1, "delta_wer_ci_low": None, "delta_wer_ci_high": None}
+    logged |= {"splice/delta_wer": -0.1, "splice/delta_wer_ci_low": -0.2, "splice/delta_wer_ci_high": 0.01}
+    assert headline(logged)["delta_wer_ci_low"] == -0.2 and headline(logged)["delta_wer_ci_high"] == 0.01
     assert not (tmp_path / "none.db").exists()
 
 
@@ -546,8 +549,15 @@ def test_runs_page_lists_and_compares_two_runs(dash_duo, sae_world):
     rows = dash_duo.find_elements("#runs-table tbody tr")
     assert len([r for r in rows if r.find_elements("css selector", "td")]) == 2
     header = dash_duo.find_element("#runs-table").text
-    for name in ("FVU", "L0", "dead %", "CE recovered", "WER", "feature set", "MLflow"):
+    for name in ("FVU", "L0", "dead %", "CE recovered", "WER", "ΔWER", "feature set", "MLflow"):
         assert name in header
+    # The trade-off plot: both runs in the FVU panel (these runs were trained without a splice evaluation,
+    # which the ΔWER panel says).
+    points = dash_duo.driver.execute_script(
+        "const g = document.querySelector('#runs-tradeoff .js-plotly-plot');"
+        "return g.data.filter(t => t.xaxis === 'x' || !t.xaxis).reduce((n, t) => n + t.x.length, 0);")
+    assert points == 2
+    assert "no run has a splice evaluation" in dash_duo.find_element("#runs-tradeoff").text
     set_links = dash_duo.find_elements("#runs-table a.run-set-link")
     assert len(set_links) == 1 and sae_world["set_id"] in set_links[0].text
     mlflow = dash_duo.find_elements("#runs-table a[target='_blank']")

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from freud_pipeline.audio.text import word_error_rate
+from freud_pipeline.audio.text import word_error_rate, word_errors
 from freud_pipeline.sae import TrainConfig, train_sae
 from freud_pipeline.sae.splice import (
+    encoder_suffix,
     mean_replacement,
     sae_replacement,
     splice,
@@ -113,10 +114,49 @@ def test_splice_eval_orders_cross_entropies_and_reports_wer(trained_topk, model,
         assert result[f"wer_{name}"] == word_error_rate(references, [t[name] for t in result["transcripts"]])
 
 
+def test_splice_eval_reports_changes_with_bootstrap_intervals_from_its_per_clip_numbers(trained_topk, model, clips):
+    result = splice_eval(model, trained_topk, HOOK, clips, max_new_tokens=48, batch_size=2)
+    per_clip = result["per_clip"]
+    assert len(per_clip["n_tokens"]) == 3 and sum(per_clip["n_tokens"]) == result["n_tokens"]
+    for name in ("original", "spliced", "zero", "mean"):
+        assert sum(per_clip[f"ce_{name}"]) / result["n_tokens"] == pytest.approx(result[f"ce_{name}"])
+    references = [t["reference"] for t in result["transcripts"]]
+    errors, words = word_errors(references, [t["spliced"] for t in result["transcripts"]])
+    assert errors.tolist() == per_clip["word_errors_spliced"] and words.sum() == result["n_words"]
+    assert result["delta_wer"] == pytest.approx(result["wer_spliced"] - result["wer_original"])
+    assert result["delta_ce"] == pytest.approx(result["ce_spliced"] - result["ce_original"])
+    for name in ("delta_ce", "delta_wer", "ce_recovered"):
+        assert result[f"{name}_ci_low"] <= result[name] + 1e-12 <= result[f"{name}_ci_high"] + 2e-12, name
+    assert result["delta_ce_ci_high"] > result["delta_ce_ci_low"]  # three clips differ: the interval has width
+    assert result["confidence"] == 0.95
+    # Batching and the shared encoder prefix change nothing: one clip at a time gives the same numbers.
+    single = splice_eval(model, trained_topk, HOOK, clips, max_new_tokens=48, batch_size=1)
+    for name in ("ce_original", "ce_spliced", "ce_zero", "ce_mean", "wer_original", "wer_spliced"):
+        assert single[name] == pytest.approx(result[name], rel=1e-4), name
+
+
+def test_the_encoder_suffix_from_a_residual_hook_equals_a_spliced_full_pass(model, clips):
+    from freud_pipeline.whisper.hooks import log_mel
+
+    mel = log_mel(clips[0][0]).unsqueeze(0)
+    hooked = encoder_block(model, mel).unsqueeze(0)
+    suffix = encoder_suffix(model, HOOK)
+    with torch.no_grad():
+        torch.testing.assert_close(suffix(hooked), model.embed_audio(mel), rtol=1e-4, atol=1e-4)
+        zeroed = hooked.clone()
+        zeroed[:, :10] = 0
+        with splice(model, HOOK, zero_replacement(), n_frames=10):
+            spliced = model.embed_audio(mel)
+        torch.testing.assert_close(suffix(zeroed), spliced, rtol=1e-4, atol=1e-4)
+    assert encoder_suffix(model, HOOK + ".mlp.1") is None  # not a residual stream: full spliced passes instead
+
+
 def test_wer_normalises_both_sides_to_spoken_form():
     assert word_error_rate("please enter the conference pin number", "Please enter the conference PIN, number!") == 0
     assert word_error_rate("press one or pound", "Press 1 or #.") == 0
     assert word_error_rate(["don't stop", "one two"], ["Don't   stop.", "one"]) == pytest.approx(1 / 4)
+    errors, words = word_errors(["don't stop", "one two", "a b"], ["Don't   stop.", "one", "a x b c"])
+    assert errors.tolist() == [0, 1, 2] and words.tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="at least one word"):
         word_error_rate(["(silence)"], ["hello"])
     with pytest.raises(ValueError, match="2 references but 1 hypotheses"):

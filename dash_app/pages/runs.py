@@ -12,6 +12,7 @@ import logging
 from dash import Input, Output, dash_table, dcc, html
 
 from dash_app.components import fmt, notice
+from dash_app.figures import clip_graph_style, tradeoff_figure
 from dash_app.data import IndexAccess, SearchState
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 PATH = "/runs"
 DIFF_STYLE = {"background": "#fff3e0", "fontWeight": 600}
 HEADLINE_NAMES = {"fvu": "FVU (final eval)", "l0": "L0 (final eval)", "dead_pct": "dead % (final eval)",
-                  "ce_recovered": "CE recovered", "wer": "WER (SAE spliced)"}
+                  "ce_recovered": "CE recovered", "wer": "WER (SAE spliced)",
+                  "delta_wer": "ΔWER (spliced − original)"}
 CELL = {"padding": "3px 12px 3px 0", "verticalAlign": "top", "textAlign": "left"}
 
 
@@ -82,6 +84,14 @@ def layout(access: IndexAccess, mlflow_uri_of) -> html.Div:
                 type="default",
                 delay_show=150,
             ),
+            html.Div(
+                [html.H3("Sparsity trade-off", className="card-title"),
+                 html.Div("Each point is a run: fewer active latents (L0) against reconstruction error (FVU) and "
+                          "against what splicing the SAE into Whisper costs the transcript (ΔWER, with its 95% "
+                          "bootstrap interval over the held-out clips).", className="hint"),
+                 dcc.Graph(id="runs-tradeoff", figure=tradeoff_figure([]), config={"displaylogo": False},
+                           style=clip_graph_style(320))],
+                className="card", style={"marginTop": "12px"}),
             html.Div(id="runs-compare", className="card", style={"marginTop": "12px"}),
         ],
         id="runs-page",
@@ -105,6 +115,8 @@ def _columns() -> list[dict]:
         {"id": "dead_pct", "name": "dead %", "type": "numeric", "format": pct},
         {"id": "ce_recovered", "name": "CE recovered", "type": "numeric", "format": number},
         {"id": "wer", "name": "WER", "type": "numeric", "format": number},
+        {"id": "delta_wer", "name": "ΔWER", "type": "numeric", "format": number},
+        {"id": "delta_wer_ci", "name": "ΔWER 95% CI"},
         {"id": "sets", "name": "feature set", "presentation": "markdown"},
         {"id": "mlflow", "name": "MLflow", "presentation": "markdown"},
         {"id": "status", "name": "status"},
@@ -143,6 +155,10 @@ def table_rows(runs: list[dict], sets_by_run: dict[str, list[dict]]) -> list[dic
             "dead_pct": run.get("dead_pct"),
             "ce_recovered": run.get("ce_recovered"),
             "wer": run.get("wer"),
+            "delta_wer": run.get("delta_wer"),
+            "delta_wer_ci": (f"[{run['delta_wer_ci_low']:+.4f}, {run['delta_wer_ci_high']:+.4f}]"
+                             if run.get("delta_wer_ci_low") is not None and run.get("delta_wer_ci_high") is not None
+                             else "–"),
             "sets": links,
             "mlflow": f'<a href="{_escape(run_url(run))}" target="_blank" rel="noopener">open ↗</a>',
         })
@@ -223,6 +239,7 @@ def register(app, access: IndexAccess, mlflow_uri_of) -> None:
     @app.callback(
         Output("runs-table", "data"),
         Output("runs-notice", "children"),
+        Output("runs-tradeoff", "figure"),
         Input("runs-page", "id"),
     )
     def load(_page):
@@ -230,16 +247,16 @@ def register(app, access: IndexAccess, mlflow_uri_of) -> None:
         try:
             runs = runs_lib.list_runs(uri)
         except runs_lib.RunsUnavailable as exc:
-            return [], notice(str(exc), "error", id="runs-error")
+            return [], notice(str(exc), "error", id="runs-error"), tradeoff_figure([])
         if not runs:
             return [], notice(
                 [html.Strong("No SAE runs yet. "),
                  f"Nothing is logged in MLflow experiment freud-sae of {uri}. Train an SAE (materialise the "
                  "topk_sae asset in Dagster, or run `make demo`), then reload this page."],
-                "warning", id="runs-empty")
+                "warning", id="runs-empty"), tradeoff_figure([])
         rows = table_rows(runs, sets_by_run())
         return rows, html.Div(f"{len(rows)} run{'s' if len(rows) != 1 else ''}, newest first", id="runs-count",
-                              className="muted results-count")
+                              className="muted results-count"), tradeoff_figure(runs)
 
     @app.callback(
         Output("runs-compare", "children"),

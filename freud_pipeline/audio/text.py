@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import numpy as np
+
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -67,11 +69,7 @@ def normalise_transcript(text: str) -> str:
     return " ".join(text.split())
 
 
-def word_error_rate(references: str | Sequence[str], hypotheses: str | Sequence[str]) -> float:
-    """Corpus WER of hypotheses against references, both put through `normalise_transcript` first: the one WER
-    every part of FREUD reports, so numbers from different places compare. References must not normalise to ""."""
-    import jiwer
-
+def _normalised_pairs(references: str | Sequence[str], hypotheses: str | Sequence[str]) -> tuple[list[str], list[str]]:
     refs = [references] if isinstance(references, str) else list(references)
     hyps = [hypotheses] if isinstance(hypotheses, str) else list(hypotheses)
     if len(refs) != len(hyps):
@@ -79,4 +77,28 @@ def word_error_rate(references: str | Sequence[str], hypotheses: str | Sequence[
     refs, hyps = [normalise_transcript(t) for t in refs], [normalise_transcript(t) for t in hyps]
     if not refs or not all(refs):
         raise ValueError("every reference needs at least one word after normalisation")
+    return refs, hyps
+
+
+def word_error_rate(references: str | Sequence[str], hypotheses: str | Sequence[str]) -> float:
+    """Corpus WER of hypotheses against references, both put through `normalise_transcript` first: the one WER
+    every part of FREUD reports, so numbers from different places compare. References must not normalise to ""."""
+    import jiwer
+
+    refs, hyps = _normalised_pairs(references, hypotheses)
     return float(jiwer.wer(refs, hyps))
+
+
+def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, after the same normalisation as `word_error_rate`: (substitutions + deletions + insertions,
+    reference words). Their sums' ratio is word_error_rate's corpus WER; per-clip counts are what a bootstrap over
+    clips resamples."""
+    import jiwer
+
+    refs, hyps = _normalised_pairs(references, hypotheses)
+    errors, words = [], []
+    for ref, hyp in zip(refs, hyps):
+        out = jiwer.process_words(ref, hyp)
+        errors.append(out.substitutions + out.deletions + out.insertions)
+        words.append(out.substitutions + out.deletions + out.hits)
+    return np.asarray(errors), np.asarray(words)

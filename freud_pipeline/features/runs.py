@@ -9,6 +9,8 @@ evaluation when there is one:
     dead_pct     100 * eval/dead_fraction, else dead_pct (latents silent for dead_after_frames)
     ce_recovered any metric named ce_recovered (the topk_sae asset logs splice_eval's as splice/ce_recovered)
     wer          splice/wer_spliced (or another *wer_spliced, or wer), if logged
+    delta_wer    splice/delta_wer (spliced WER - original WER on the same held-out clips), with
+                 delta_wer_ci_low / delta_wer_ci_high, its bootstrap interval, when logged
 
 `compare_runs(a, b)` lines up two runs' params and metrics and marks the params that differ.
 """
@@ -24,7 +26,7 @@ from freud_pipeline.numeric import finite_float
 
 EXPERIMENT = "freud-sae"
 DEFAULT_MLFLOW_URL = "http://127.0.0.1:5000"
-HEADLINE = ("fvu", "l0", "dead_pct", "ce_recovered", "wer")
+HEADLINE = ("fvu", "l0", "dead_pct", "ce_recovered", "wer", "delta_wer")
 # Params worth a column of their own (all params are in the comparison).
 PARAM_COLUMNS = ("architecture", "hook", "model_name", "k", "n_latents_resolved", "expansion_factor", "steps",
                  "batch_size", "lr")
@@ -107,12 +109,19 @@ def _ending(metrics: dict, suffix: str) -> float | None:
 def headline(metrics: dict) -> dict[str, float | None]:
     dead = _first(metrics, ["eval/dead_fraction"])
     wer = _first(metrics, ["eval/wer_spliced", "splice/wer_spliced", "wer_spliced"])
+    wer_original = _first(metrics, ["eval/wer_original", "splice/wer_original", "wer_original"])
+    delta = _first(metrics, ["splice/delta_wer", "delta_wer"])
+    if delta is None and wer is not None and wer_original is not None:
+        delta = wer - wer_original
     return {
         "fvu": _first(metrics, ["eval/fvu", "fvu"]),
         "l0": _first(metrics, ["eval/l0", "l0"]),
         "dead_pct": dead * 100 if dead is not None else _first(metrics, ["eval/dead_pct", "dead_pct"]),
         "ce_recovered": _ending(metrics, "ce_recovered"),
         "wer": wer if wer is not None else _ending(metrics, "wer"),
+        "delta_wer": delta,
+        "delta_wer_ci_low": _first(metrics, ["splice/delta_wer_ci_low", "delta_wer_ci_low"]),
+        "delta_wer_ci_high": _first(metrics, ["splice/delta_wer_ci_high", "delta_wer_ci_high"]),
     }
 
 

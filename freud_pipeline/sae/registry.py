@@ -33,7 +33,8 @@ RANKING_METRIC = "ce_recovered"
 class QualityThresholds(BaseModel):
     """Limits a trained SAE must meet (None: not checked). Metric names are those of `headline_metrics`:
     fvu (on held-out frames), dead_pct / dense_pct (percent of latents never firing / firing on > 10% of frames),
-    ce_recovered (splicing the SAE in, 1 = as good as the original activation, 0 = as bad as zero ablation)."""
+    ce_recovered (splicing the SAE in, 1 = as good as the original activation, 0 = as bad as zero ablation),
+    delta_wer (WER with the SAE spliced in minus the original's, on the same held-out clips)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,11 +42,13 @@ class QualityThresholds(BaseModel):
     max_dead_pct: float | None = Field(50.0, ge=0, le=100)
     max_dense_pct: float | None = Field(None, ge=0, le=100)
     min_ce_recovered: float | None = 0.5
+    max_delta_wer: float | None = None  # spliced WER - original WER on the held-out clips (0.01 = one point)
 
     def limits(self) -> list[tuple[str, str, float]]:
         """(metric, "max"|"min", limit) for every threshold that is set."""
         pairs = [("fvu", "max", self.max_fvu), ("dead_pct", "max", self.max_dead_pct),
-                 ("dense_pct", "max", self.max_dense_pct), ("ce_recovered", "min", self.min_ce_recovered)]
+                 ("dense_pct", "max", self.max_dense_pct), ("ce_recovered", "min", self.min_ce_recovered),
+                 ("delta_wer", "max", self.max_delta_wer)]
         return [(metric, kind, float(limit)) for metric, kind, limit in pairs if limit is not None]
 
 

@@ -42,7 +42,9 @@ MAX_SPLICE_SECONDS = 30.0  # splice_eval runs one Whisper window per clip
 class SaeRunConfig(TrainConfig, QualityThresholds):
     """A TrainConfig, the quality thresholds (QualityThresholds' fields) and what the run does after training."""
 
-    splice_clips: int = Field(8, ge=0)  # held-out clips to splice into; 0: skip (min_ce_recovered must then be None)
+    # Held-out clips to splice into (ΔWER and ΔCE with 95% bootstrap intervals; fewer than ~100 cannot tell a
+    # 1-point WER change from noise); 0: skip (min_ce_recovered and max_delta_wer must then be None).
+    splice_clips: int = Field(128, ge=0)
     splice_splits: list[str] = ["dev", "test"]
     splice_max_new_tokens: PositiveInt = 96  # caps greedy decoding: a poor SAE can loop
     register_model: bool = True  # a new version of freud-sae.<model>.<hook>.<architecture>, promoted if better
@@ -131,9 +133,10 @@ def headline_metrics(train_metrics: Mapping, splice: Mapping) -> dict[str, float
         "eval_frames": train_metrics.get("eval/n_frames"),
     }
     for key in ("ce_original", "ce_spliced", "ce_zero", "ce_mean", "ce_recovered", "ce_recovered_vs_mean",
-                "wer_original", "wer_spliced", "n_clips", "n_tokens"):
+                "wer_original", "wer_spliced", "delta_ce", "delta_wer", "n_clips", "n_tokens", "n_words",
+                *(f"{name}_ci_{side}" for name in ("ce_recovered", "delta_ce", "delta_wer") for side in ("low", "high"))):
         if key in splice:
-            metrics[key if key not in ("n_clips", "n_tokens") else f"splice_{key}"] = splice[key]
+            metrics[key if key not in ("n_clips", "n_tokens", "n_words") else f"splice_{key}"] = splice[key]
     return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
