@@ -125,3 +125,29 @@ def test_sae_is_evaluated_checked_and_registered(materialised):
     champion = client.get_model_version_by_alias(sae["registry"]["name"], CHAMPION)
     assert champion.run_id == sae["run_id"] and champion.source == f"runs:/{sae['run_id']}/checkpoint"
     assert champion.tags["quality_check"] == "passed"
+
+
+def test_a_width_and_k_sweep_logs_each_run_to_mlflow_with_its_splice_evaluation(materialised):
+    """The sae_sweep asset: one run per (expansion factor, k), each spliced into held-out clips with ΔWER and its
+    interval, tagged with the sweep, none registered; what the runs page's trade-off plot shows."""
+    from freud_pipeline import settings
+    from freud_pipeline.defs.definitions import defs
+    from freud_pipeline.defs.runner import materialize_asset
+    from freud_pipeline.features.runs import list_runs
+
+    _, instance = materialised
+    config = {"steps": 30, "batch_size": 256, "splice_clips": 3, "max_fvu": None, "min_ce_recovered": None,
+              "max_dead_pct": None, "register_model": False, "expansion_factors": [2, 4], "ks": [8],
+              "sweep_name": "test-sweep", "checkpoint_every": 0, "device": "cpu"}
+    run = materialize_asset(defs, "sae_sweep", config=config, instance=instance)
+    assert run.success
+    sweep = run.output_for_node("sae_sweep")
+    assert [(r["expansion_factor"], r["k"]) for r in sweep["runs"]] == [(2, 8), (4, 8)]
+    logged = {r["run_id"]: r for r in list_runs(settings.mlflow_tracking_uri())}
+    for row in sweep["runs"]:
+        run_row = logged[row["run_id"]]
+        assert run_row["tags"]["sweep"] == "test-sweep" and "registered_model" not in run_row["tags"]
+        assert run_row["n_latents"] == str(384 * row["expansion_factor"])
+        assert run_row["delta_wer"] is not None
+        assert run_row["delta_wer_ci_low"] <= run_row["delta_wer"] <= run_row["delta_wer_ci_high"]
+        assert run_row["metrics"]["splice/n_clips"] == 3

@@ -206,9 +206,21 @@ def test_held_out_clips_are_spread_over_sources_and_limited_to_30_s():
     chosen = held_out_clips(manifest, 4)
     assert list(chosen["clip_id"]) == ["c0", "c4", "c2", "c6"]  # longest first, sources in turn
     assert set(held_out_clips(manifest, 10)["clip_id"]) == {"c0", "c2", "c4", "c5", "c6"}
+    # The WER is of English transcription: clips of other languages are never spliced into.
+    languages = manifest.assign(language=["en", "fr", None, "en", "es", "en", "EN", "en"])
+    assert set(held_out_clips(languages, 10)["clip_id"]) == {"c0", "c2", "c5", "c6"}
 
 
 # --- configs/train ----------------------------------------------------------------------------------------------
+def test_every_train_config_states_its_measured_transcript_cost_or_why_not():
+    """A user who trains a shipped config knows what it does to the transcript: its comment gives the measured
+    ΔWER and L0, or says plainly that it is a smoke test or was not measured here (and why)."""
+    for path in TRAIN_CONFIGS:
+        comment = "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
+        measured = "ΔWER" in comment and "L0" in comment
+        assert measured or "smoke test" in comment or "not measured" in comment, path.name
+
+
 def test_train_configs_exist():
     names = {p.stem for p in TRAIN_CONFIGS}
     assert {"tiny_l1", "tiny_topk", "tiny_batchtopk", "large_v3_l1", "large_v1_audioset_topk", "demo_topk"} <= names
@@ -219,10 +231,13 @@ def test_train_config_parses_into_asset_and_train_config(path):
     from freud_pipeline.validation import load_run_config
     from freud_pipeline.defs.sae import SaeAssetConfig, run_config
 
+    from freud_pipeline.defs.sae import SaeSweepConfig
+
     run = load_run_config(path)
-    assert run["asset"] == "topk_sae" and "partition" not in run
-    config = SaeAssetConfig(**run["config"])  # unknown keys would be rejected here
-    assert set(run["config"]) <= set(SaeAssetConfig.model_fields)
+    assert run["asset"] in ("topk_sae", "sae_sweep") and "partition" not in run
+    config_class = SaeAssetConfig if run["asset"] == "topk_sae" else SaeSweepConfig
+    config = config_class(**run["config"])  # unknown keys would be rejected here
+    assert set(run["config"]) <= set(config_class.model_fields)
     cfg = run_config(config, config.model or "tiny.en").train_config()
     assert isinstance(cfg, TrainConfig) and cfg.architecture == run["config"]["architecture"]
     for key, value in run["config"].items():
@@ -233,8 +248,10 @@ def test_train_config_parses_into_asset_and_train_config(path):
     # And Dagster accepts it as the asset's run config.
     from freud_pipeline.defs.definitions import defs
 
-    job = defs.resolve_job_def("sae_retrain_job")
-    assert dg.validate_run_config(job, {"ops": {"topk_sae": {"config": run["config"]}}})
+    job = (defs.resolve_job_def("sae_retrain_job") if run["asset"] == "topk_sae" else
+           dg.define_asset_job("config_check", selection=[run["asset"]]).resolve(
+               asset_graph=defs.resolve_asset_graph(), resource_defs=defs.resources))
+    assert dg.validate_run_config(job, {"ops": {run["asset"]: {"config": run["config"]}}})
 
 
 def test_original_values_of_tiny_topk_and_tiny_l1():

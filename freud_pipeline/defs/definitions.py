@@ -12,6 +12,9 @@ from freud_pipeline.defs import checks, executors, incoming, runner, schedules, 
 CORPUS_ASSETS = [datasets.asterisk_prompts, datasets.festival_speech, datasets.default_corpus]
 # The large corpus (more voices, speakers, languages): built on request, never by the default stages (`make demo`).
 LARGE_CORPUS_ASSETS = [datasets.festival_voices, datasets.asterisk_languages, datasets.large_corpus]
+# Built from the large corpus' activations (configs/features/large_corpus_*.yaml) and a width/k sweep
+# (configs/train/large_corpus_sweep.yaml): only on request.
+LARGE_INDEX_ASSETS = [features.large_corpus_neuron_index, sae.sae_sweep]
 ACTIVATION_ASSETS = [activations.activations]
 # The SAE feature index rebuilds by itself when a new SAE lands (eager automation condition, defs/schedules.py).
 INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, schedules.rebuild_on_new_sae(features.sae_feature_index)]
@@ -49,7 +52,7 @@ def resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=DEFAULT_ASSETS + LARGE_CORPUS_ASSETS + EXTERNAL_ASSETS + INCOMING_ASSETS,
+    assets=DEFAULT_ASSETS + LARGE_CORPUS_ASSETS + EXTERNAL_ASSETS + LARGE_INDEX_ASSETS + INCOMING_ASSETS,
     jobs=[corpus_job, large_corpus_job, activations_job, index_job, incoming.incoming_job, schedules.sae_retrain_job],
     resources=resources(),
     asset_checks=checks.CHECKS + sae.SAE_CHECKS,  # sae_quality: the blocking gate on the trained SAE

@@ -75,6 +75,13 @@ def _frames_dirs(config: SaeAssetConfig, storage: FreudStorage, activations: dic
     return config.model, {"train": base / config.train_split, "eval": base / config.eval_split}
 
 
+def _splice_manifest(config: SaeAssetConfig, storage: FreudStorage, default_corpus: dict) -> str:
+    """The corpus whose held-out clips the SAE is spliced into: the named dataset's when it has a manifest (an SAE
+    trained on the large corpus is judged on its held-out voices and speakers), else the default corpus'."""
+    own = storage.root / "datasets" / config.dataset / "manifest.parquet" if config.dataset else None
+    return str(own) if own is not None and own.is_file() else default_corpus["manifest_path"]
+
+
 def _tags(context: dg.AssetExecutionContext, config: SaeAssetConfig, model: str, train, dev) -> dict[str, str]:
     return {"dagster_run_id": context.run_id, "dagster_asset_key": context.asset_key.to_user_string(),
             "whisper_model": model, "hook": config.hook, "dataset": config.dataset or "default_corpus",
@@ -114,7 +121,7 @@ def topk_sae(context: dg.AssetExecutionContext, config: SaeAssetConfig, storage:
     train, dev = ActivationReader(dirs["train"]), ActivationReader(dirs["eval"])
     runs_dir = storage.path("sae", f"{model}-{config.hook}-{config.architecture}")
     result = run_sae(cfg, train, dev, runs_dir=runs_dir, tracking_uri=mlflow.uri, experiment=mlflow.experiment,
-                     corpus_manifest=default_corpus["manifest_path"], data_root=storage.root,
+                     corpus_manifest=_splice_manifest(config, storage, default_corpus), data_root=storage.root,
                      tags=_tags(context, config, model, train, dev), resume_from=config.resume_from or None)
     context.log.info(f"SAE run {result.run_id} in {result.checkpoint_dir}: quality check "
                      f"{'passed' if result.passed else 'failed: ' + '; '.join(result.quality['failures'])}")
@@ -146,6 +153,46 @@ def sae_quality(topk_sae: dict) -> dg.AssetCheckResult:
         metadata["mlflow_run"] = dg.MetadataValue.url(run_url(topk_sae))
     return dg.AssetCheckResult(passed=not failures, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata,
                                description="; ".join(failures) or "all thresholds met")
+
+
+class SaeSweepConfig(SaeAssetConfig):
+    """A sweep: the SAE config above once for every (expansion factor, k) pair, each run logged to MLflow and tagged
+    with the sweep's name; the runs page plots their trade-off (L0 against FVU and ΔWER)."""
+
+    expansion_factors: list[int] = [8, 16]
+    ks: list[int] = [32, 64]
+    sweep_name: str = "sweep"
+
+
+@dg.asset(group_name="sae", kinds={"pytorch", "mlflow"}, pool="model",
+          description="A sweep over SAE width and k: one run of the SAE config per pair, each trained, spliced into "
+                      "held-out clips (ΔWER, ΔCE with CIs) and logged to MLflow with the sweep's tag.")
+def sae_sweep(context: dg.AssetExecutionContext, config: SaeSweepConfig, storage: FreudStorage,
+              mlflow: MlflowTracking, activations: dict, default_corpus: dict) -> dict:
+    model, dirs = _frames_dirs(config, storage, activations)
+    runs = []
+    for expansion in config.expansion_factors:
+        for k in config.ks:
+            cfg = run_config(config, model).model_copy(update={"expansion_factor": expansion, "k": k,
+                                                               "n_latents": None})
+            cfg = type(cfg)(**cfg.model_dump())  # validated again: k must fit the width
+            train, dev = ActivationReader(dirs["train"]), ActivationReader(dirs["eval"])
+            runs_dir = storage.path("sae", f"{model}-{config.hook}-{config.architecture}")
+            tags = {**_tags(context, config, model, train, dev), "sweep": config.sweep_name}
+            result = run_sae(cfg, train, dev, runs_dir=runs_dir, tracking_uri=mlflow.uri,
+                             experiment=mlflow.experiment, corpus_manifest=_splice_manifest(config, storage,
+                                                                                            default_corpus),
+                             data_root=storage.root, tags=tags)
+            h = result.headline
+            context.log.info(f"sweep {config.sweep_name}: {expansion}x, k {k}: FVU {h.get('fvu', float('nan')):.3f}, "
+                             f"L0 {h.get('l0', float('nan')):.1f}, dead {h.get('dead_pct', float('nan')):.2f}%, "
+                             f"ΔWER {h.get('delta_wer', float('nan')):+.4f} "
+                             f"[{h.get('delta_wer_ci_low', float('nan')):+.4f}, "
+                             f"{h.get('delta_wer_ci_high', float('nan')):+.4f}]")
+            runs.append({"expansion_factor": expansion, "k": k, "run_id": result.run_id, **h,
+                         "passed": result.passed})
+    context.add_output_metadata({"runs": dg.MetadataValue.md(pd.DataFrame(runs).to_markdown(index=False))})
+    return {"sweep": config.sweep_name, "runs": runs}
 
 
 SAE_CHECKS = [sae_quality]

@@ -88,10 +88,13 @@ class SaeRunResult:
 def held_out_clips(manifest: pd.DataFrame, n: int, splits=("dev", "test")) -> pd.DataFrame:
     """`n` clips of the given splits for splice evaluation, deterministically: those with a transcript and at most
     30 s, longest first (every clip costs one full 30 s encoder window, so long ones give the most tokens per
-    second of compute), taking the sources in turn so that no single source fills the sample."""
+    second of compute), taking the sources in turn so that no single source fills the sample. Only English clips
+    (no `language` column, or "en"): the WER is of English transcription."""
     from freud_pipeline.audio.text import normalise_transcript
 
     rows = manifest[manifest["split"].isin(list(splits)) & (manifest["duration_s"] <= MAX_SPLICE_SECONDS)]
+    if "language" in rows.columns:
+        rows = rows[rows["language"].isna() | rows["language"].astype(str).str.lower().str.startswith("en")]
     rows = rows[rows["transcript"].fillna("").map(normalise_transcript).str.len() > 0]
     rows = rows.sort_values(["duration_s", "clip_id"], ascending=[False, True])
     rows = rows.assign(_rank=rows.groupby("source").cumcount()).sort_values(["_rank", "source"], kind="stable")
