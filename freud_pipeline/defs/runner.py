@@ -72,14 +72,21 @@ def _materialize(defs: dg.Definitions, asset: str, partition: str | None, config
         keys = node.partitions_def.get_partition_keys()
         if partition not in keys:
             raise FreudError(f"asset {asset} needs a partition, one of: {', '.join(keys)}")
-    # Upstream assets never materialised in this instance run first (same partition where partitioned alike).
+    # Upstream assets never materialised in this instance run first: the same partition where partitioned alike,
+    # every missing partition of a partitioned parent of an unpartitioned asset (which reads them all).
     for parent in node.parent_keys:
         parent_node = graph.get(parent)
-        parent_partition = partition if parent_node.partitions_def is not None else None
-        if instance is not None and not _materialised(instance, parent, parent_partition):
-            result = _materialize(defs, parent.to_user_string(), parent_partition, None, instance)
-            if not result.success:
-                return result
+        if parent_node.partitions_def is None:
+            needed = [None]
+        elif node.partitions_def is not None:
+            needed = [partition]
+        else:
+            needed = parent_node.partitions_def.get_partition_keys()
+        for parent_partition in needed:
+            if instance is not None and not _materialised(instance, parent, parent_partition):
+                result = _materialize(defs, parent.to_user_string(), parent_partition, None, instance)
+                if not result.success:
+                    return result
     selection = dg.AssetSelection.assets(key)
     assets = list(defs.assets) + list(defs.asset_checks or [])
     run_config = {"ops": {asset: {"config": config}}} if config else {}
