@@ -36,7 +36,9 @@ and each of these on three rows:
    it is the share of features whose received phone/class label reaches held-out precision >= VALIDATED_PRECISION
    over >= MIN_SUPPORT held-out peaks, a conservative (higher) chance level. "median held-out P" is over the
    features that received a phone/class label.
-The "ratio" row is recomputed / shuffled mean. A second chance level for the held-out precision is printed below
+The "ratio" row is recomputed / shuffled mean. Sets built since the labelling pass computes its own chance level
+also get a line comparing the "index" row's validated share with the labels permuted across features and scored
+on the very held-out peaks the labelling pass used (`label_summary.share_validated_chance`, 10 permutations). A second chance level for the held-out precision is printed below
 the table: the median base rate of the phone/class labels, the precision a label would have if the feature's
 peaks fell on random speech frames.
 
@@ -375,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         result.update(set_id=set_row["set_id"], kind=set_row["kind"],
                       label_summary=json.loads(set_row["label_summary"] or "{}"))
         print_set(set_row, result, args.seeds)
+        summary = result["label_summary"]
+        if summary.get("share_validated_chance") is not None:  # the labelling pass' own, same-peaks chance level
+            print(f"  index, same held-out peaks as the labelling pass: validated {_fmt(summary['share_validated'])}"
+                  f", labels permuted across features {_fmt(summary['share_validated_chance'])} ± "
+                  f"{_fmt(summary['share_validated_chance_sd'])} -> "
+                  f"{summary['validated_over_chance'] or float('nan'):.1f}x chance")
         if set_row["kind"] == "sae":
             result["sae"] = sae_quality(set_row["sae_run_id"], tracking_uri)
             print_sae(result["sae"])

@@ -2,7 +2,8 @@
 
 Clips: recorded Asterisk prompts (speaker "allison", aligned by pocketsphinx) and Festival sentences (voice "slt",
 the synthesiser's own timings), made by the dataset builders. Planted features are activation arrays over those
-clips' real frames, firing where the real alignments say; the last tests index real tiny.en MLP neurons.
+clips' real frames, firing where the real alignments say (or following the real audio's loudness); the last tests
+index real tiny.en MLP neurons.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from conftest import require_extra
 from freud_pipeline.features import FeatureIndex
 from freud_pipeline.features.build import build_feature_set
 from freud_pipeline.features.labels import (
-    ALPHA, MIN_LIFT, ONSET_FRAMES, VALIDATED_PRECISION, AlignmentError, heldout_split, interval_frames,
+    ALPHA, LOUD_SHARE, MIN_LIFT, ONSET_FRAMES, VALIDATED_PRECISION, AlignmentError, heldout_split, interval_frames,
 )
-from freud_pipeline.frames import FRAME_SECONDS
+from freud_pipeline.frames import FRAME_SECONDS, SAMPLE_RATE, SAMPLES_PER_FRAME, frame_loudness_db
 
 ALLISON = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 HOOK = "encoder.blocks.2.mlp.1"
 TOP_K = 12
-ONSET, N_DETECTOR, RANDOM, S_OR_Z, N_THEN_M, SILENT = range(6)
+ONSET, N_DETECTOR, RANDOM, S_OR_Z, N_THEN_M, SILENT, LOUD = range(7)
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +52,30 @@ def _frames_of(alignments: pd.DataFrame, clip_id: str, phones: set[str]) -> list
 
 @pytest.fixture(scope="module")
 def planted(corpus, tmp_path_factory):
-    """Six planted features over every clip's frames, indexed with build_feature_set."""
+    """Seven planted features over every clip's frames, indexed with build_feature_set (given the data root, so
+    the labels see each clip's loudness)."""
+    from freud_pipeline.audio.decode import load_audio
+
     rng = np.random.default_rng(0)
-    alignments, speaker = corpus["alignments"], dict(zip(corpus["manifest"].clip_id, corpus["manifest"].speaker))
-    acts = {}
+    manifest, alignments = corpus["manifest"], corpus["alignments"]
+    speaker, path = dict(zip(manifest.clip_id, manifest.speaker)), dict(zip(manifest.clip_id, manifest.path))
+    acts, loudness = {}, {}
     for clip_id, n_frames in corpus["frames"].items():
-        a = rng.uniform(-0.1, 0.0, (n_frames, 6)).astype(np.float32)
+        a = rng.uniform(-0.1, 0.0, (n_frames, 7)).astype(np.float32)
         a[:3, ONSET] = 1 + rng.uniform()  # the first 60 ms of every clip
         for phone_set, feature in (({"n"}, N_DETECTOR), ({"s", "z"}, S_OR_Z),
                                    ({"n"} if speaker[clip_id] == "allison" else {"m"}, N_THEN_M)):
             for start, stop in _frames_of(alignments, clip_id, phone_set):
                 a[start:stop, feature] = 1 + rng.uniform()
         a[:, RANDOM] = rng.uniform(0, 1, n_frames)
+        loudness[clip_id] = level = frame_loudness_db(load_audio(corpus["root"] / path[clip_id]))[:n_frames]
+        a[: len(level), LOUD] = np.maximum(level + 120, 0)  # the clip's level in dB above -120 dBFS
         acts[clip_id] = a
     uri = str(tmp_path_factory.mktemp("label-index"))
     summary = build_feature_set(iter(acts.items()), set_id="planted", model="tiny.en", hook=HOOK, kind="neuron",
-                                manifest_df=corpus["manifest"], alignments_df=alignments, index_uri=uri, top_k=TOP_K)
-    return {"acts": acts, "uri": uri, "ix": FeatureIndex(uri, read_consistency_interval=0),
+                                manifest_df=manifest, alignments_df=alignments, index_uri=uri, top_k=TOP_K,
+                                data_root=corpus["root"])
+    return {"acts": acts, "loudness": loudness, "uri": uri, "ix": FeatureIndex(uri, read_consistency_interval=0),
             "summary": summary["label_summary"]}
 
 
@@ -132,8 +140,68 @@ def test_heldout_precision_is_measured_on_the_voice_the_labels_never_saw(corpus,
     assert ix.feature("planted", N_DETECTOR)["label_heldout_precision"] == 1.0
     switched = ix.feature("planted", N_THEN_M)  # on slt it fires on "m": the "n" label does not hold there
     assert switched["label_heldout_precision"] == 0.0 and not switched["label_validated"]
-    assert summary["n_validated"] == 2 and summary["share_validated"] == pytest.approx(2 / 6)
+    assert summary["n_validated"] == 2 and summary["share_validated"] == pytest.approx(2 / 7)
     assert summary["artefacts"]["clip onset"] == 1 and summary["n_labelled"] == 3
+    assert summary["artefacts"]["loudness"] == 1
+
+
+def test_a_feature_following_loudness_is_a_loudness_artefact_not_a_phone(corpus, planted):
+    info = planted["ix"].feature("planted", LOUD)
+    assert (info["label"], info["label_kind"], info["artefact"]) == ("loudness", "artefact", True)
+    assert info["label_p_value"] < ALPHA and info["label_lift"] > 1 and info["word_label"] is None
+    assert info["label_precision"] == 1.0 and "loudest 10% of frames" in info["label_reason"]
+    # The base rate, brute force: the share of the training clips' frames among their clip's loudest 10%.
+    levels, manifest = planted["loudness"], corpus["manifest"]
+    train = manifest[manifest.speaker == "allison"].clip_id
+    loud = {c: np.pad((level >= np.quantile(level, 1 - LOUD_SHARE)) & (level > level.min()),
+                      (0, corpus["frames"][c] - len(level))) for c, level in levels.items()}
+    base = sum(loud[c].sum() for c in train) / sum(corpus["frames"][c] for c in train)
+    assert info["label_base_rate"] == pytest.approx(base, rel=1e-5) and LOUD_SHARE <= base < 2 * LOUD_SHARE
+    peaks = _peak_frames(planted["acts"], manifest[manifest.speaker == "slt"].clip_id, LOUD)
+    assert info["label_heldout_n"] == len(peaks) > 0
+    assert info["label_heldout_precision"] == pytest.approx(np.mean([loud[c][t] for c, t in peaks.items()]))
+
+
+def test_a_vowel_detector_on_loud_frames_keeps_its_vowel(corpus, planted):
+    """Loudness competes with the phones: a detector of "ah" whose peaks all sit on loud frames is still "ah"
+    (the phone explains its peaks better); the clip's loudness itself is the artefact. Without the levels, no
+    loudness test."""
+    from freud_pipeline.features.build import clip_loudness
+    from freud_pipeline.features.labels import LabelCollector
+
+    manifest, alignments, levels = corpus["manifest"], corpus["alignments"], planted["loudness"]
+    acts = {}
+    for clip_id, n_frames in corpus["frames"].items():
+        a = np.zeros((n_frames, 2), np.float32)
+        a[: len(levels[clip_id]), 1] = levels[clip_id] + 120
+        for start, stop in _frames_of(alignments, clip_id, {"ah"}):
+            a[start:stop, 0] = a[start:stop, 1]
+        acts[clip_id] = a
+    results = []
+    for loudness in (clip_loudness(manifest, corpus["root"]), None):
+        collector = LabelCollector(alignments, 2, TOP_K, manifest=manifest, loudness=loudness)
+        for clip_id, a in acts.items():
+            collector.observe(clip_id, a)
+        results.append(collector.result())
+    tested, untested = results
+    assert (tested.label, tested.kind) == (["ah", "loudness"], ["phone", "artefact"])
+    train = manifest[manifest.speaker == "allison"].clip_id
+    on_loud = [levels[c][t] >= np.quantile(levels[c], 1 - LOUD_SHARE) for c, t in _peak_frames(acts, train, 0).items()]
+    assert np.mean(on_loud) >= 0.5  # the loudness test passed for it too, and lost to the phone
+    assert untested.label[0] == "ah" and untested.label[1] != "loudness"
+    assert "loudness" not in untested.summary["artefacts"]
+    assert untested.p_value[0] < tested.p_value[0]  # one test fewer in the Bonferroni adjustment
+
+
+def test_frame_loudness_is_the_rms_level_of_each_20_ms_frame():
+    rng = np.random.default_rng(1)
+    loud, quiet = rng.choice([-0.5, 0.5], SAMPLE_RATE // 2), rng.choice([-0.005, 0.005], SAMPLE_RATE // 2 + 100)
+    level = frame_loudness_db(np.r_[loud, quiet].astype(np.float32))
+    half = SAMPLE_RATE // 2 // SAMPLES_PER_FRAME
+    assert len(level) == int(np.ceil((SAMPLE_RATE + 100) / SAMPLES_PER_FRAME))  # the partial last frame too
+    assert level[:half] == pytest.approx(20 * np.log10(0.5), abs=1e-4)
+    assert level[half:] == pytest.approx(20 * np.log10(0.005), abs=1e-4)  # 40 dB below: 20 log10(100)
+    assert frame_loudness_db(np.zeros(10)).tolist() == [-200.0] and frame_loudness_db(np.zeros(0)).size == 0
 
 
 def test_heldout_split_by_speaker_or_by_clip():
@@ -193,9 +261,20 @@ def neurons(corpus, tiny_en, tmp_path_factory):
         out = capture.capture(log_mel(audio[row.clip_id], tiny_en.dims.n_mels, pad=False))[HOOK][0]
         acts[row.clip_id] = out[: n_real_frames(len(audio[row.clip_id]))].float().numpy()
     uri = str(tmp_path_factory.mktemp("neuron-labels"))
-    build_feature_set(iter(acts.items()), set_id="mlp2", model="tiny.en", hook=HOOK, kind="neuron",
-                      manifest_df=corpus["manifest"], alignments_df=corpus["alignments"], index_uri=uri, top_k=TOP_K)
-    return {"acts": acts, "audio": audio, "uri": uri, "ix": FeatureIndex(uri, read_consistency_interval=0)}
+    summary = build_feature_set(iter(acts.items()), set_id="mlp2", model="tiny.en", hook=HOOK, kind="neuron",
+                                manifest_df=corpus["manifest"], alignments_df=corpus["alignments"], index_uri=uri,
+                                top_k=TOP_K, data_root=corpus["root"])
+    return {"acts": acts, "audio": audio, "uri": uri, "ix": FeatureIndex(uri, read_consistency_interval=0),
+            "summary": summary["label_summary"]}
+
+
+def test_the_validated_share_is_reported_beside_its_shuffled_label_chance_level(neurons):
+    """Every set's label summary carries the chance level of its validated share: the same held-out peaks with the
+    labels permuted across features. Real tiny.en neurons validate far above it; the CLI prints both."""
+    summary = neurons["summary"]
+    share, chance = summary["share_validated"], summary["share_validated_chance"]
+    assert 0 <= chance < share and summary["share_validated_chance_sd"] >= 0
+    assert summary["validated_over_chance"] == pytest.approx(share / chance) and share / chance >= 3
 
 
 def test_no_neuron_peaking_at_the_clip_onset_is_presented_as_a_phone_detector(corpus, neurons, tmp_path, capsys):

@@ -194,8 +194,11 @@ def sets(args) -> int:
         print(f"no feature sets in {index.uri}")
         return 0
     def validated(row: dict) -> str:  # share of features with a held-out-validated phone or class label
-        share = (row.get("label_summary") or {}).get("share_validated")
-        return "-" if share is None else f"{share:.1%}"
+        summary = row.get("label_summary") or {}
+        share, chance = summary.get("share_validated"), summary.get("share_validated_chance")
+        if share is None:
+            return "-"
+        return f"{share:.1%}" + (f" (chance {chance:.1%})" if chance is not None else "")
 
     body = [[row["set_id"], _fmt(row["model"]), _fmt(row["hook"]), row["kind"], str(row["n_features"]),
              _fmt(row.get("n_clips")), validated(row),

@@ -47,7 +47,7 @@ def _neuron_set(context: dg.AssetExecutionContext, config: NeuronIndexConfig, st
         chain.from_iterable(r.iter_clips(config.hook, dtype="float32") for r in readers),
         set_id=set_id, model=model, hook=config.hook, kind="neuron",
         manifest_df=manifest, alignments_df=alignments, index_uri=storage.index_uri, top_k=config.top_k,
-        heldout_speakers=heldout_speakers,
+        heldout_speakers=heldout_speakers, data_root=storage.root,
     )
     context.add_output_metadata(_summary_metadata(summary))
     return {"set_id": set_id, "index_uri": storage.index_uri}
@@ -108,7 +108,7 @@ def sae_feature_index(
         encoded_clips(clips, encode), set_id=set_id, model=topk_sae["model"], hook=topk_sae["hook"], kind="sae",
         manifest_df=manifest, alignments_df=alignments, index_uri=storage.index_uri,
         sae_run_id=run_id, sae_checkpoint=topk_sae["checkpoint_dir"], sae_sha256=sha256,
-        decoder=decoder_directions(sae),
+        decoder=decoder_directions(sae), data_root=storage.root,
     )
     if topk_sae.get("runs_dir"):  # runs of the immutable layout only (not a checkpoint written in place)
         champion = (topk_sae.get("registry") or {}).get("champion_run_id")

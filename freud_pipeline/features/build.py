@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
+from freud_pipeline.audio.decode import load_audio
+from freud_pipeline.errors import FreudError
 from freud_pipeline.features import store
 from freud_pipeline.features.labels import LabelCollector
 from freud_pipeline.features.mining import MiningError, mine_features
+from freud_pipeline.frames import frame_loudness_db
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ def build_feature_set(
     occurrences_per_phone: int = 64,
     heldout_speakers: list[str] | None = None,
     seed: int = 0,
+    data_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Mine `clips_iter` ((clip_id, acts[frames, n_features]); SAE sets pass latents, see
     `mining.encoded_clips`), label against `alignments_df` when given, and publish as `set_id`.
@@ -49,7 +54,9 @@ def build_feature_set(
     latents and GELU neurons (positive exactly when the pre-activation is), signed hooks may want a larger one.
     Labels are learned on some aligned clips and validated on the others (`labels.heldout_split`: by the
     manifest's `speaker` column when it names several, or `heldout_speakers`; else a fixed half of the clips).
-    Returns a summary (set_id, build_id, n_features, n_clips, n_frames, label_summary, seconds).
+    data_root: the root the manifest's `path` column is relative to; with it, each aligned clip's audio is read
+    once more during the pass for its per-frame loudness (the loudness artefact test; an unreadable clip has no
+    loud frames). Returns a summary (set_id, build_id, n_features, n_clips, n_frames, label_summary, seconds).
     """
     if kind not in store.KINDS:
         raise MiningError(f"kind must be one of {store.KINDS}, got {kind!r}")
@@ -65,7 +72,8 @@ def build_feature_set(
             raise MiningError(f"decoder must be [n_features={n_features}, d_in], got {decoder.shape}; "
                               f"transpose a [d_in, n_latents] weight")
     collector = (LabelCollector(alignments_df, n_features, top_k, occurrences_per_phone, seed, manifest=manifest_df,
-                                heldout_speakers=heldout_speakers, fire_threshold=fire_threshold)
+                                heldout_speakers=heldout_speakers, fire_threshold=fire_threshold,
+                                loudness=clip_loudness(manifest_df, data_root))
                  if alignments_df is not None and len(alignments_df) else None)
 
     def all_clips():
@@ -100,6 +108,29 @@ def build_feature_set(
     }
     log.info("feature set %s: %s", set_id, summary)
     return summary
+
+
+def clip_loudness(manifest_df: pd.DataFrame | None,
+                  data_root: str | Path | None) -> Callable[[str], np.ndarray | None] | None:
+    """clip id -> `frames.frame_loudness_db` of the clip's audio (data_root / the manifest's `path`), decoded on
+    each call and kept nowhere; None for a clip not in the manifest or whose audio cannot be read. None without a
+    data root or a manifest with paths."""
+    if data_root is None or manifest_df is None or not {"clip_id", "path"} <= set(manifest_df.columns):
+        return None
+    known = manifest_df.dropna(subset=["path"])
+    paths = dict(zip(known["clip_id"].astype(str), known["path"].astype(str)))
+    root = Path(data_root)
+
+    def loudness(clip_id: str) -> np.ndarray | None:
+        if clip_id not in paths:
+            return None
+        try:
+            return frame_loudness_db(load_audio(root / paths[clip_id]))
+        except (FreudError, OSError, ValueError) as error:  # no loud frames for this clip, the build goes on
+            log.warning("no loudness for clip %s (%s): %s", clip_id, root / paths[clip_id], error)
+            return None
+
+    return loudness
 
 
 def decoder_directions(sae, batch: int = 2048) -> np.ndarray:
