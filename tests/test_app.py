@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -289,6 +290,9 @@ def _n_results(dash_duo) -> int:
 def test_search_shows_results_with_spectrograms_and_histogram(dash_duo, feature_index, strong_feature, clip_peaks):
     dash_duo.start_server(_app(feature_index))
     dash_duo.wait_for_element("#search-set")
+    # How far the set's labels can be trusted, beside the set: validated share and its shuffled-label chance level
+    assert re.search(r"Labels: \d+\.\d% of features carry a label validated on held-out speech "
+                     r"\(chance, labels shuffled: \d+\.\d%\)", dash_duo.find_element("#search-set-labels").text)
     _type(dash_duo, "#search-index", str(strong_feature))
     _type(dash_duo, "#search-n", "5")
     dash_duo.find_element("#search-go").click()

@@ -64,6 +64,16 @@ def _narrow_control(id_: str, label: str, input_mode: str, value: str, **input_p
     )
 
 
+def label_quality_line(set_info: dict) -> str:
+    """How far the set's automatic labels can be trusted: the share validated on held-out speech against chance."""
+    summary = set_info.get("label_summary") or {}
+    share, chance = summary.get("share_validated"), summary.get("share_validated_chance")
+    if share is None:
+        return "No phone labels (no alignments for this set's clips)."
+    text = f"Labels: {share:.1%} of features carry a label validated on held-out speech"
+    return text + (f" (chance, labels shuffled: {chance:.1%})." if chance is not None else ".")
+
+
 def layout(access: IndexAccess, search: str | None) -> html.Div:
     sets, message = access.status()
     if message:
@@ -79,6 +89,7 @@ def layout(access: IndexAccess, search: str | None) -> html.Div:
                     html.Label("Feature set", htmlFor="search-set"),
                     dcc.Dropdown(id="search-set", options=set_options(sets), value=str(chosen["set_id"]),
                                  clearable=False, className="set-dropdown"),
+                    html.Div(label_quality_line(chosen), id="search-set-labels", className="hint"),
                     field_error("search-set-error"),
                 ],
                 className="control control-wide",
