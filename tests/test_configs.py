@@ -1,0 +1,35 @@
+"""Every shipped config (configs/**/*.yaml) names a real asset, a partition it has, and a config Dagster accepts:
+what `freud collect --config` would run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def graph():
+    from freud_pipeline.defs.definitions import defs
+
+    return defs, defs.resolve_asset_graph()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_a_shipped_config_names_a_known_asset_and_validates(path, graph):
+    from freud_pipeline.validation import load_run_config
+
+    defs, asset_graph = graph
+    run = load_run_config(path)
+    key = dg.AssetKey(run["asset"])
+    assert asset_graph.has(key), run["asset"]
+    node = asset_graph.get(key)
+    if node.partitions_def is not None and "partition" in run:
+        assert run["partition"] in node.partitions_def.get_partition_keys()
+    job = dg.define_asset_job("config_check", selection=[run["asset"]]).resolve(
+        asset_graph=asset_graph, resource_defs=defs.resources)
+    assert dg.validate_run_config(job, {"ops": {run["asset"]: {"config": run.get("config") or {}}}})
