@@ -14,7 +14,6 @@ SAMPLES_PER_FRAME = 2 * HOP_LENGTH  # one encoder position (one activation row)
 FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
 
 
-
 def frame_loudness_db(audio: np.ndarray) -> np.ndarray:
     """RMS level in dB (re full scale 1.0; floor 1e-10, i.e. -200 dB) of each 20 ms frame of 16 kHz mono `audio`:
     frame t is samples [t, t+1) x SAMPLES_PER_FRAME, the last partial frame included (RMS over the samples it has),
