@@ -162,6 +162,7 @@ class SaeSweepConfig(SaeAssetConfig):
     expansion_factors: list[int] = [8, 16]
     ks: list[int] = [32, 64]
     sweep_name: str = "sweep"
+    register_model: bool = False  # sweep runs are compared on the runs page, not promoted over the champion
 
 
 @dg.asset(group_name="sae", kinds={"pytorch", "mlflow"}, pool="model",

@@ -198,10 +198,17 @@ def splice_eval(
         n_tokens, kept_hooked = [], []
         mean_sum, mean_count = None, 0
         chunks = [clips[start : start + batch_size] for start in range(0, len(clips), batch_size)]
+
+        def prepared(chunk):  # (real frames, token rows) of a chunk's clips
+            return ([n_real_frames(len(audio)) for audio, _ in chunk],
+                    [prompt + tokenizer.encode(" " + text.strip()) + [tokenizer.eot] for _, text in chunk])
+
+        def mels_of(chunk):
+            return torch.stack([log_mel(audio, model.dims.n_mels) for audio, _ in chunk]).to(device)
+
         for chunk in chunks:
-            mels = torch.stack([log_mel(audio, model.dims.n_mels) for audio, _ in chunk]).to(device)
-            n_frames = [n_real_frames(len(audio)) for audio, _ in chunk]
-            token_rows = [prompt + tokenizer.encode(" " + text.strip()) + [tokenizer.eot] for _, text in chunk]
+            mels = mels_of(chunk)
+            n_frames, token_rows = prepared(chunk)
             n_tokens += [len(tokens) - len(prompt) for tokens in token_rows]
             features, hooked = _original_pass(model, mels, hook)
             if mean_activation is None:
@@ -221,10 +228,8 @@ def splice_eval(
             mean_activation = (mean_sum / mean_count).float()
         mean = mean_replacement(mean_activation)
         for chunk, hooked in zip(chunks, kept_hooked):  # the mean is known only now
-            mels = None if hooked is not None else torch.stack(
-                [log_mel(audio, model.dims.n_mels) for audio, _ in chunk]).to(device)
-            n_frames = [n_real_frames(len(audio)) for audio, _ in chunk]
-            token_rows = [prompt + tokenizer.encode(" " + text.strip()) + [tokenizer.eot] for _, text in chunk]
+            mels = None if hooked is not None else mels_of(chunk)
+            n_frames, token_rows = prepared(chunk)
             ce["mean"].append(_cross_entropy(model, _encode(model, mels, hook, mean, n_frames, hooked, suffix),
                                              token_rows, len(prompt)))
     return _summarise({name: np.concatenate(rows) for name, rows in ce.items()}, np.asarray(n_tokens),
