@@ -42,10 +42,25 @@ quiet() {
 stamp=.venv/.freud-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "Installing Python packages into .venv (first time: a few minutes)"
-  # pip (not uv) so that a torch wheel already on this machine's disk is used when present.
+  echo "Installing Python packages into .venv (first time: under a minute with uv, a few with pip)"
   quiet .venv/bin/python -m pip install -q --upgrade pip
-  quiet .venv/bin/python -m pip install -q -e ".[test]"
+  # uv installs the same resolution ~10x faster than pip (22 s against 221 s here). uv does not read pip.conf, so
+  # pip's find-links and constraints (where a machine keeps a torch wheel on disk) are passed on; pip is the
+  # fallback when uv cannot be had or fails.
+  uv_args=()
+  for links in $(.venv/bin/python -m pip config get global.find-links 2>/dev/null) ${PIP_FIND_LINKS:-}; do
+    [ -e "$links" ] && uv_args+=(--find-links "$links")
+  done
+  for constraint in $(.venv/bin/python -m pip config get global.constraint 2>/dev/null) ${PIP_CONSTRAINT:-}; do
+    [ -f "$constraint" ] && uv_args+=(--constraint "$constraint")
+  done
+  if quiet .venv/bin/python -m pip install -q uv &&
+     quiet .venv/bin/uv pip install -q --python .venv/bin/python "${uv_args[@]}" -e ".[test]"; then
+    :
+  else
+    echo "uv was not usable; installing with pip"
+    quiet .venv/bin/python -m pip install -q -e ".[test]"
+  fi
   echo "$want" > "$stamp"
 fi
 
