@@ -235,3 +235,10 @@ def plain_json(value: Any) -> Any:
     if isinstance(value, dict) and "props" in value and "namespace" in value:
         return {**value, "props": {k: plain_json(v) for k, v in value["props"].items()}}
     return value
+
+
+def provenance_line(row: dict) -> str | None:
+    """Where a clip that arrived later came from (the watched folder's batch and its arrival time), or None."""
+    if not row.get("batch"):
+        return None
+    return f"Arrived {row.get('arrived_at') or '(time unknown)'} through the watched folder, batch {row['batch']}."

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from freud_pipeline.activations.schema import DTYPES, ShardSpec, column_name, sparse_columns
@@ -275,6 +276,44 @@ def check_feature_set(index_uri: str, set_id: str, expected_n_features: int | No
     metadata = {"set_id": set_id, "build_id": row["build_id"], "n_features": n, "expected_n_features":
                 expected_n_features, "feature_rows": n_feature_rows, "example_rows": n_example_rows,
                 "vector_rows": n_vectors, "missing_indexes": missing_indexes}
+    return CheckOutcome(not problems, metadata, problems)
+
+
+def check_coverage(index_uri: str, set_id: str) -> CheckOutcome:
+    """A set built or grown by merges: its saved state names every clip once, the clip count of the pointer row,
+    of the state and of the coverage agree, and every clip its examples name is in the clips table."""
+    from freud_pipeline.features import store
+
+    row = store.current_set(set_id, index_uri)
+    if row is None:
+        return CheckOutcome(False, {"set_id": set_id}, [f"feature set {set_id!r} is not in {index_uri}"])
+    problems: list[str] = []
+    try:
+        clip_ids = [str(c) for c in store.load_state(row)["mining.clip_ids"]]
+    except store.StateError as exc:
+        return CheckOutcome(False, {"set_id": set_id}, [str(exc)])
+    twice = len(clip_ids) - len(set(clip_ids))
+    if twice:
+        problems.append(f"{twice} clip(s) counted more than once")
+    coverage = json.loads(row["coverage"]) if row.get("coverage") else {}
+    counts = {"pointer row": int(row["n_clips"]), "state": len(clip_ids), "coverage": coverage.get("n_clips")}
+    if len(set(counts.values())) != 1:
+        problems.append(f"clip counts disagree: {counts}")
+    db = store.connect(index_uri)
+    examples = (db.open_table(store.EXAMPLES).search().where(f"build_id = {store.sql_str(row['build_id'])}")
+                .select(["clip_ids"]).limit(None).to_arrow())
+    named = set(pc.list_flatten(examples["clip_ids"]).unique().to_pylist()) if examples.num_rows else set()
+    known = (set(db.open_table(store.CLIPS).search().select(["clip_id"]).limit(None).to_arrow()["clip_id"]
+                 .to_pylist()) if store.CLIPS in store.table_names(db) else set())
+    missing = sorted(named - known)
+    if missing:
+        problems.append(f"{len(missing)} example clip(s) not in the clips table, e.g. {missing[:3]}")
+    unknown = sorted(named - set(clip_ids))
+    if unknown:
+        problems.append(f"{len(unknown)} example clip(s) the set does not cover, e.g. {unknown[:3]}")
+    metadata = {"set_id": set_id, "build_id": row["build_id"], **{f"n_clips_{k.split()[0]}": v for k, v in
+                                                                   counts.items()},
+                "partitions": len(coverage.get("partitions", [])), "example_clips": len(named)}
     return CheckOutcome(not problems, metadata, problems)
 
 

@@ -309,7 +309,7 @@ def test_weekly_retraining_cron_and_run_config(monkeypatch, tmp_path):
     schedule = build_weekly_retraining()
     assert schedule.cron_schedule == "15 4 * * 2" and schedule.job_name == "sae_retrain_job"
     with dg.instance_for_test() as instance:
-        (request,) = schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).run_requests
+        (request,) = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, resources={"storage": _storage()})).run_requests
     config = request.run_config["ops"]["topk_sae"]["config"]
     assert config["steps"] == 50 and config["k"] == 16
     job = _defs().resolve_job_def("sae_retrain_job")

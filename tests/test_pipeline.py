@@ -151,3 +151,102 @@ def test_a_width_and_k_sweep_logs_each_run_to_mlflow_with_its_splice_evaluation(
         assert run_row["delta_wer"] is not None
         assert run_row["delta_wer_ci_low"] <= run_row["delta_wer"] <= run_row["delta_wer_ci_high"]
         assert run_row["metrics"]["splice/n_clips"] == 3
+
+
+# --- new audio in the watched folder reaches the index (issue 14) -------------------------------------------
+
+
+def _sensor_batch(instance, folder, monkeypatch) -> str:
+    """One tick of the real sensor over `folder`, its partition added as the daemon would add it."""
+    from freud_pipeline.defs.resources import FreudStorage
+    from freud_pipeline.defs.sensors import new_audio_sensor
+
+    monkeypatch.setenv("FREUD_WATCH_DIR", str(folder))
+    monkeypatch.setenv("FREUD_WATCH_SETTLE_S", "0")
+    result = new_audio_sensor(dg.build_sensor_context(instance=instance, resources={"storage": FreudStorage()}))
+    keys = [k for request in result.dynamic_partitions_requests for k in request.partition_keys]
+    instance.add_dynamic_partitions("incoming_audio", keys)
+    assert len(keys) == 1 and [r.partition_key for r in result.run_requests] == keys
+    return keys[0]
+
+
+def _metadata(run, asset: str) -> dict:
+    event = next(e for e in run.get_asset_materialization_events() if e.asset_key.to_user_string() == asset)
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def test_files_dropped_in_the_watched_folder_become_searchable_clips_of_the_index(materialised, tmp_path,
+                                                                                    monkeypatch):
+    """Sensor tick -> incoming_job (convert, collect, merge) on the materialised pipeline: the new clip is in the
+    neuron and SAE sets, tops every neuron it beats, is found by its words (index and app) with its provenance; a
+    broken file is skipped with its reason; running the batch again changes nothing."""
+    import numpy as np
+
+    from freud_pipeline.activations import ActivationReader
+    from freud_pipeline.audio.decode import write_wav
+    from freud_pipeline.defs.definitions import defs
+    from freud_pipeline.features import FeatureIndex
+    from test_app_edit_runs import _callback, _payload
+    from conftest import asterisk_audio
+
+    results, instance = materialised
+    neuron, sae = output(results, "neuron_feature_index"), output(results, "sae_feature_index")
+    uri, set_id = neuron["index_uri"], neuron["set_id"]
+    index = FeatureIndex(uri)
+    before = {s["set_id"]: s for s in index.sets()}
+    corpus = pd.read_parquet(output(results, "default_corpus")["manifest_path"])
+    prompt = next(p for p in ("vm-goodbye", "vm-nobodyavail", "auth-incorrect", "vm-theperson")
+                  if not corpus["clip_id"].str.contains(p).any())
+    folder = tmp_path / "watched"
+    write_wav(folder / "planted.wav", asterisk_audio(prompt))
+    (folder / "planted.txt").write_text(prompt.split("-", 1)[1].replace("nobodyavail", "nobody available") + "\n")
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    key = _sensor_batch(instance, folder, monkeypatch)
+    old_top = np.array([index.top_examples(set_id, i, n=1)[0]["value"] for i in range(1536)])
+
+    job = defs.resolve_job_def("incoming_job")
+    run = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+    assert run.success
+    skipped = _metadata(run, "incoming_audio")["skipped"]
+    assert [s["file"].rsplit("/", 1)[-1] for s in skipped] == ["broken.wav"] and skipped[0]["reason"]
+    merged = _metadata(run, "incoming_index")["sets"]
+    assert merged[set_id]["merged"] and merged[set_id]["n_new_clips"] == 1
+    assert merged[sae["set_id"]]["merged"]
+    (check,) = [e for e in run.get_asset_check_evaluations() if e.check_name == "merged_sets_consistent"]
+    assert check.passed, check.description
+
+    after = {s["set_id"]: s for s in index.sets()}
+    for name in (set_id, sae["set_id"]):
+        assert after[name]["n_clips"] == before[name]["n_clips"] + 1
+        parts = after[name]["coverage"]["partitions"]
+        assert any(p["dataset"] == "incoming_audio" and p["partition"] == key for p in parts)
+    # The clip, by its words, with where it came from.
+    (clip_id,) = ActivationReader(run.output_for_node("incoming_activations")["directory"]).clip_ids()
+    found = {c["clip_id"]: c for c in index.search_clips("goodbye" if "goodbye" in prompt else prompt.split("-")[-1])}
+    assert clip_id in found and found[clip_id]["batch"] == key and found[clip_id]["arrived_at"]
+    # Every neuron the new clip beats now has it as its top example; the others keep theirs.
+    peaks = dict(ActivationReader(run.output_for_node("incoming_activations")["directory"])
+                 .iter_clips("encoder.blocks.2.mlp.1", dtype="float32"))[clip_id].max(axis=0)
+    new_top = [index.top_examples(set_id, i, n=1)[0] for i in range(1536)]
+    beaten = np.flatnonzero(peaks > old_top)
+    assert beaten.size > 0  # a new clip beats the corpus somewhere
+    assert all(new_top[i]["clip_id"] == clip_id for i in beaten)
+    assert all(new_top[i]["value"] == old_top[i] for i in np.flatnonzero(peaks < old_top))
+    # The app's search page shows it as the top example of such a neuron, with its provenance.
+    from dash_app import create_app
+
+    app = create_app(index, data_dir=str(tmp_path))
+    client = app.server.test_client()
+    deps = client.get("/_dash-dependencies").get_json()
+    body = _payload(_callback(deps, "search-results.children"),
+                    {"url.search": f"?set={set_id}&index={int(beaten[0])}&n=3", "search-page.id": "search-page"},
+                    {"url.pathname": "/search"})
+    page = client.post("/_dash-update-component", data=body, content_type="application/json").get_data(as_text=True)
+    assert clip_id in page and f"batch {key}" in page
+
+    # Re-materialising the batch changes nothing.
+    again = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+    assert again.success
+    assert all(not m["merged"] for m in _metadata(again, "incoming_index")["sets"].values())
+    assert {s["set_id"]: s["build_id"] for s in index.sets()} == {k: v["build_id"] for k, v in after.items()}
+

@@ -20,6 +20,7 @@ from dash_app.components import (
     no_sae_notice,
     notice,
     plain_json,
+    provenance_line,
     transcript_view,
 )
 from dash_app.data import (
@@ -40,6 +41,7 @@ from dash_app.data import (
 from dash_app import wire
 from dash_app.figures import clip_figure_dict, clip_graph_style, display_rounded, histogram_figure
 from dash_app.pages.upload import clip_href
+from freud_pipeline.features.coverage import describe as describe_coverage
 from freud_pipeline.frames import FRAME_SECONDS
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,13 @@ def label_quality_line(set_info: dict) -> str:
     return text + (f" (chance, labels shuffled: {chance:.1%})." if chance is not None else ".")
 
 
+def coverage_line(set_info: dict) -> str:
+    """What the set covers (datasets, partitions, clips, hours) and when it last grew."""
+    coverage = set_info.get("coverage")
+    text = "Covers " + describe_coverage(coverage)
+    return text + (f"; updated {coverage['updated_at']}." if coverage and coverage.get("updated_at") else ".")
+
+
 def layout(access: IndexAccess, search: str | None) -> html.Div:
     sets, message = access.status()
     if message:
@@ -90,6 +99,7 @@ def layout(access: IndexAccess, search: str | None) -> html.Div:
                     dcc.Dropdown(id="search-set", options=set_options(sets), value=str(chosen["set_id"]),
                                  clearable=False, className="set-dropdown"),
                     html.Div(label_quality_line(chosen), id="search-set-labels", className="hint"),
+                    html.Div(coverage_line(chosen), id="search-set-coverage", className="hint"),
                     field_error("search-set-error"),
                 ],
                 className="control control-wide",
@@ -188,10 +198,11 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
         ],
         className="result-header",
     )
-    words = None
+    words, provenance = None, None
     try:
         spectrogram = access.clip_spectrogram(clip_id)
         row = access.clip_row(clip_id)
+        provenance = provenance_line(row)
         words = row.get("words") if isinstance(row.get("words"), list) else None
         # frames, for long clips whose stored trace is a window around the peak
         offset = int(ex.get("trace_offset_frame", ex.get("trace_offset")) or 0)
@@ -220,8 +231,11 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
         log.exception("cannot show clip %s", clip_id)
         graph = wire.html("Div", f"Clip {clip_id} cannot be shown: {exc}", className="notice notice-error")
         player = wire.html("Div")
-    return wire.html("Div", [header, transcript_view(ex.get("transcript"), words, peak_time), graph, player],
-                     className="result card", id=f"result-{i}")
+    parts = [header, transcript_view(ex.get("transcript"), words, peak_time), graph, player]
+    if provenance:
+        parts.insert(1, wire.html("Div", provenance, className="hint provenance"))
+    return wire.html("Div", parts, className="result card", id=f"result-{i}")
+
 
 
 def _signed_at(trace, peak_time, fallback, offset: int = 0):

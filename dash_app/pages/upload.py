@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, quote
 from dash import Input, Output, Patch, State, ctx, dcc, html, no_update
 
 from dash_app.background import background_args, forward_on_load, progress_indicator
-from dash_app.components import empty_index_notice, field_error, fmt, no_sae_notice
+from dash_app.components import empty_index_notice, field_error, fmt, no_sae_notice, provenance_line
 from dash_app.data import (
     DEFAULT_TOP_FEATURES,
     SAMPLE_RATE,
@@ -419,8 +419,11 @@ def register(app, access: IndexAccess, *, max_upload_mb: float, max_upload_secon
         for row in found[:50]:
             row = row if isinstance(row, dict) else {"clip_id": row}
             clip_id = str(row.get("clip_id"))
+            provenance = provenance_line(row)
             items.append(html.Li([dcc.Link(clip_id, href=clip_href(clip_id, set_id), className="clip-id"),
-                                  html.Span(f"  {row.get('transcript') or ''}", className="muted")]))
+                                  html.Span(f"  {row.get('transcript') or ''}", className="muted"),
+                                  *([html.Span(f"  ({provenance})", className="hint provenance")] if provenance
+                                    else [])]))
         more = f" (first 50 of {len(found)})" if len(found) > 50 else ""
         return html.Div([html.Span(f"{len(found)} clip{'s' if len(found) != 1 else ''}{more}:", className="muted"),
                          html.Ul(items, className="clip-list")])

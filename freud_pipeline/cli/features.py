@@ -200,12 +200,18 @@ def sets(args) -> int:
             return "-"
         return f"{share:.1%}" + (f" (chance {chance:.1%})" if chance is not None else "")
 
+    def covered(row: dict) -> str:  # datasets and hours the set covers
+        coverage = row.get("coverage")
+        if not coverage:
+            return "-"
+        return f"{', '.join(coverage['datasets'])} ({coverage['hours']:.2f} h, {len(coverage['partitions'])} parts)"
+
     body = [[row["set_id"], _fmt(row["model"]), _fmt(row["hook"]), row["kind"], str(row["n_features"]),
-             _fmt(row.get("n_clips")), validated(row),
+             _fmt(row.get("n_clips")), validated(row), covered(row),
              row["created_at"].strftime("%Y-%m-%d %H:%M") if row.get("created_at") else "-"]
             for row in rows]
-    print(_table(["set_id", "model", "hook", "kind", "features", "clips", "validated labels", "created (UTC)"],
-                 body, right={4, 5, 6}))
+    print(_table(["set_id", "model", "hook", "kind", "features", "clips", "validated labels", "covers",
+                  "updated (UTC)"], body, right={4, 5, 6}))
     return 0
 
 

@@ -97,8 +97,22 @@ def sae_index_consistent(sae_feature_index: dict, topk_sae: dict) -> dg.AssetChe
     return _result(validation.check_feature_set(sae_feature_index["index_uri"], sae_feature_index["set_id"], d_sae))
 
 
+COVERAGE_DOC = ("Each set the batch was merged into names every clip once, its clip counts (pointer row, merge state, "
+                "coverage) agree, and every clip its examples name is in the clips table.")
+
+
+@dg.asset_check(asset="incoming_index", name="merged_sets_consistent", description=COVERAGE_DOC,
+                partitions_def=incoming_partitions)
+def incoming_index_consistent(incoming_index: dict) -> dg.AssetCheckResult:
+    outcomes = {set_id: validation.check_coverage(incoming_index["index_uri"], set_id)
+                for set_id in incoming_index["sets"]}
+    problems = [f"{set_id}: {p}" for set_id, outcome in outcomes.items() for p in outcome.problems]
+    return _result(validation.CheckOutcome(not problems, {"sets": {k: o.metadata for k, o in outcomes.items()}},
+                                           problems))
+
+
 CHECKS = [
     asterisk_prompts_manifest, festival_speech_manifest, default_corpus_manifest, audio_folder_manifest,
     incoming_audio_manifest, activations_shards, incoming_activations_shards, neuron_index_consistent,
-    sae_index_consistent,
+    sae_index_consistent, incoming_index_consistent,
 ]

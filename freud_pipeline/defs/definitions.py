@@ -21,7 +21,8 @@ INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, schedules.rebuild_o
 DEFAULT_ASSETS = CORPUS_ASSETS + ACTIVATION_ASSETS + INDEX_ASSETS
 EXTERNAL_ASSETS = [datasets.librispeech, datasets.esc50, datasets.audioset, datasets.audio_folder,
                    *activations.EXTERNAL_ACTIVATIONS, latents.sae_latents]
-INCOMING_ASSETS = incoming.INCOMING_ASSETS  # new audio arriving in FREUD_WATCH_DIR, one dynamic partition per batch
+# New audio arriving in FREUD_WATCH_DIR, one dynamic partition per batch, merged into the default feature sets.
+INCOMING_ASSETS = incoming.INCOMING_ASSETS + [features.incoming_index]
 
 # Partitioned and unpartitioned assets cannot share a job, so the default graph runs as three stages.
 corpus_job = dg.define_asset_job("corpus_job", selection=dg.AssetSelection.assets(*CORPUS_ASSETS),

@@ -2,7 +2,8 @@
 
 `new_audio_sensor` (defs/sensors.py) records each batch and adds its key to the `incoming_audio` partitions;
 `incoming_audio` turns the batch into a manifest (unreadable files skipped, with the reason in the metadata),
-`incoming_activations` collects its activations exactly like the corpus' activations.
+`incoming_activations` collects its activations exactly like the corpus' activations, and `incoming_index`
+(defs/features.py) merges them into the default feature sets; the SAE's retraining includes every batch.
 """
 
 from pathlib import Path
@@ -14,8 +15,9 @@ from freud_pipeline.defs.activations import activations_asset
 from freud_pipeline.defs.datasets import dataset_output
 from freud_pipeline.defs.resources import FreudStorage
 from freud_pipeline.diskspace import require_free_space
+from freud_pipeline.sae.selection import INCOMING_DATASET
 
-INCOMING = "incoming_audio"
+INCOMING = INCOMING_DATASET  # the dynamic partitions, their dataset directory and the selection name agree
 incoming_partitions = dg.DynamicPartitionsDefinition(name=INCOMING)
 
 
@@ -49,5 +51,7 @@ incoming_activations = activations_asset("incoming_activations", INCOMING, incom
 INCOMING_ASSETS = [incoming_audio, incoming_activations]
 
 incoming_job = dg.define_asset_job(
-    "incoming_job", selection=dg.AssetSelection.assets(*INCOMING_ASSETS), partitions_def=incoming_partitions,
-    description="Manifest and activations of one batch of newly arrived audio (a dynamic partition).")
+    "incoming_job", selection=dg.AssetSelection.assets(*INCOMING_ASSETS, "incoming_index"),
+    partitions_def=incoming_partitions,
+    description="Manifest and activations of one batch of newly arrived audio (a dynamic partition), merged into the "
+                "default feature sets (incoming_index, defs/features.py).")

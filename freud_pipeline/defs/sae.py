@@ -1,9 +1,14 @@
 """The sparse autoencoder asset and its quality check: Dagster around `freud_pipeline.sae.run.run_sae`.
 
-`topk_sae` finds the frames (the `activations` asset, or a named dataset's) and calls `run_sae`, which trains
+`topk_sae` finds the frames and calls `run_sae`, which trains
 into its own run directory `sae/<model>-<hook>-<architecture>/<run id>/`, splice-evaluates, applies the quality
 gate, registers the checkpoint as a version of `freud-sae.<model>.<hook>.<architecture>`, promotes it to
-`champion` only if it passes and is better, and writes its report (see that module).
+`champion` only if it passes and is better, and writes its report (see that module). The frames are a
+`TrainingSelection` (freud_pipeline/sae/selection.py): by default the `activations` asset's train/dev splits plus
+every complete incoming batch (split by clip into training and held-out frames); with `dataset`, that dataset's
+splits. The run records it (its partitions as the MLflow run's dataset, its digest as the tag
+`freud.selection_digest` and in the metadata), and the output's `selection` lists the partitions, so that the
+SAE's feature set can be built over the same ones.
 
 The config is `SaeRunConfig`'s fields (TrainConfig's, the thresholds and the run's), defaulting to
 `demo_config()` (what `make demo` trains), plus where the frames come from.
@@ -20,13 +25,13 @@ import dagster as dg
 import pandas as pd
 import pydantic
 
-from freud_pipeline.activations import ActivationReader
 from freud_pipeline.defs.activations import split_dirs
 from freud_pipeline.defs.resources import FreudStorage, MlflowTracking
 from freud_pipeline.features.runs import model_version_url, run_url
 from freud_pipeline.sae.config import demo_config
 from freud_pipeline.sae.registry import QualityThresholds, check_thresholds
 from freud_pipeline.sae.run import SaeRunConfig, SaeRunResult, run_sae
+from freud_pipeline.sae.selection import TrainingSelection, dataset_selection, default_selection
 
 # Where the frames come from (the rest of the asset config is SaeRunConfig's).
 FRAME_FIELDS = {
@@ -37,6 +42,9 @@ FRAME_FIELDS = {
     "train_split": (str, "train"),
     "eval_split": (str, "dev"),
     "resume_from": (str, pydantic.Field("", description="a checkpoints/step_* directory of a killed run to continue")),
+    "include_incoming": (bool, pydantic.Field(True, description="with `dataset` empty: also train on every "
+                                                                "complete incoming batch (its held-out clips "
+                                                                "evaluate), see freud_pipeline/sae/selection.py")),
 }
 
 
@@ -75,6 +83,20 @@ def _frames_dirs(config: SaeAssetConfig, storage: FreudStorage, activations: dic
     return config.model, {"train": base / config.train_split, "eval": base / config.eval_split}
 
 
+def training_selection(config: SaeAssetConfig, storage: FreudStorage, activations: dict
+                       ) -> tuple[str, TrainingSelection]:
+    """(model, the partitions `config` trains on): the default selection (default corpus plus the incoming
+    batches, unless `include_incoming` is off), or the named dataset's splits. The asset and the retraining
+    schedule both call this, so the digest the schedule compares is the one a run would record."""
+    model, dirs = _frames_dirs(config, storage, activations)
+    if config.dataset:
+        return model, dataset_selection(model, config.dataset, dirs, config.train_split, config.eval_split)
+    return model, default_selection(storage.root, model, {config.train_split: dirs["train"],
+                                                          config.eval_split: dirs["eval"]},
+                                    train_split=config.train_split, eval_split=config.eval_split,
+                                    include_incoming=config.include_incoming, hook=config.hook)
+
+
 def _splice_manifest(config: SaeAssetConfig, storage: FreudStorage, default_corpus: dict) -> str:
     """The corpus whose held-out clips the SAE is spliced into: the named dataset's when it has a manifest (an SAE
     trained on the large corpus is judged on its held-out voices and speakers), else the default corpus'."""
@@ -82,17 +104,24 @@ def _splice_manifest(config: SaeAssetConfig, storage: FreudStorage, default_corp
     return str(own) if own is not None and own.is_file() else default_corpus["manifest_path"]
 
 
-def _tags(context: dg.AssetExecutionContext, config: SaeAssetConfig, model: str, train, dev) -> dict[str, str]:
+def _tags(context: dg.AssetExecutionContext, config: SaeAssetConfig, model: str,
+          selection: TrainingSelection) -> dict[str, str]:
+    first = {p.use: p for p in reversed(selection.partitions)}  # the first train and eval partitions
     return {"dagster_run_id": context.run_id, "dagster_asset_key": context.asset_key.to_user_string(),
             "whisper_model": model, "hook": config.hook, "dataset": config.dataset or "default_corpus",
-            "dataset_version": train.manifest.get("input_fingerprint", ""),
-            "eval_dataset_version": dev.manifest.get("input_fingerprint", ""),
-            "train_split": config.train_split, "eval_split": config.eval_split}
+            "dataset_version": first["train"].input_fingerprint,
+            "eval_dataset_version": first["eval"].input_fingerprint,
+            "train_split": config.train_split, "eval_split": config.eval_split,
+            "incoming_batches": str(sum(p.use == "split" for p in selection.partitions))}
 
 
-def _metadata(result: SaeRunResult) -> dict:
+def _metadata(result: SaeRunResult, selection: TrainingSelection) -> dict:
     registry, failures = result.registry, result.quality["failures"]
     metadata = {
+        "selection_digest": selection.digest,
+        "selection": dg.MetadataValue.md(selection.to_frame().drop(columns=["directory", "shards_digest"])
+                                         .to_markdown(index=False)),
+        "selection_partitions": dg.MetadataValue.json(selection.records()),
         "mlflow_run_id": result.run_id,
         "mlflow_run": dg.MetadataValue.url(run_url({"experiment_id": result.experiment_id, "run_id": result.run_id})),
         "checkpoint": dg.MetadataValue.path(str(result.checkpoint_dir)),
@@ -116,18 +145,21 @@ def _metadata(result: SaeRunResult) -> dict:
                       "and checkpoint in MLflow, registered as freud-sae.<model>.<hook>.<architecture>.")
 def topk_sae(context: dg.AssetExecutionContext, config: SaeAssetConfig, storage: FreudStorage, mlflow: MlflowTracking,
              activations: dict, default_corpus: dict) -> dict:
-    model, dirs = _frames_dirs(config, storage, activations)
+    model, selection = training_selection(config, storage, activations)
     cfg = run_config(config, model)  # validates before anything is read or created
-    train, dev = ActivationReader(dirs["train"]), ActivationReader(dirs["eval"])
+    context.log.info(f"training on {selection.describe()} (selection {selection.digest[:12]})")
     runs_dir = storage.path("sae", f"{model}-{config.hook}-{config.architecture}")
-    result = run_sae(cfg, train, dev, runs_dir=runs_dir, tracking_uri=mlflow.uri, experiment=mlflow.experiment,
+    result = run_sae(cfg, selection.train_source(), selection.eval_source(), runs_dir=runs_dir,
+                     tracking_uri=mlflow.uri, experiment=mlflow.experiment,
                      corpus_manifest=_splice_manifest(config, storage, default_corpus), data_root=storage.root,
-                     tags=_tags(context, config, model, train, dev), resume_from=config.resume_from or None)
+                     tags=_tags(context, config, model, selection), resume_from=config.resume_from or None,
+                     selection=selection)
     context.log.info(f"SAE run {result.run_id} in {result.checkpoint_dir}: quality check "
                      f"{'passed' if result.passed else 'failed: ' + '; '.join(result.quality['failures'])}")
-    context.add_output_metadata(_metadata(result))
+    context.add_output_metadata(_metadata(result, selection))
     return {**result.summary(), "hook": config.hook, "architecture": config.architecture,
-            "runs_dir": str(runs_dir), "keep_runs": config.keep_runs}
+            "runs_dir": str(runs_dir), "keep_runs": config.keep_runs,
+            "selection": selection.records(), "selection_digest": selection.digest}
 
 
 @dg.asset_check(asset=topk_sae, name="sae_quality", blocking=True,
@@ -170,20 +202,19 @@ class SaeSweepConfig(SaeAssetConfig):
                       "held-out clips (ΔWER, ΔCE with CIs) and logged to MLflow with the sweep's tag.")
 def sae_sweep(context: dg.AssetExecutionContext, config: SaeSweepConfig, storage: FreudStorage,
               mlflow: MlflowTracking, activations: dict, default_corpus: dict) -> dict:
-    model, dirs = _frames_dirs(config, storage, activations)
+    model, selection = training_selection(config, storage, activations)
     runs = []
     for expansion in config.expansion_factors:
         for k in config.ks:
             cfg = run_config(config, model).model_copy(update={"expansion_factor": expansion, "k": k,
                                                                "n_latents": None})
             cfg = type(cfg)(**cfg.model_dump())  # validated again: k must fit the width
-            train, dev = ActivationReader(dirs["train"]), ActivationReader(dirs["eval"])
             runs_dir = storage.path("sae", f"{model}-{config.hook}-{config.architecture}")
-            tags = {**_tags(context, config, model, train, dev), "sweep": config.sweep_name}
-            result = run_sae(cfg, train, dev, runs_dir=runs_dir, tracking_uri=mlflow.uri,
-                             experiment=mlflow.experiment, corpus_manifest=_splice_manifest(config, storage,
-                                                                                            default_corpus),
-                             data_root=storage.root, tags=tags)
+            tags = {**_tags(context, config, model, selection), "sweep": config.sweep_name}
+            result = run_sae(cfg, selection.train_source(), selection.eval_source(), runs_dir=runs_dir,
+                             tracking_uri=mlflow.uri, experiment=mlflow.experiment,
+                             corpus_manifest=_splice_manifest(config, storage, default_corpus),
+                             data_root=storage.root, tags=tags, selection=selection)
             h = result.headline
             context.log.info(f"sweep {config.sweep_name}: {expansion}x, k {k}: FVU {h.get('fvu', float('nan')):.3f}, "
                              f"L0 {h.get('l0', float('nan')):.1f}, dead {h.get('dead_pct', float('nan')):.2f}%, "

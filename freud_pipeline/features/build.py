@@ -1,7 +1,15 @@
-"""Mine, label and publish one feature set."""
+"""Mine, label and publish one feature set; merge new clips into a published one.
+
+`build_feature_set` mines every clip given; `merge_into_feature_set` mines only new clips and merges them with the
+state the set's current build saved (the miner's accumulators and the label collector's) and its stored examples,
+so old activations are never read again. Both publish a new build the same way (readers keep the old build until
+the new one is complete) and record what it covers (`features.coverage`). The merge of A and B equals the build of
+A+B (A's clips first): every streaming statistic is mergeable, and the random draws are per clip.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,8 +21,10 @@ import pandas as pd
 from freud_pipeline.audio.decode import load_audio
 from freud_pipeline.errors import FreudError
 from freud_pipeline.features import store
+from freud_pipeline.features import coverage as cov
 from freud_pipeline.features.labels import LabelCollector
-from freud_pipeline.features.mining import MiningError, mine_features
+from freud_pipeline.features.mining import (ExampleLists, MiningError, MiningResult, MiningState, merge_mining,
+                                            mine_features, result_from_state)
 from freud_pipeline.frames import frame_loudness_db
 
 log = logging.getLogger(__name__)
@@ -41,8 +51,10 @@ def build_feature_set(
     trace_radius: int = 750,
     occurrences_per_phone: int = 64,
     heldout_speakers: list[str] | None = None,
+    label_split: dict | None = None,
     seed: int = 0,
     data_root: str | Path | None = None,
+    coverage: dict | None = None,
 ) -> dict[str, Any]:
     """Mine `clips_iter` ((clip_id, acts[frames, n_features]); SAE sets pass latents, see
     `mining.encoded_clips`), label against `alignments_df` when given, and publish as `set_id`.
@@ -56,7 +68,9 @@ def build_feature_set(
     manifest's `speaker` column when it names several, or `heldout_speakers`; else a fixed half of the clips).
     data_root: the root the manifest's `path` column is relative to; with it, each aligned clip's audio is read
     once more during the pass for its per-frame loudness (the loudness artefact test; an unreadable clip has no
-    loud frames). Returns a summary (set_id, build_id, n_features, n_clips, n_frames, label_summary, seconds).
+    loud frames). label_split: hold clips out as this earlier split did (a collector's `split_info`), e.g. the
+    corpus' own split when later batches join. coverage: what the clips are (`features.coverage`), recorded with
+    the build. Returns a summary (set_id, build_id, n_features, n_clips, n_frames, label_summary, seconds).
     """
     if kind not in store.KINDS:
         raise MiningError(f"kind must be one of {store.KINDS}, got {kind!r}")
@@ -73,7 +87,7 @@ def build_feature_set(
                               f"transpose a [d_in, n_latents] weight")
     collector = (LabelCollector(alignments_df, n_features, top_k, occurrences_per_phone, seed, manifest=manifest_df,
                                 heldout_speakers=heldout_speakers, fire_threshold=fire_threshold,
-                                loudness=clip_loudness(manifest_df, data_root))
+                                loudness=clip_loudness(manifest_df, data_root), split=label_split)
                  if alignments_df is not None and len(alignments_df) else None)
 
     def all_clips():
@@ -91,7 +105,7 @@ def build_feature_set(
             set_id=set_id, model=model, hook=hook, kind=kind, mining=mining, labels=labels,
             manifest=manifest_df, vectors=decoder, vector_kind="decoder" if decoder is not None else "signature",
             sae_run_id=sae_run_id, sae_checkpoint=sae_checkpoint, sae_sha256=sae_sha256, shard_dir=shard_dir,
-            uri=index_uri)
+            uri=index_uri, coverage=coverage, merge_state=_state_arrays(mining, collector))
     finally:
         mining.close()
     summary = {
@@ -150,3 +164,97 @@ def decoder_directions(sae, batch: int = 2048) -> np.ndarray:
             rows.append((sae.decode(basis) - origin).float().cpu().numpy())
     return np.concatenate(rows)
 
+
+
+def _state_arrays(mining: MiningResult, collector: LabelCollector | None) -> dict[str, np.ndarray]:
+    arrays = {f"mining.{k}": v for k, v in mining.state.to_arrays().items()}
+    if collector is not None:
+        arrays.update({f"labels.{k}": v for k, v in collector.state().items()})
+    return arrays
+
+
+def _stored_mining(row: dict[str, Any], arrays: dict[str, np.ndarray], index_uri: str | None) -> MiningResult:
+    """The current build of a set as a MiningResult: its saved state and its stored examples."""
+    state = MiningState.from_arrays({k.removeprefix("mining."): v for k, v in arrays.items()
+                                     if k.startswith("mining.")})
+    position = {clip: i for i, clip in enumerate(state.clip_ids)}
+
+    def lists(sign: str, k: int) -> ExampleLists:
+        return ExampleLists.ranked(**store.read_ranked_examples(row["build_id"], sign, state.n_features, k,
+                                                                position, index_uri))
+
+    return result_from_state(state, lists("+", state.top_k), lists("-", state.bottom_k))
+
+
+def merge_into_feature_set(
+    clips_iter: Iterable[tuple[str, Any]],
+    *,
+    set_id: str,
+    manifest_df: pd.DataFrame | None,
+    alignments_df: pd.DataFrame | None = None,
+    index_uri: str | None = None,
+    coverage_entries: Iterable[dict] = (),
+    data_root: str | Path | None = None,
+) -> dict[str, Any]:
+    """Merge new clips (clip_id, acts) into the published set `set_id` (same kind of activations as its build:
+    neuron activations, or the same SAE's latents) and publish the result as a new build.
+
+    Clips the set already holds are skipped (so a batch merged twice changes nothing); with no new clip, nothing is
+    written (`merged` False, with the reason). Labels: the batch's aligned clips are observed with the set's
+    held-out rule and merged with the set's label state. `coverage_entries` are added to the set's coverage.
+    Returns a summary like `build_feature_set`'s plus n_clips_before, n_new_clips, n_skipped_clips, merged."""
+    started = time.monotonic()
+    row = store.current_set(set_id, index_uri)
+    if row is None:
+        raise MiningError(f"no feature set {set_id!r} in {index_uri or store.lancedb_uri()} to merge into; build it "
+                          "first")
+    arrays = store.load_state(row)
+    old = _stored_mining(row, arrays, index_uri)
+    label_state = {k.removeprefix("labels."): v for k, v in arrays.items() if k.startswith("labels.")}
+    old_labels = LabelCollector.from_state(label_state) if label_state else None
+    known, skipped = set(old.clip_ids), []
+
+    def new_clips():
+        for clip_id, acts in clips_iter:
+            if str(clip_id) in known:
+                skipped.append(str(clip_id))
+                continue
+            yield clip_id, acts
+
+    collector = None
+    if old_labels is not None and alignments_df is not None and len(alignments_df):
+        collector = LabelCollector(
+            alignments_df, old.n_features, old_labels.top_k, old_labels.per_phone, old_labels.seed,
+            manifest=manifest_df, fire_threshold=old_labels.fire_threshold, split=old_labels.split_info,
+            loudness=clip_loudness(manifest_df, data_root) if old_labels.loudness_tested else None)
+    state = old.state
+    base = {"set_id": set_id, "n_clips_before": old.n_clips, "n_skipped_clips": 0, "merged": False}
+    try:
+        batch = mine_features(new_clips(), state.n_features, state.top_k, state.max_frames // 2,
+                              bottom_k=state.bottom_k, fire_threshold=state.fire_threshold,
+                              sample_frames=state.sample_frames, signature_dim=state.signature_dim,
+                              observers=[collector] if collector else [], seed=state.seed)
+    except MiningError:
+        old.close()
+        reason = "every clip is already in the set" if skipped else "no clips with activations"
+        return {**base, "n_new_clips": 0, "n_skipped_clips": len(skipped), "n_clips": old.n_clips, "reason": reason}
+    try:
+        merged = merge_mining(old, batch)
+        labels_state = old_labels.merge(collector) if collector is not None else old_labels
+        labels = labels_state.result() if labels_state is not None else None
+        vectors = (store.read_vectors(row["vectors_table"], index_uri) if row["vector_kind"] == "decoder" else None)
+        new_coverage = cov.extended(json.loads(row["coverage"]) if row.get("coverage") else None, coverage_entries)
+        written = store.write_feature_set(
+            set_id=set_id, model=row["model"], hook=row["hook"], kind=row["kind"], mining=merged, labels=labels,
+            manifest=manifest_df, vectors=vectors, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
+            sae_checkpoint=row["sae_checkpoint"], sae_sha256=row["sae_sha256"], shard_dir=row["shard_dir"],
+            uri=index_uri, coverage=new_coverage, merge_state=_state_arrays(merged, labels_state))
+    finally:
+        for result in (old, batch):
+            result.close()
+    summary = {**base, "merged": True, "build_id": written["build_id"], "n_new_clips": batch.n_clips,
+               "n_skipped_clips": len(skipped), "n_clips": merged.n_clips, "n_frames": merged.n_frames,
+               "label_summary": labels.summary if labels else {}, "coverage": new_coverage,
+               "merge_seconds": round(time.monotonic() - started, 2)}
+    log.info("merged %d clip(s) into %s: %s", batch.n_clips, set_id, {k: summary[k] for k in ("n_clips", "build_id")})
+    return summary

@@ -5,7 +5,9 @@
 Peaks. A feature's peak in a clip is its maximum there (first frame on ties); a clip where it never exceeds the
 set's fire threshold gives no peak (a latent that is 0 throughout would otherwise "peak" at frame 0). The
 `top_k` clips with the highest peaks are kept twice: among the training clips and among the held-out clips
-(`heldout_split`: whole speakers/voices when the manifest has several, else a fixed half of the clips).
+(`heldout_split`: whole speakers/voices when the manifest has several, else the clips whose sha1(clip_id) starts
+with an odd byte, about half). Exactly the top K by (peak descending, clip order ascending): of equal peaks, the
+clip observed first.
 
 Candidates. Every phone and phone class (`audio.phones.PHONE_CLASSES`) seen in the training alignments. Its
 base rate q is the share of the training clips' frames it covers (silence counts in the total), i.e. the chance
@@ -44,11 +46,17 @@ VALIDATED_PRECISION over at least MIN_SUPPORT held-out peaks.
 
 Recall (training clips) = share of the label's occurrences where the feature's maximum inside the occurrence
 exceeds half the median of its top-K training peaks. The threshold is only known after the pass, so occurrence
-maxima are kept for a bounded uniform sample: a reservoir of `occurrences_per_phone` occurrences per phone, each
-an [n_features] float16 vector (n_phones x occurrences_per_phone x n_features x 2 bytes, e.g. 40 x 64 x 24,576 x
-2 = 126 MB); a class's recall weighs its phones by their number of occurrences. F1 = 2PR / (P + R). Words get a
+maxima are kept for a bounded uniform sample: a reservoir of `occurrences_per_phone` occurrences per phone, those
+of smallest priority (a hash of the seed, the clip id and the occurrence's place in the clip), each an
+[n_features] float16 vector (n_phones x occurrences_per_phone x n_features x 2 bytes, e.g. 40 x 64 x 24,576 x 2 =
+126 MB); a class's recall weighs its phones by their number of occurrences. F1 = 2PR / (P + R). Words get a
 label and precision only (too many word types for a per-word sample), the commonest word under the peaks when it
 passes the same test as phones (Bonferroni over the words seen); none for artefacts.
+
+Merging. Nothing above depends on the order in which clips arrive beyond the clip order of ties, so a collector
+is mergeable: `state()` (numpy arrays, for np.savez) and `LabelCollector.from_state` keep it without the
+activations, and `a.merge(b)` gives the collector that would have observed a's clips, then b's (b built with
+`split=a.split_info`, its alignments the rows of its own clips): the same labels, exactly.
 
 Frame t covers [t, t+1) x 20 ms; it belongs to the interval holding its centre (t + 0.5) x 20 ms.
 """
@@ -56,6 +64,7 @@ Frame t covers [t, t+1) x 20 ms; it belongs to the interval holding its centre (
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -83,6 +92,8 @@ KINDS = ("phone", "class", "artefact")
 SHUFFLES = 10  # label permutations for the chance level of the validated share
 LOUD_SHARE = 0.1  # a clip's loudest 10% of frames are "loud"
 ONSET, END, FIXED, SILENT, LOUD = "clip onset", "clip end", "fixed frame", "silence / non-speech", "loudness"
+BY_CLIP_RULE = "held out when the first byte of sha1(clip_id) is odd"
+STATE_FORMAT = 1  # of LabelCollector.state()
 
 
 class AlignmentError(FreudError, ValueError):
@@ -97,21 +108,36 @@ def interval_frames(start_s, end_s) -> tuple[np.ndarray, np.ndarray]:
     return to_frame(start_s), to_frame(end_s)
 
 
+def clip_heldout(clip_id: str) -> bool:
+    """The by-clip rule: held out when the first byte of sha1(clip_id) is odd. About half the clips, unrelated to
+    their names, and decided per clip: clips added later move no other."""
+    return bool(hashlib.sha1(str(clip_id).encode()).digest()[0] & 1)
+
+
 def heldout_split(clip_ids: Iterable[str], manifest: pd.DataFrame | None = None,
-                  heldout_speakers: Iterable[str] | None = None) -> tuple[frozenset[str], dict[str, Any]]:
+                  heldout_speakers: Iterable[str] | None = None, *,
+                  split: dict[str, Any] | None = None) -> tuple[frozenset[str], dict[str, Any]]:
     """(held-out clip ids, description) for label validation.
 
     With `heldout_speakers`, or when the manifest's `speaker` column names two or more speakers among the clips,
     whole speakers are held out: by default, ordered by clip count (most first, then by name), every third one
-    starting with the second (two speakers: the smaller one; more voices simply join the rotation). Otherwise every
-    second clip in order of sha1(clip_id): half of them, in an order unrelated to their names."""
+    starting with the second (two speakers: the smaller one; more voices simply join the rotation). Otherwise
+    `clip_heldout` decides each clip. `split`: an earlier description to follow (clips added to a set): its
+    held-out speakers, which need no clips here, or the by-clip rule."""
+    if split is not None and heldout_speakers is not None:
+        raise AlignmentError("give heldout_speakers or split (an earlier split_info), not both")
     clip_ids = sorted({str(c) for c in clip_ids})
     speaker_of: dict[str, str] = {}
     if manifest is not None and {"clip_id", "speaker"} <= set(manifest.columns):
         known = manifest.dropna(subset=["speaker"])
         speaker_of = dict(zip(known["clip_id"].astype(str), known["speaker"].astype(str)))
     counts = Counter(speaker_of[c] for c in clip_ids if c in speaker_of)
-    if heldout_speakers is not None:
+    if split is not None:
+        if split.get("heldout_by") not in ("speaker", "clip") or (split["heldout_by"] == "speaker"
+                                                                  and not split.get("heldout_speakers")):
+            raise AlignmentError(f"split must be a split_info, heldout_by 'speaker' or 'clip'; got {split!r}")
+        held = set(split.get("heldout_speakers", ())) if split["heldout_by"] == "speaker" else set()
+    elif heldout_speakers is not None:
         held = set(map(str, heldout_speakers))
         if not held & set(counts):
             raise AlignmentError(f"held-out speaker(s) {sorted(held)} have no aligned clips; "
@@ -124,12 +150,10 @@ def heldout_split(clip_ids: Iterable[str], manifest: pd.DataFrame | None = None,
     if held:
         heldout = frozenset(c for c in clip_ids if speaker_of.get(c) in held)
         info = {"heldout_by": "speaker", "train_speakers": sorted(set(counts) - held),
-                "heldout_speakers": sorted(held & set(counts))}
+                "heldout_speakers": sorted(held if split is not None else held & set(counts))}
     else:
-        shuffled = sorted(clip_ids, key=lambda c: hashlib.sha1(c.encode()).digest())
-        heldout = frozenset(shuffled[1::2])
-        info = {"heldout_by": "clip", "heldout_rule": "every second clip in order of sha1(clip_id)",
-                "speakers": sorted(counts)}
+        heldout = frozenset(filter(clip_heldout, clip_ids))
+        info = {"heldout_by": "clip", "heldout_rule": BY_CLIP_RULE, "speakers": sorted(counts)}
     info.update(n_train_clips=len(clip_ids) - len(heldout), n_heldout_clips=len(heldout))
     return heldout, info
 
@@ -156,10 +180,15 @@ class LabelResult:
 
 
 class _Peaks:
-    """Streaming top-K clips per feature by peak, with what lies under each peak."""
+    """Streaming top-K clips per feature by peak, with what lies under each peak: exactly the K best by (peak
+    descending, clip order ascending), whichever way they arrived (`update` in clip order, or `merged`)."""
+
+    FIELDS = ("peak", "order", "phone", "word", "frame", "from_end", "loud")
+    EMPTY = np.iinfo(np.int64).max  # the clip order of an empty slot: last
 
     def __init__(self, n_features: int, k: int):
         self.peak = np.full((n_features, k), -np.inf, np.float32)
+        self.order = np.full((n_features, k), self.EMPTY, np.int64)  # the clip's place in the collector's pass
         self.phone = np.full((n_features, k), -1, np.int32)
         self.word = np.full((n_features, k), -1, np.int32)
         self.frame = np.zeros((n_features, k), np.int32)
@@ -168,21 +197,61 @@ class _Peaks:
         self.weakest = np.full(n_features, -np.inf, np.float32)
         self.weakest_slot = np.zeros(n_features, np.int64)
 
-    def update(self, score: np.ndarray, phone: np.ndarray, word: np.ndarray, frame: np.ndarray, n_frames: int,
-               loud: np.ndarray):
+    @classmethod
+    def of(cls, **fields: np.ndarray) -> _Peaks:
+        """From its arrays (`FIELDS`, each [n_features, k])."""
+        out = cls(*fields["peak"].shape)
+        for name in cls.FIELDS:
+            setattr(out, name, np.array(fields[name], dtype=getattr(out, name).dtype))
+        out._find_weakest(np.arange(len(out.peak)))
+        return out
+
+    def _find_weakest(self, features: np.ndarray) -> None:
+        """The slot to evict: the weakest peak, among equal ones the latest clip (empty slots first)."""
+        peak, order = self.peak[features], self.order[features]
+        weakest = peak.min(axis=1) if peak.shape[1] else np.full(len(features), np.inf, np.float32)
+        slot = np.where(peak == weakest[:, None], order, -1).argmax(axis=1) if peak.shape[1] else 0
+        self.weakest[features], self.weakest_slot[features] = weakest, slot
+
+    def update(self, score: np.ndarray, order: int, phone: np.ndarray, word: np.ndarray, frame: np.ndarray,
+               n_frames: int, loud: np.ndarray):
+        """One clip, later in order than every clip kept: it enters only above the weakest peak."""
         features = np.flatnonzero(score > self.weakest)  # -inf scores (no peak) never enter
         if not features.size:
             return
         slots = self.weakest_slot[features]
         self.peak[features, slots] = score[features]
+        self.order[features, slots] = order
         self.phone[features, slots] = phone[features]
         self.word[features, slots] = word[features]
         self.frame[features, slots] = frame[features]
         self.from_end[features, slots] = n_frames - 1 - frame[features]
         self.loud[features, slots] = loud[features]
-        rows = self.peak[features]
-        self.weakest_slot[features] = rows.argmin(axis=1)
-        self.weakest[features] = rows[np.arange(features.size), self.weakest_slot[features]]
+        self._find_weakest(features)
+
+    def fields(self, offset: int = 0, phone_map: np.ndarray | None = None,
+               word_map: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Its arrays; clip orders `offset` places later, phone and word codes mapped (`_remap`) when given."""
+        out = {name: getattr(self, name) for name in self.FIELDS}
+        if offset:
+            out["order"] = np.where(self.order == self.EMPTY, self.EMPTY, self.order + offset)
+        if phone_map is not None:
+            out["phone"] = _remap(self.phone, phone_map)
+        if word_map is not None:
+            out["word"] = _remap(self.word, word_map)
+        return out
+
+    @classmethod
+    def best(cls, k: int, *parts: dict[str, np.ndarray]) -> _Peaks:
+        """The top k slots of `parts` (`fields`, side by side), each row in rank order (peak descending, clip order
+        ascending, empty slots last)."""
+        fields = {name: np.concatenate([part[name] for part in parts], axis=1) for name in cls.FIELDS}
+        rank = np.lexsort((fields["order"], -fields["peak"]), axis=1)[:, :k]
+        return cls.of(**{name: np.take_along_axis(a, rank, axis=1) for name, a in fields.items()})
+
+    def ranked(self) -> _Peaks:
+        """A copy in rank order: what `result` reads, the same however the slots were filled."""
+        return self.best(self.peak.shape[1], self.fields())
 
     @property
     def valid(self) -> np.ndarray:
@@ -192,14 +261,18 @@ class _Peaks:
 class LabelCollector:
     """A mining observer (`mine_features(..., observers=[collector])`); `result()` after the pass.
 
-    manifest / heldout_speakers: how clips are held out (`heldout_split`). fire_threshold: a clip whose maximum
-    does not exceed it gives the feature no peak. loudness: clip id -> that clip's level per frame in dB (None:
-    unknown, no loud frames); without it the loudness artefact is not tested."""
+    manifest / heldout_speakers / split: how clips are held out (`heldout_split`; split: an earlier collector's
+    `split_info`, for clips to be merged with its). fire_threshold: a clip whose maximum does not exceed it gives
+    the feature no peak. loudness: clip id -> that clip's level per frame in dB (None: unknown, no loud frames);
+    without it the loudness artefact is not tested. seed: of the recall sample's priorities.
+
+    `state()` / `from_state` keep what the pass gathered; `merge` unites two collectors' clips. A restored or
+    merged collector gives `result()` and merges again, but observes no more clips (it has no alignments)."""
 
     def __init__(self, alignments: pd.DataFrame, n_features: int, top_k: int = 32,
                  occurrences_per_phone: int = 64, seed: int = 0, *, manifest: pd.DataFrame | None = None,
                  heldout_speakers: Iterable[str] | None = None, fire_threshold: float = 0.0,
-                 loudness: Callable[[str], np.ndarray | None] | None = None):
+                 loudness: Callable[[str], np.ndarray | None] | None = None, split: dict[str, Any] | None = None):
         missing = [c for c in ALIGNMENT_COLUMNS if c not in alignments.columns]
         if missing:
             raise AlignmentError(f"alignments lack column(s) {missing}; expected {list(ALIGNMENT_COLUMNS)}")
@@ -222,21 +295,30 @@ class LabelCollector:
         clip_ids = table["clip_id"].astype(str).to_numpy()
         firsts = np.flatnonzero(np.r_[True, clip_ids[1:] != clip_ids[:-1]]) if len(clip_ids) else np.zeros(0, int)
         lasts = np.r_[firsts[1:], len(clip_ids)]
-        self._rows = {clip_ids[a]: (a, b) for a, b in zip(firsts, lasts)}
-        self.heldout, self.split_info = heldout_split(self._rows, manifest, heldout_speakers)
-        self.n_features, self.top_k, self.per_phone = n_features, top_k, occurrences_per_phone
-        self.fire_threshold = float(fire_threshold)
+        self._rows: dict[str, tuple[int, int]] | None = {clip_ids[a]: (a, b) for a, b in zip(firsts, lasts)}
+        self.heldout, split_info = heldout_split(self._rows, manifest, heldout_speakers, split=split)
         self.loudness = loudness
-        self.rng = np.random.default_rng(seed)
-        self.train, self.held = _Peaks(n_features, top_k), _Peaks(n_features, top_k)
+        self._empty(n_features, top_k, occurrences_per_phone, seed, fire_threshold, loudness is not None,
+                    self.phones, self.words, {**split_info, "n_train_clips": 0, "n_heldout_clips": 0})
+
+    def _empty(self, n_features: int, top_k: int, per_phone: int, seed: int, fire_threshold: float,
+               loudness_tested: bool, phones: list[str], words: list[str], split_info: dict[str, Any]) -> None:
+        """Settings, vocabularies and empty accumulators (also of restored and merged collectors)."""
+        self.n_features, self.top_k, self.per_phone = int(n_features), int(top_k), int(per_phone)
+        self.seed, self.fire_threshold, self.loudness_tested = int(seed), float(fire_threshold), bool(loudness_tested)
+        self.phones, self.words, self.split_info = list(phones), list(words), dict(split_info)
+        self.train, self.held = _Peaks(self.n_features, self.top_k), _Peaks(self.n_features, self.top_k)
+        # The recall sample: per phone, the occurrence maxima [per_phone, n_features] with the smallest priorities,
+        # the first min(seen, per_phone) rows filled.
         self.reservoir: dict[int, np.ndarray] = {}
+        self.priority: dict[int, np.ndarray] = {}  # [per_phone] uint64, beside each reservoir
         self.seen = np.zeros(len(self.phones), np.int64)
         # Base rates, over the training clips' frames.
         self.phone_frames = np.zeros(len(self.phones), np.int64)
         self.word_frames = np.zeros(len(self.words), np.int64)
         self.frames = self.silent_frames = self.onset_frames = self.end_frames = self.loud_frames = 0
         self.frames_at = np.zeros(0, np.int64)  # training clips with at least t + 1 frames, per t
-        self.n_aligned_clips = 0
+        self.n_aligned_clips = 0  # also the clip order of the next one
 
     def _intervals(self, clip_id: str, phones: bool) -> tuple[np.ndarray, ...]:
         """(label ids, first frame, end frame, midpoint frame) of a clip's phone or word intervals."""
@@ -267,12 +349,17 @@ class LabelCollector:
         return out
 
     def observe(self, clip_id: str, acts: Any) -> None:
+        if self._rows is None:
+            raise RuntimeError("this LabelCollector was restored from a state or merged: it has no alignments and "
+                               "observes no clips; collect new clips in a new collector (split=this.split_info) "
+                               "and merge it")
         clip_id = str(clip_id)
         if clip_id not in self._rows:
             return
         if is_torch_tensor(acts):
             acts = acts.float().cpu().numpy()
         acts = np.asarray(acts, dtype=np.float32)
+        order = self.n_aligned_clips
         self.n_aligned_clips += 1
         n_frames = acts.shape[0]
         phones, phone_first, phone_stop, phone_mid = self._intervals(clip_id, phones=True)
@@ -285,16 +372,17 @@ class LabelCollector:
         score = np.where(peak > self.fire_threshold, peak, -np.inf).astype(np.float32)
         loud = self._loud(clip_id, n_frames)
         held = clip_id in self.heldout
-        (self.held if held else self.train).update(score, phone_of_frame[frame], word_at, frame, n_frames,
+        self.split_info["n_heldout_clips" if held else "n_train_clips"] += 1  # clips observed, not in the table
+        (self.held if held else self.train).update(score, order, phone_of_frame[frame], word_at, frame, n_frames,
                                                    loud[frame])
         if held:
             return
         self._count_frames(phone_of_frame, word_of_frame, loud)
-        for phone, a, b, mid in zip(phones, phone_first, phone_stop, phone_mid):
+        for i, (phone, a, b, mid) in enumerate(zip(phones, phone_first, phone_stop, phone_mid)):
             if a >= b:  # shorter than a frame, no frame centre inside: the frame holding its midpoint
                 a, b = mid, mid + 1
             if a < n_frames:
-                self._sample(phone, acts[a:b].max(axis=0))
+                self._sample(phone, _priority(self.seed, clip_id, i, self.phones[phone], a), acts, a, b)
 
     def _count_frames(self, phone_of_frame: np.ndarray, word_of_frame: np.ndarray, loud: np.ndarray) -> None:
         n = len(phone_of_frame)
@@ -309,18 +397,115 @@ class LabelCollector:
             self.frames_at = np.r_[self.frames_at, np.zeros(n - len(self.frames_at), np.int64)]
         self.frames_at[:n] += 1
 
-    def _sample(self, phone: int, occurrence_max: np.ndarray) -> None:
-        """Reservoir sampling (Algorithm R): every occurrence of a phone is kept with equal probability."""
+    def _sample(self, phone: int, priority: np.uint64, acts: np.ndarray, a: int, b: int) -> None:
+        """Priority (bottom-k) sampling: a phone keeps its occurrences of smallest priority, a hash, i.e. a uniform
+        sample; the smallest of two samples' union is the sample of both (`merge`). acts[a:b]: the occurrence."""
         seen = self.seen[phone]
         self.seen[phone] += 1
         if phone not in self.reservoir:
             self.reservoir[phone] = np.zeros((self.per_phone, self.n_features), np.float16)
-        if seen < self.per_phone:
-            self.reservoir[phone][seen] = occurrence_max
-        else:
-            slot = self.rng.integers(seen + 1)
-            if slot < self.per_phone:
-                self.reservoir[phone][slot] = occurrence_max
+            self.priority[phone] = np.zeros(self.per_phone, np.uint64)
+        priorities = self.priority[phone]
+        slot = seen if seen < self.per_phone else int(priorities.argmax()) if self.per_phone else None
+        if slot is not None and (seen < self.per_phone or priority < priorities[slot]):
+            self.reservoir[phone][slot] = acts[a:b].max(axis=0)
+            priorities[slot] = priority
+
+    # ------------------------------------------------------------ state and merging
+
+    _SETTINGS = ("n_features", "top_k", "per_phone", "fire_threshold", "seed", "loudness_tested")
+    _COUNTS = ("frames", "silent_frames", "onset_frames", "end_frames", "loud_frames", "n_aligned_clips")
+    _VECTORS = ("seen", "phone_frames", "word_frames", "frames_at")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What the pass gathered, as numpy arrays only (np.savez; np.load(..., allow_pickle=False) reads it back):
+        settings and counts as 0-d arrays, vocabularies as string arrays, split_info as a JSON string, the peaks
+        (train_* and held_*, `_Peaks.FIELDS`) and the recall sample (reservoir [phones, per_phone, n_features],
+        reservoir_priority, reservoir_phones). `from_state` restores it."""
+        phones = sorted(self.reservoir)
+        out = {"format": np.array(STATE_FORMAT), "phones": np.array(self.phones, dtype=str),
+               "words": np.array(self.words, dtype=str), "split_info": np.array(json.dumps(self.split_info)),
+               **{name: np.array(getattr(self, name)) for name in self._SETTINGS + self._COUNTS + self._VECTORS},
+               "reservoir_phones": np.array(phones, np.int32),
+               "reservoir": (np.stack([self.reservoir[p] for p in phones]) if phones
+                             else np.zeros((0, self.per_phone, self.n_features), np.float16)),
+               "reservoir_priority": (np.stack([self.priority[p] for p in phones]) if phones
+                                      else np.zeros((0, self.per_phone), np.uint64))}
+        for side in ("train", "held"):
+            out.update({f"{side}_{name}": np.array(a) for name, a in getattr(self, side).fields().items()})
+        return out
+
+    @classmethod
+    def from_state(cls, state: Any, *, loudness: Callable[[str], np.ndarray | None] | None = None) -> LabelCollector:
+        """The collector a `state()` describes (a dict, or np.load's NpzFile of one): it gives `result()` and
+        merges; it observes no clips. loudness: kept as `loudness` for the caller; whether the loudness
+        artefact is tested comes from the state."""
+        missing = [key for key in ("format", "split_info", *cls._SETTINGS, *cls._COUNTS) if key not in state]
+        if missing or int(state["format"]) != STATE_FORMAT:
+            raise AlignmentError(f"not a LabelCollector state (format {STATE_FORMAT}): missing {missing or 'none'}, "
+                                 f"format {state['format'] if 'format' in state else None}")
+        settings = {name: state[name].item() for name in cls._SETTINGS}
+        out = cls._bare(**settings, phones=[str(x) for x in state["phones"]], words=[str(x) for x in state["words"]],
+                        split_info=json.loads(str(state["split_info"])), loudness=loudness)
+        for name in cls._COUNTS:
+            setattr(out, name, int(state[name]))
+        for name in cls._VECTORS:
+            setattr(out, name, np.array(state[name], np.int64))
+        for side in ("train", "held"):
+            setattr(out, side, _Peaks.of(**{name: state[f"{side}_{name}"] for name in _Peaks.FIELDS}))
+        for i, phone in enumerate(np.asarray(state["reservoir_phones"]).tolist()):
+            out.reservoir[phone] = np.array(state["reservoir"][i], np.float16)
+            out.priority[phone] = np.array(state["reservoir_priority"][i], np.uint64)
+        return out
+
+    @classmethod
+    def _bare(cls, *, loudness: Callable[[str], np.ndarray | None] | None = None, **settings: Any) -> LabelCollector:
+        """A collector without alignments (restored or merged), its accumulators empty."""
+        out = cls.__new__(cls)
+        out._rows, out.heldout, out.loudness = None, None, loudness  # heldout: the clip ids are not kept
+        out._empty(settings["n_features"], settings["top_k"], settings["per_phone"], settings["seed"],
+                   settings["fire_threshold"], settings["loudness_tested"], settings["phones"], settings["words"],
+                   settings["split_info"])
+        return out
+
+    def merge(self, other: LabelCollector) -> LabelCollector:
+        """A new collector (neither input changes) as if one had observed this one's clips, then `other`'s: the
+        same result(), exactly, when `other` was built with split=self.split_info and each collector's alignments
+        were the rows of its own clips. Vocabularies are united by name (codes remapped), peaks ranked together
+        (`other`'s clips come after these), counts added, recall samples merged by priority. AlignmentError when
+        the settings or the held-out rules differ."""
+        for name in self._SETTINGS:
+            if getattr(self, name) != getattr(other, name):
+                raise AlignmentError(f"cannot merge label collectors with different {name}: "
+                                     f"{getattr(self, name)!r} and {getattr(other, name)!r}")
+        phones, pa, pb = _vocabulary(self.phones, other.phones)
+        words, wa, wb = _vocabulary(self.words, other.words)
+        out = self._bare(**{name: getattr(self, name) for name in self._SETTINGS}, phones=phones, words=words,
+                         split_info=_merged_split(self.split_info, other.split_info), loudness=self.loudness)
+        offset = self.n_aligned_clips
+        out.train = _Peaks.best(self.top_k, self.train.fields(0, pa, wa), other.train.fields(offset, pb, wb))
+        out.held = _Peaks.best(self.top_k, self.held.fields(0, pa, wa), other.held.fields(offset, pb, wb))
+        for name in self._COUNTS:
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        for name, a, b in (("seen", pa, pb), ("phone_frames", pa, pb), ("word_frames", wa, wb)):
+            getattr(out, name)[a] += getattr(self, name)
+            getattr(out, name)[b] += getattr(other, name)
+        out.frames_at = np.zeros(max(len(self.frames_at), len(other.frames_at)), np.int64)
+        out.frames_at[: len(self.frames_at)] += self.frames_at
+        out.frames_at[: len(other.frames_at)] += other.frames_at
+        parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for collector, codes in ((self, pa), (other, pb)):
+            for phone, sample in collector.reservoir.items():
+                kept = min(int(collector.seen[phone]), self.per_phone)
+                parts.setdefault(int(codes[phone]), []).append((sample[:kept], collector.priority[phone][:kept]))
+        for phone, both in parts.items():
+            priority = np.concatenate([p for _, p in both])
+            keep = np.argsort(priority, kind="stable")[: self.per_phone]
+            out.reservoir[phone] = np.zeros((self.per_phone, self.n_features), np.float16)
+            out.priority[phone] = np.zeros(self.per_phone, np.uint64)
+            out.reservoir[phone][: len(keep)] = np.concatenate([s for s, _ in both])[keep]
+            out.priority[phone][: len(keep)] = priority[keep]
+        return out
 
     # ------------------------------------------------------------ the verdict
 
@@ -340,9 +525,8 @@ class LabelCollector:
         return ([n for n, k in zip(names, keep) if k], [c for c, k in zip(kinds, keep) if k], members[:, keep],
                 base[keep])
 
-    def _artefacts(self, n: np.ndarray, m: int) -> dict[str, dict[str, np.ndarray]]:
+    def _artefacts(self, train: _Peaks, held: _Peaks, n: np.ndarray, m: int) -> dict[str, dict[str, np.ndarray]]:
         """Per artefact test: hits, base rate, adjusted p, held-out hits (and the frame, for a fixed frame)."""
-        train, held = self.train, self.held
         valid, held_valid = train.valid, held.valid
         frames = max(self.frames, 1)
         tests = {
@@ -358,7 +542,7 @@ class LabelCollector:
         base_fixed = np.where(mode >= 0, self.frames_at[at] / frames if len(self.frames_at) else 0.0, 1.0)
         tests[FIXED] = (valid & (train.frame == mode[:, None]), base_fixed, m * max(len(self.frames_at), 1),
                         held_valid & (held.frame == mode[:, None]))
-        if self.loudness is not None:
+        if self.loudness_tested:
             tests[LOUD] = (valid & train.loud, self.loud_frames / frames, m, held_valid & held.loud)
         out = {}
         for name, (hits, base, tested, held_hits) in tests.items():
@@ -370,11 +554,11 @@ class LabelCollector:
 
     def result(self) -> LabelResult:
         n_features, n_phones = self.n_features, len(self.phones)
-        train, held = self.train, self.held
+        train, held = self.train.ranked(), self.held.ranked()  # the fixed frame's ties go to the stronger peak
         valid, held_valid = train.valid, held.valid
         n, n_held = valid.sum(axis=1), held_valid.sum(axis=1)
         names, kinds, members, base = self._candidates()
-        m = len(names) + (5 if self.loudness is not None else 4)  # phone and class candidates, artefact tests
+        m = len(names) + (5 if self.loudness_tested else 4)  # phone and class candidates, artefact tests
         phone_counts = _row_counts(np.where(valid, train.phone, -1), n_phones)
         hits = phone_counts @ members  # [F, C]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -388,7 +572,7 @@ class LabelCollector:
         runner_up = np.nan_to_num(score, nan=-np.inf).argmax(axis=1) if names else best
         chosen = np.where(labelled, best, runner_up)
 
-        artefacts = self._artefacts(n, m)
+        artefacts = self._artefacts(train, held, n, m)
         artefact = np.full(n_features, None, object)
         at_edge = np.zeros(n_features, bool)  # half the peaks at a clip's start or end: never a phone label
         for name, test in artefacts.items():  # in order of precedence
@@ -409,7 +593,7 @@ class LabelCollector:
         held_hits = np.take_along_axis(in_label, np.where(held_valid, held.phone + 1, 0), axis=1) & held_valid
         held_k = held_hits.sum(axis=1).astype(np.float64)
 
-        threshold = self._recall_threshold(valid)
+        threshold = self._recall_threshold(train)
         recall = self._recall(members[:, chosen].T if names else np.zeros((n_features, n_phones), bool), threshold)
         out = {key: np.full(n_features, np.nan) for key in ("precision", "lift", "p", "base", "held")}
         label, kind, reason = [None] * n_features, [None] * n_features, [None] * n_features
@@ -446,7 +630,7 @@ class LabelCollector:
             f1 = np.where(out["precision"] + recall > 0,
                           2 * out["precision"] * recall / (out["precision"] + recall), 0.0)
         f1 = np.where(is_label, f1, np.nan)
-        best_word, word_precision, word_ok = self._word_labels(valid, n, np.array([k != "artefact" for k in kind]))
+        best_word, word_precision, word_ok = self._word_labels(train, n, np.array([k != "artefact" for k in kind]))
         validated = is_label & (n_held >= MIN_SUPPORT) & (np.nan_to_num(out["held"]) >= VALIDATED_PRECISION)
         return LabelResult(
             phones=self.phones, label=label, kind=kind, reason=reason,
@@ -461,13 +645,13 @@ class LabelCollector:
                                   _shuffled_validated(in_label & is_label[:, None], held, n_held)),
         )
 
-    def _word_labels(self, valid: np.ndarray, n: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _word_labels(self, train: _Peaks, n: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, ...]:
         """(word id, precision, shown) per feature: the commonest word under the training peaks, shown under the
         same rule as phones (Bonferroni over the words seen, lift and precision), never for artefacts."""
         n_features = len(n)
         if not self.words:
             return np.zeros(n_features, np.int64), np.full(n_features, np.nan), np.zeros(n_features, bool)
-        counts = _row_counts(np.where(valid, self.train.word, -1), len(self.words))
+        counts = _row_counts(np.where(train.valid, train.word, -1), len(self.words))
         best = counts.argmax(axis=1)
         k = counts[np.arange(n_features), best]
         base = self.word_frames[best] / max(self.frames, 1)
@@ -478,10 +662,11 @@ class LabelCollector:
         shown = allowed & (n >= MIN_SUPPORT) & (k > 0) & (p < ALPHA) & (lift >= MIN_LIFT) & (precision >= MIN_PRECISION)
         return best, np.where(shown, precision, np.nan), shown
 
-    def _recall_threshold(self, valid: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _recall_threshold(train: _Peaks) -> np.ndarray:
         with warnings.catch_warnings():  # features without training peaks: all-NaN rows, threshold 0
             warnings.simplefilter("ignore", RuntimeWarning)
-            threshold = 0.5 * np.nanmedian(np.where(valid, self.train.peak, np.nan), axis=1)
+            threshold = 0.5 * np.nanmedian(np.where(train.valid, train.peak, np.nan), axis=1)
         return np.nan_to_num(threshold, nan=0.0)
 
     def _recall(self, label_phones: np.ndarray, threshold: np.ndarray) -> np.ndarray:
@@ -583,3 +768,41 @@ def _row_counts(ids: np.ndarray, n_labels: int) -> np.ndarray:
     counts = np.zeros((ids.shape[0], max(n_labels, 1)), np.int64)
     np.add.at(counts, (rows[keep], flat[keep]), 1)
     return counts[:, :n_labels] if n_labels else counts[:, :0]
+
+
+def _priority(seed: int, clip_id: str, i: int, phone: str, first: int) -> np.uint64:
+    """A phone occurrence's sampling priority: a stable hash of the seed, its clip and its place there (its rank
+    among the clip's phone intervals, its phone and first frame), the same whichever collector sees the clip."""
+    key = f"{seed}\0{clip_id}\0{i}\0{phone}\0{first}".encode()
+    return np.uint64(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
+
+
+def _remap(codes: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Codes (-1: none) into another vocabulary: code c becomes mapping[c]."""
+    return np.append(np.asarray(mapping, np.int32), np.int32(-1))[codes]
+
+
+def _vocabulary(a: list[str], b: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The sorted union of two vocabularies and where each one's codes go in it."""
+    union = sorted(set(a) | set(b))
+    at = {name: i for i, name in enumerate(union)}
+    return union, np.array([at[x] for x in a], np.int32), np.array([at[x] for x in b], np.int32)
+
+
+def _merged_split(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`a`'s split with `b`'s clips (speaker lists united, clip counts added); AlignmentError when their held-out
+    rules differ."""
+    def rule(split: dict[str, Any]) -> tuple:
+        by = split.get("heldout_by")
+        return by, sorted(split.get("heldout_speakers", ())) if by == "speaker" else []
+
+    if rule(a) != rule(b):
+        raise AlignmentError(f"cannot merge label collectors with different held-out rules: {rule(a)} and "
+                             f"{rule(b)}; build the second with split=<the first's split_info>")
+    out = dict(a)
+    for key in ("train_speakers", "speakers"):
+        if key in out:
+            out[key] = sorted(set(a[key]) | set(b.get(key, ())))
+    for key in ("n_train_clips", "n_heldout_clips"):
+        out[key] = a.get(key, 0) + b.get(key, 0)
+    return out

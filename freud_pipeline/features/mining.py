@@ -18,13 +18,19 @@ Everything kept is bounded by n_features, independent of the number of clips:
   falls outside the range: no first pass, and at least 32 bins between 0 and the largest |peak|;
 - a random-projection signature of the same sampled frames, centred, whose cosine approximates the Pearson
   correlation of two features' per-frame activations (used for neuron similarity).
+
+Mergeable: a clip's sampled frames and projection rows come from an RNG seeded by (seed, a hash of its id), and
+the ranked lists keep exactly the top-K by (score desc, clip index asc), so nothing depends on the clips mined
+before. `MiningResult.state` (`MiningState`: the raw sums and histograms, no traces) lets `merge_mining(a, b)`
+give the result of one pass over a's clips then b's without reading a's activations again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -68,6 +74,20 @@ class ExampleLists:
     order: np.ndarray  # [F, K] slot order, best first (traces are not reordered in place: may be on disk)
     count: np.ndarray  # [F] valid entries
 
+    @classmethod
+    def ranked(cls, values: np.ndarray, clip_index: np.ndarray, peak_frame: np.ndarray, trace_offset: np.ndarray,
+               trace_len: np.ndarray, traces: np.ndarray) -> ExampleLists:
+        """Lists already in rank order (e.g. read back from the index): order = identity, count = the slots with
+        a clip (clip_index >= 0)."""
+        clip_index = np.asarray(clip_index, np.int64)
+        n, k = clip_index.shape
+        return cls(
+            values=np.asarray(values, np.float32), clip_index=clip_index,
+            peak_frame=np.asarray(peak_frame, np.int32), trace_offset=np.asarray(trace_offset, np.int32),
+            trace_len=np.asarray(trace_len, np.int32),
+            traces=traces if traces.dtype == np.float16 else traces.astype(np.float16),
+            order=np.tile(np.arange(k, dtype=np.int64), (n, 1)), count=(clip_index >= 0).sum(axis=1))
+
     def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Features [start, stop) with every array put in rank order."""
         order = self.order[start:stop]
@@ -82,6 +102,48 @@ class ExampleLists:
             "traces": traces,
             "count": self.count[start:stop],
         }
+
+
+@dataclass
+class MiningState:
+    """The raw accumulators of a pass, without traces: what `merge_mining` adds up (a few MB; 100 MB of log
+    counts at 24,576 features). `to_arrays()` is savable with np.savez; `from_arrays` reads it back."""
+
+    n_features: int
+    top_k: int
+    bottom_k: int
+    max_frames: int  # 2 x trace_radius
+    fire_threshold: float
+    sample_frames: int
+    signature_dim: int
+    seed: int
+    clip_ids: list[str]
+    n_frames: int
+    total: np.ndarray  # [F] float64 sum over all frames
+    n_fire: np.ndarray  # [F] int64 frames > fire_threshold
+    max: np.ndarray  # [F] float32
+    min: np.ndarray  # [F] float32
+    log_counts: np.ndarray  # [F, _LOG_BINS] float64 weighted sampled frames per log bin
+    peak_hist_width: np.ndarray  # [F] float64
+    peak_hist_counts: np.ndarray  # [F, PEAK_HIST_BINS] int64
+    sig: np.ndarray  # [F, D] float32 sum over sampled frames of x_t r_t (uncentred)
+    sig_r: np.ndarray  # [D] float64 sum of r_t
+    sig_x: np.ndarray  # [F] float64 sum of x_t over sampled frames
+    sig_n: int  # sampled frames
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+        out["clip_ids"] = np.array(self.clip_ids, dtype=str)
+        return out
+
+    @classmethod
+    def from_arrays(cls, d: Any) -> MiningState:
+        """From `to_arrays()`'s dict, or the np.load of its np.savez file."""
+        values = {}
+        for f in fields(cls):
+            v = np.asarray(d[f.name])
+            values[f.name] = [str(c) for c in v] if f.name == "clip_ids" else v.item() if v.ndim == 0 else v
+        return cls(**values)
 
 
 @dataclass
@@ -102,6 +164,7 @@ class MiningResult:
     peak_hist_width: np.ndarray  # [F] bin width of the per-clip-max histogram
     peak_hist_counts: np.ndarray  # [F, PEAK_HIST_BINS]
     signature: np.ndarray  # [F, D] float32, centred random projection
+    state: MiningState | None = None  # what merge_mining needs (None: built some other way)
     _spill: Any = field(default=None, repr=False)
 
     @property
@@ -169,7 +232,8 @@ class _TraceBuffer:
 
     def ensure(self, frames: int) -> None:
         length = self.array.shape[-1]
-        if frames <= length:
+        # Clamped first: a clip longer than max_frames must not re-create a full buffer (on disk, the same file).
+        if min(frames, self.max_frames) <= length:
             return
         new_length = min(self.max_frames, max(frames, 2 * length))
         grown = self._allocate(new_length)
@@ -195,7 +259,9 @@ class _RankedLists:
         self.weakest = np.full(n_features, -np.inf if k else np.inf, np.float32)
 
     def update(self, clip_index: int, score: np.ndarray, value: np.ndarray, frame: np.ndarray, acts: Any) -> None:
-        # Strict '>' keeps the earlier clip on ties, so results do not depend on batch boundaries.
+        # Clips come in index order. Strict '>' keeps the earlier clip on ties, and the slot evicted is the weakest
+        # score's latest clip: the kept set is exactly the top-K by (score desc, clip index asc), as merge_mining
+        # needs (SAE latents tie at 0.0 a lot).
         features = np.flatnonzero(score > self.weakest)
         if features.size == 0:
             return
@@ -215,11 +281,13 @@ class _RankedLists:
         traces[features, slots, :length] = _gather_traces(acts, features, offsets, length)
         traces[features, slots, length:] = 0
         rows = self.score[features]
-        self.weakest_slot[features] = rows.argmin(axis=1)
-        self.weakest[features] = rows[np.arange(features.size), self.weakest_slot[features]]
+        weakest = rows.min(axis=1)
+        latest = np.where(rows == weakest[:, None], self.clip_index[features], -2)
+        self.weakest_slot[features] = latest.argmax(axis=1)
+        self.weakest[features] = weakest
 
     def finish(self) -> ExampleLists:
-        order = np.argsort(-self.score, axis=1, kind="stable")
+        order = _rank(self.score, self.clip_index)
         return ExampleLists(
             values=self.value,
             clip_index=self.clip_index,
@@ -230,6 +298,11 @@ class _RankedLists:
             order=order,
             count=np.isfinite(self.score).sum(axis=1),
         )
+
+
+def _rank(score: np.ndarray, clip_index: np.ndarray) -> np.ndarray:
+    """[F, K] slot order by (score desc, clip index asc); empty slots (score -inf) last."""
+    return np.lexsort((clip_index, -score), axis=-1)
 
 
 def _gather_traces(acts: Any, features: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
@@ -334,16 +407,22 @@ class _LogHistogram:
         upper = np.concatenate([-pos_lo[::-1], [edges[0]], pos_hi])
         return lower, upper
 
-    def quantiles(self, levels: Sequence[float], clamp_lo: np.ndarray, clamp_hi: np.ndarray) -> np.ndarray:
-        lower, upper = self.bin_bounds()
-        cumulative = np.cumsum(self.counts, axis=1)
+    @classmethod
+    def quantiles(cls, counts: np.ndarray, levels: Sequence[float], clamp_lo: np.ndarray,
+                  clamp_hi: np.ndarray) -> np.ndarray:
+        """Interpolated quantiles of `counts` [F, _LOG_BINS], clamped to [clamp_lo, clamp_hi]."""
+        lower, upper = cls.bin_bounds()
+        n_features = counts.shape[0]
+        cumulative = np.cumsum(counts, axis=1)
         total = np.maximum(cumulative[:, -1:], 1)
-        out = np.zeros((self.n_features, len(levels)), np.float32)
+        out = np.zeros((n_features, len(levels)), np.float32)
         for j, level in enumerate(levels):
             target = level * total[:, 0]
-            b = np.minimum((cumulative < target[:, None]).sum(axis=1), _LOG_BINS - 1)
-            below = np.where(b > 0, cumulative[np.arange(self.n_features), b - 1], 0)
-            inside = np.maximum(self.counts[np.arange(self.n_features), b], 1e-12)
+            # The margin keeps float64 rounding of the counts (summed in another order by a merge) from moving the
+            # bin past empty ones when the cumulative count meets the target exactly.
+            b = np.minimum((cumulative < (target - 1e-9 * total[:, 0])[:, None]).sum(axis=1), _LOG_BINS - 1)
+            below = np.where(b > 0, cumulative[np.arange(n_features), b - 1], 0)
+            inside = np.maximum(counts[np.arange(n_features), b], 1e-12)
             frac = np.clip((target - below) / inside, 0, 1)
             value = lower[b] + frac * (upper[b] - lower[b])
             out[:, j] = np.clip(value, clamp_lo, clamp_hi)
@@ -364,13 +443,29 @@ class _PeakHistogram:
             grow = np.flatnonzero(np.abs(peaks) >= half * self.width)
             if grow.size == 0:
                 break
-            # Bins 2j, 2j+1 (relative to 0) merge into bin j of twice the width: exact, no re-binning error.
-            merged = self.counts[grow].reshape(grow.size, half, 2).sum(axis=2)
-            self.counts[grow] = 0
-            self.counts[grow, half // 2 : half // 2 + half] = merged
+            self.counts[grow] = _doubled(self.counts[grow])
             self.width[grow] *= 2
         index = np.floor(peaks / self.width).astype(np.int64) + half
         self.counts[np.arange(peaks.size), np.clip(index, 0, self.bins - 1)] += 1
+
+
+def _doubled(counts: np.ndarray) -> np.ndarray:
+    """Peak histograms [n, B] at twice their bin width: bins 2j, 2j+1 (relative to 0) merge into bin j. Exact,
+    no re-binning error: the bins are floor(peak / width) with width a power of two times 2^-20."""
+    n, bins = counts.shape
+    half = bins // 2
+    out = np.zeros_like(counts)
+    out[:, half // 2 : half // 2 + half] = counts.reshape(n, half, 2).sum(axis=2)
+    return out
+
+
+def _widened(counts: np.ndarray, width: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Peak histograms brought to the (wider or equal) bin widths `target`."""
+    counts, width = counts.copy(), width.copy()
+    while (grow := np.flatnonzero(width < target)).size:
+        counts[grow] = _doubled(counts[grow])
+        width[grow] *= 2
+    return counts
 
 
 def encoded_clips(clips: Iterable[tuple[str, Any]], encode: Callable[[Any], Any]) -> Iterator[tuple[str, Any]]:
@@ -408,12 +503,8 @@ def mine_features(
             raise MiningError(f"clip {clip_id!r}: activations must be [frames, n_features], got {tuple(acts.shape)}")
         if miner is None:
             n_features = int(n_features or acts.shape[1])
-            if spill_dir is None:
-                from freud_pipeline.settings import data_dir
-
-                spill_dir = data_dir() / "tmp"
             miner = _Miner(n_features, top_k, top_k if bottom_k is None else bottom_k, 2 * trace_radius,
-                           fire_threshold, sample_frames, signature_dim, trace_ram_bytes, Path(spill_dir), seed)
+                           fire_threshold, sample_frames, signature_dim, trace_ram_bytes, _spill_for(spill_dir), seed)
         if acts.shape[1] != n_features:
             raise MiningError(f"clip {clip_id!r} has {acts.shape[1]} features; expected {n_features} like the others")
         if acts.shape[0] == 0:
@@ -430,19 +521,40 @@ def mine_features(
     return miner.finish()
 
 
+def _spill_for(spill_dir: str | Path | None) -> _Spill:
+    if spill_dir is None:
+        from freud_pipeline.settings import data_dir
+
+        spill_dir = data_dir() / "tmp"
+    return _Spill(Path(spill_dir))
+
+
+def _trace_buffers(n_features: int, top_k: int, bottom_k: int, max_frames: int, trace_ram_bytes: int,
+                   spill: _Spill) -> tuple[_TraceBuffer, _TraceBuffer]:
+    """Top and bottom trace buffers sharing the RAM budget in proportion to their size."""
+    def buffer(k: int, name: str) -> _TraceBuffer:
+        budget = trace_ram_bytes * k // max(top_k + bottom_k, 1)
+        return _TraceBuffer(n_features, k, max_frames, budget, spill, name)
+
+    return buffer(top_k, "top"), buffer(bottom_k, "bottom")
+
+
+def clip_rng(seed: int, clip_id: str) -> np.random.Generator:
+    """One clip's RNG, seeded by (seed, a stable hash of its id): the clip gets the same sampled frames and
+    projection rows whatever was mined before it."""
+    digest = hashlib.blake2b(clip_id.encode(), digest_size=8).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+
+
 class _Miner:
     def __init__(self, n_features, top_k, bottom_k, max_frames, fire_threshold, sample_frames, signature_dim,
-                 trace_ram_bytes, spill_dir, seed):
-        self.n_features, self.top_k, self.fire_threshold = n_features, top_k, fire_threshold
-        self.sample_frames, self.signature_dim = sample_frames, signature_dim
-        self.rng = np.random.default_rng(seed)
-        self.spill = _Spill(spill_dir)
-        # The RAM budget is shared by the two trace buffers in proportion to their size.
-        def ranked(k: int, name: str) -> _RankedLists:
-            budget = trace_ram_bytes * k // max(top_k + bottom_k, 1)
-            return _RankedLists(n_features, k, _TraceBuffer(n_features, k, max_frames, budget, self.spill, name))
-
-        self.top, self.bottom = ranked(top_k, "top"), ranked(bottom_k, "bottom")
+                 trace_ram_bytes, spill, seed):
+        self.n_features, self.top_k, self.bottom_k, self.max_frames = n_features, top_k, bottom_k, max_frames
+        self.fire_threshold, self.sample_frames, self.signature_dim = fire_threshold, sample_frames, signature_dim
+        self.seed = seed
+        self.spill = spill
+        top, bottom = _trace_buffers(n_features, top_k, bottom_k, max_frames, trace_ram_bytes, spill)
+        self.top, self.bottom = _RankedLists(n_features, top_k, top), _RankedLists(n_features, bottom_k, bottom)
         self.clip_ids: list[str] = []
         self.n_frames = 0
         self.total = np.zeros(n_features, np.float64)
@@ -461,7 +573,8 @@ class _Miner:
         self.clip_ids.append(clip_id)
         frames = acts.shape[0]
         self.n_frames += frames
-        sample = np.sort(self.rng.choice(frames, size=min(frames, self.sample_frames), replace=False))
+        rng = clip_rng(self.seed, clip_id)
+        sample = np.sort(rng.choice(frames, size=min(frames, self.sample_frames), replace=False))
         s = _summarise(acts, self.fire_threshold, sample)
         self.top.update(index, s.peak, s.peak, s.peak_frame, acts)
         self.bottom.update(index, -s.trough, s.trough, s.trough_frame, acts)
@@ -472,31 +585,111 @@ class _Miner:
         self.log_hist.add(s.sampled, frames / len(sample))
         self.peak_hist.add(s.peak)
         # Signature: sum_t x_t r_t over the sampled frames; the sums kept here centre it at the end.
-        projection = self.rng.standard_normal((len(sample), self.signature_dim)).astype(np.float32)
+        projection = rng.standard_normal((len(sample), self.signature_dim), dtype=np.float32)
         self.sig += s.sampled.T @ projection
         self.sig_r += projection.sum(axis=0)
         self.sig_x += s.sampled.sum(axis=0, dtype=np.float64)
         self.sig_n += len(sample)
 
     def finish(self) -> MiningResult:
-        frames = max(self.n_frames, 1)
-        signature = self.sig - np.outer(self.sig_x / max(self.sig_n, 1), self.sig_r)
-        return MiningResult(
-            n_features=self.n_features,
-            top_k=self.top_k,
-            fire_threshold=self.fire_threshold,
-            clip_ids=self.clip_ids,
-            n_frames=self.n_frames,
-            top=self.top.finish(),
-            bottom=self.bottom.finish(),
-            density=(self.n_fire / frames).astype(np.float32),
-            mean=(self.total / frames).astype(np.float32),
-            max=self.max,
-            min=self.min,
-            quantile_levels=QUANTILE_LEVELS,
-            quantiles=self.log_hist.quantiles(QUANTILE_LEVELS, self.min, self.max),
-            peak_hist_width=self.peak_hist.width,
-            peak_hist_counts=self.peak_hist.counts,
-            signature=signature.astype(np.float32),
-            _spill=self.spill,
-        )
+        state = MiningState(
+            n_features=self.n_features, top_k=self.top_k, bottom_k=self.bottom_k, max_frames=self.max_frames,
+            fire_threshold=self.fire_threshold, sample_frames=self.sample_frames, signature_dim=self.signature_dim,
+            seed=self.seed, clip_ids=self.clip_ids, n_frames=self.n_frames, total=self.total, n_fire=self.n_fire,
+            max=self.max, min=self.min, log_counts=self.log_hist.counts, peak_hist_width=self.peak_hist.width,
+            peak_hist_counts=self.peak_hist.counts, sig=self.sig, sig_r=self.sig_r, sig_x=self.sig_x,
+            sig_n=self.sig_n)
+        return _result(state, self.top.finish(), self.bottom.finish(), self.spill)
+
+
+def derived(state: MiningState) -> dict[str, Any]:
+    """The statistics computed from the accumulators (for a pass and a merge alike): density, mean, quantiles,
+    and the centred signature."""
+    frames = max(state.n_frames, 1)
+    return {
+        "density": (state.n_fire / frames).astype(np.float32),
+        "mean": (state.total / frames).astype(np.float32),
+        "quantile_levels": QUANTILE_LEVELS,
+        "quantiles": _LogHistogram.quantiles(state.log_counts, QUANTILE_LEVELS, state.min, state.max),
+        "signature": (state.sig - np.outer(state.sig_x / max(state.sig_n, 1), state.sig_r)).astype(np.float32),
+    }
+
+
+def _result(state: MiningState, top: ExampleLists, bottom: ExampleLists, spill: _Spill) -> MiningResult:
+    return MiningResult(
+        n_features=state.n_features, top_k=state.top_k, fire_threshold=state.fire_threshold,
+        clip_ids=state.clip_ids, n_frames=state.n_frames, top=top, bottom=bottom, max=state.max, min=state.min,
+        peak_hist_width=state.peak_hist_width, peak_hist_counts=state.peak_hist_counts, state=state, _spill=spill,
+        **derived(state))
+
+
+def result_from_state(state: MiningState, top: ExampleLists, bottom: ExampleLists) -> MiningResult:
+    """A MiningResult from a saved state and its example lists read back (`ExampleLists.ranked`), to merge into."""
+    return _result(state, top, bottom, None)
+
+
+_MERGE_PARAMETERS = ("n_features", "top_k", "bottom_k", "max_frames", "fire_threshold", "sample_frames",
+                     "signature_dim", "seed")
+
+
+def merge_mining(a: MiningResult, b: MiningResult, *, trace_ram_bytes: int = 2 << 30,
+                 spill_dir: str | Path | None = None, batch_features: int = 256) -> MiningResult:
+    """The result of one pass over a's clips then b's, from the two results (no activations read again).
+
+    Exact for the ranked examples, counts, maxima/minima and histograms; sums added in another order
+    (mean, signature, and the quantiles' weighted counts) may differ by float rounding. Both must come from
+    mine_features (or merge_mining) with the same parameters and no clip in common. Traces are as wide as the
+    wider input's; a memory-mapped temp file beyond trace_ram_bytes, like mine_features.
+    """
+    sa, sb = a.state, b.state
+    if sa is None or sb is None:
+        raise MiningError("merge_mining needs results with their MiningState (from mine_features or merge_mining)")
+    for name in _MERGE_PARAMETERS:
+        if getattr(sa, name) != getattr(sb, name):
+            raise MiningError(f"cannot merge mining results with different {name}: "
+                              f"{getattr(sa, name)!r} vs {getattr(sb, name)!r}")
+    shared = set(sa.clip_ids).intersection(sb.clip_ids)
+    if shared:
+        raise MiningError(f"cannot merge mining results that share {len(shared)} clip(s), e.g. {min(shared)!r}: "
+                          f"each clip must be counted once")
+    width = np.maximum(sa.peak_hist_width, sb.peak_hist_width)
+    state = MiningState(
+        **{name: getattr(sa, name) for name in _MERGE_PARAMETERS},
+        clip_ids=list(sa.clip_ids) + list(sb.clip_ids), n_frames=sa.n_frames + sb.n_frames,
+        total=sa.total + sb.total, n_fire=sa.n_fire + sb.n_fire,
+        max=np.maximum(sa.max, sb.max), min=np.minimum(sa.min, sb.min), log_counts=sa.log_counts + sb.log_counts,
+        peak_hist_width=width, peak_hist_counts=(_widened(sa.peak_hist_counts, sa.peak_hist_width, width)
+                                                 + _widened(sb.peak_hist_counts, sb.peak_hist_width, width)),
+        sig=sa.sig + sb.sig, sig_r=sa.sig_r + sb.sig_r, sig_x=sa.sig_x + sb.sig_x, sig_n=sa.sig_n + sb.sig_n)
+    spill = _spill_for(spill_dir)
+    buffers = _trace_buffers(sa.n_features, sa.top_k, sa.bottom_k, sa.max_frames, trace_ram_bytes, spill)
+    offset = len(sa.clip_ids)
+    top = _merged_lists(a.top, b.top, offset, 1, buffers[0], batch_features)
+    bottom = _merged_lists(a.bottom, b.bottom, offset, -1, buffers[1], batch_features)
+    return _result(state, top, bottom, spill)
+
+
+def _merged_lists(a: ExampleLists, b: ExampleLists, offset: int, sign: int, buffer: _TraceBuffer,
+                  batch: int) -> ExampleLists:
+    """Top-K of both lists by (score desc, clip index asc), score = sign x value; b's clips come after a's."""
+    n_features, k = buffer.shape
+    length = max(a.traces.shape[-1], b.traces.shape[-1])
+    buffer.ensure(length)
+    out = {"values": np.zeros((n_features, k), np.float32), "clip_index": np.full((n_features, k), -1, np.int64),
+           "peak_frame": np.zeros((n_features, k), np.int32), "trace_offset": np.zeros((n_features, k), np.int32),
+           "trace_len": np.zeros((n_features, k), np.int32)}
+    pad = lambda t: np.pad(t, ((0, 0), (0, 0), (0, length - t.shape[-1])))  # noqa: E731
+    for start in range(0, n_features if k else 0, batch):
+        stop = min(start + batch, n_features)
+        ra, rb = a.rows(start, stop), b.rows(start, stop)
+        rb["clip_index"] = np.where(rb["clip_index"] >= 0, rb["clip_index"] + offset, -1)
+        both = {name: np.concatenate([ra[name], rb[name]], axis=1) for name in out}
+        filled = both["clip_index"] >= 0
+        rank = _rank(np.where(filled, sign * both["values"], -np.inf), both["clip_index"])[:, :k]
+        kept = np.take_along_axis(filled, rank, axis=1)
+        for name, array in out.items():  # empty slots padded like a pass leaves them
+            array[start:stop] = np.where(kept, np.take_along_axis(both[name], rank, axis=1), array[start:stop])
+        traces = np.concatenate([pad(ra["traces"]), pad(rb["traces"])], axis=1)
+        ranked = np.take_along_axis(traces, rank[:, :, None], axis=1)
+        buffer.array[start:stop] = np.where(kept[:, :, None], ranked, 0)
+    return ExampleLists.ranked(traces=buffer.array, **out)

@@ -29,7 +29,7 @@ from freud_pipeline.settings import data_dir, lancedb_uri
 
 PUBLIC_SET_FIELDS = ("set_id", "model", "hook", "kind", "n_features", "sae_run_id", "sae_checkpoint", "sae_sha256",
                      "shard_dir", "created_at", "n_clips", "n_frames", "top_k", "fire_threshold",
-                     "vector_kind", "label_summary", "build_id")
+                     "vector_kind", "label_summary", "build_id", "coverage")
 EXAMPLE_COLUMNS = ["sign", "clip_ids", "values", "peak_frames", "trace_offsets", "traces"]
 
 
@@ -206,6 +206,7 @@ class FeatureIndex:
         for row in sorted(rows, key=lambda r: r["set_id"]):
             item = {k: row.get(k) for k in PUBLIC_SET_FIELDS}
             item["label_summary"] = json.loads(row["label_summary"] or "{}")
+            item["coverage"] = json.loads(row["coverage"]) if row.get("coverage") else None
             out.append(item)
         return out
 

@@ -12,7 +12,13 @@ Tables (all sets share them; rows carry the build that wrote them):
 - `vectors_<hash of build_id>`: one table per build, (index, unit-length vector, label): SAE decoder
   directions, or neuron activation signatures. Separate tables because vector widths differ between sets
   and each set needs its own ANN index; IVF_FLAT once a set has >= 10,000 features, exact search below.
-- `clips`: manifest rows (upserted by clip_id), with a full-text index on transcript.
+- `clips`: manifest rows (upserted by clip_id), with a full-text index on transcript, and the provenance of clips
+  that arrived later (dataset, batch, arrival time).
+
+Merging (`features.build.merge_into_feature_set`): each build also saves the small state a merge continues from
+(the miner's accumulators and the label collector's, no traces: those are the `examples` rows) as one .npz under
+`<index>/../index_state/` (written to a temporary name, renamed, its sha256 in the pointer row and verified on
+load), and its `coverage` (`features.coverage`).
 
 Publishing: every row of a build is written first (readers keep resolving the set to the old build_id and
 never see them), then the pointer row is upserted in one commit. The previous build is kept so a reader that
@@ -23,16 +29,20 @@ writer per set_id at a time (Dagster runs an asset once at a time).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 import lancedb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from lancedb.index import FTS, BTree, Bitmap, IvfFlat
 
 from freud_pipeline.features.labels import LabelResult
@@ -54,6 +64,8 @@ FEATURE_SETS_SCHEMA = pa.schema([
     ("n_clips", pa.int64()), ("n_frames", pa.int64()), ("top_k", pa.int32()), ("fire_threshold", pa.float32()),
     ("quantile_levels", pa.list_(pa.float64())), ("vectors_table", pa.string()), ("vector_kind", pa.string()),
     ("label_summary", pa.string()), ("previous_builds", pa.list_(pa.string())), ("sae_sha256", pa.string()),
+    # What the build covers (features.coverage, JSON) and the state a merge continues from (`save_state`).
+    ("coverage", pa.string()), ("merge_state", pa.string()), ("merge_state_sha256", pa.string()),
 ])
 FEATURES_SCHEMA = pa.schema([
     ("key", pa.string()), ("build_id", pa.string()), ("set_id", pa.string()), ("index", pa.int32()),
@@ -79,6 +91,8 @@ EXAMPLES_SCHEMA = pa.schema([
 CLIPS_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("path", pa.string()), ("duration_s", pa.float64()), ("sample_rate", pa.int32()),
     ("transcript", pa.string()), ("speaker", pa.string()), ("source", pa.string()), ("split", pa.string()),
+    # Provenance of clips that arrived later: the dataset, the incoming batch and when it was recorded.
+    ("dataset", pa.string()), ("batch", pa.string()), ("arrived_at", pa.string()),
 ])
 
 
@@ -233,7 +247,7 @@ def upsert_clips(db, manifest: pd.DataFrame) -> None:
     frame["clip_id"] = frame["clip_id"].astype(str)
     frame = frame.drop_duplicates("clip_id", keep="last")
     data = pa.Table.from_pandas(frame, schema=CLIPS_SCHEMA, preserve_index=False)
-    tbl = _open_or_create(db, CLIPS, CLIPS_SCHEMA)
+    tbl = _with_new_columns(_open_or_create(db, CLIPS, CLIPS_SCHEMA), CLIPS_SCHEMA)
     tbl.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
     tbl.create_index("clip_id", config=BTree(), replace=True)
     try:
@@ -263,12 +277,17 @@ def write_feature_set(
     uri: str | None = None,
     keep_builds: int = 2,
     batch_features: int = 256,
+    coverage: dict[str, Any] | None = None,
+    merge_state: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row."""
+    """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row.
+    coverage: what the build covers (`features.coverage`); merge_state: arrays a later merge continues from
+    (`save_state`)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     db = connect(uri)
     build_id = new_build_id(set_id)
+    state_path, state_sha256 = save_state(uri, build_id, merge_state) if merge_state is not None else (None, None)
     if manifest is not None and len(manifest):
         upsert_clips(db, manifest)
 
@@ -298,6 +317,8 @@ def write_feature_set(
         "quantile_levels": list(mining.quantile_levels), "vectors_table": vectors_table,
         "vector_kind": vector_kind, "label_summary": json.dumps(labels.summary if labels else {}),
         "previous_builds": history[: keep_builds - 1], "sae_sha256": sae_sha256,
+        "coverage": json.dumps(coverage) if coverage else None, "merge_state": state_path,
+        "merge_state_sha256": state_sha256,
     }
     # The flip: one commit. Readers resolving set_id from here on get the new build.
     sets.merge_insert("set_id").when_matched_update_all().when_not_matched_insert_all().execute(
@@ -320,6 +341,7 @@ def _delete_builds(db, set_id: str, keep: list[str], newest: str) -> None:
     for build_id in stale:
         if vectors_table_name(build_id) in existing:
             db.drop_table(vectors_table_name(build_id))
+        _delete_state(db, build_id)
     log.info("deleted %d retired build(s) of %s", len(stale), set_id)
 
 
@@ -345,6 +367,7 @@ def delete_sets_of_run(sae_run_id: str, uri: str | None = None) -> list[str]:
     for build_id in builds:
         if vectors_table_name(build_id) in existing:
             db.drop_table(vectors_table_name(build_id))
+        _delete_state(db, build_id)
     log.info("deleted feature set(s) %s of SAE run %s", ", ".join(set_ids), sae_run_id)
     return set_ids
 
@@ -352,3 +375,101 @@ def delete_sets_of_run(sae_run_id: str, uri: str | None = None) -> list[str]:
 def peak_time_s(frame: int | np.ndarray) -> float | np.ndarray:
     """Centre of a 20 ms encoder frame."""
     return (np.asarray(frame) + 0.5) * FRAME_SECONDS
+
+
+# ---------------------------------------------------------------- merge state and reading a build back
+
+
+def state_dir(uri: str | None) -> Path:
+    """Where merge states live: beside the LanceDB directory (local indexes only)."""
+    return Path(uri or lancedb_uri()).parent / "index_state"
+
+
+def _state_path(uri: str | None, build_id: str) -> Path:
+    return state_dir(uri) / f"{vectors_table_name(build_id).removeprefix('vectors_')}.npz"
+
+
+def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) -> tuple[str, str]:
+    """Save a build's merge state (numpy arrays only) under a temporary name, then rename it into place.
+    Returns (path, sha256 of the file)."""
+    path = _state_path(uri, build_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.partial")
+    with open(partial, "wb") as handle:
+        np.savez(handle, **arrays)
+    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+    os.replace(partial, path)
+    return str(path), digest
+
+
+def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The merge state of the build a pointer row names, verified against its recorded sha256."""
+    path, expected = set_row.get("merge_state"), set_row.get("merge_state_sha256")
+    if not path:
+        raise StateError(f"feature set {set_row['set_id']!r} (build {set_row['build_id']}) has no merge state: it "
+                         "was built before merges were possible; rebuild it once, later batches then merge")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); rebuild the set") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it was "
+                         "changed after the build; rebuild the set")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def _delete_state(db, build_id: str) -> None:
+    uri = getattr(db, "uri", None)
+    if uri is not None and "://" not in str(uri):
+        _state_path(str(uri), build_id).unlink(missing_ok=True)
+
+
+class StateError(RuntimeError):
+    """A feature set that cannot be merged into (no state, or a state that fails verification)."""
+
+
+def current_set(set_id: str, uri: str | None = None) -> dict[str, Any] | None:
+    """The pointer row of `set_id`, or None."""
+    db = connect(uri)
+    if FEATURE_SETS not in table_names(db):
+        return None
+    rows = db.open_table(FEATURE_SETS).search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
+    return rows[0] if rows else None
+
+
+def read_ranked_examples(build_id: str, sign: str, n_features: int, k: int, clip_index: dict[str, int],
+                         uri: str | None = None) -> dict[str, np.ndarray]:
+    """A build's stored examples of one sign as rank-ordered [F, k] arrays (clip_index -1 and zeros where a
+    feature has fewer), traces [F, k, L]; clip ids mapped to positions by `clip_index`."""
+    table = connect(uri).open_table(EXAMPLES)
+    rows = (table.search().where(f"build_id = {sql_str(build_id)} AND sign = {sql_str(sign)}")
+            .select(["feature", "clip_ids", "values", "peak_frames", "trace_offsets", "traces"]).limit(None)
+            .to_arrow())
+    out = {"values": np.zeros((n_features, k), np.float32), "clip_index": np.full((n_features, k), -1, np.int64),
+           "peak_frame": np.zeros((n_features, k), np.int32), "trace_offset": np.zeros((n_features, k), np.int32),
+           "trace_len": np.zeros((n_features, k), np.int32)}
+    features = rows["feature"].to_numpy()
+    counts = pc.list_value_length(rows["values"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    feature_of = np.repeat(features, counts)  # one entry per stored example, in row order
+    rank_of = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    for name, column in (("values", "values"), ("peak_frame", "peak_frames"), ("trace_offset", "trace_offsets")):
+        flat = pc.list_flatten(rows[column]).to_numpy(zero_copy_only=False)
+        out[name][feature_of, rank_of] = flat
+    clip_ids = pc.list_flatten(rows["clip_ids"]).to_pylist()
+    out["clip_index"][feature_of, rank_of] = [clip_index[c] for c in clip_ids]
+    inner = pc.list_flatten(rows["traces"])  # one list per example
+    lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False).astype(np.int64)
+    out["trace_len"][feature_of, rank_of] = lengths
+    out["traces"] = np.zeros((n_features, k, int(lengths.max(initial=0))), np.float16)
+    samples = pc.list_flatten(inner).to_numpy(zero_copy_only=False)
+    frame_of = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out["traces"][np.repeat(feature_of, lengths), np.repeat(rank_of, lengths), frame_of] = samples
+    return out
+
+
+def read_vectors(name: str, uri: str | None = None) -> np.ndarray:
+    """A build's vectors table as [n, d] float32 in feature order (unit rows, as written)."""
+    table = connect(uri).open_table(name).to_arrow().sort_by("index")
+    column = table["vector"].combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1).astype(np.float32)

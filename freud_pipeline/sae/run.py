@@ -33,9 +33,11 @@ from freud_pipeline.features.runs import EXPERIMENT
 from freud_pipeline.sae.config import TrainConfig
 from freud_pipeline.sae.registry import QualityThresholds, check_thresholds
 from freud_pipeline.sae.retention import PARTIAL_SUFFIX, REPORT_FILE
+from freud_pipeline.sae.tracking import DatasetRecord, log_datasets
 
 log = logging.getLogger(__name__)
 
+SELECTION_TAG = "freud.selection_digest"  # the run's TrainingSelection digest (its partitions: the run's dataset)
 MAX_SPLICE_SECONDS = 30.0  # splice_eval runs one Whisper window per clip
 
 
@@ -143,6 +145,20 @@ def headline_metrics(train_metrics: Mapping, splice: Mapping) -> dict[str, float
     return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
+SELECTION_CONTEXTS = {"train": "training", "eval": "evaluation", "split": "training+evaluation"}
+
+
+def selection_inputs(selection) -> list[DatasetRecord]:
+    """A TrainingSelection as MLflow input datasets: one per partition, named <dataset>/<partition>, its shard
+    directory as the source and its shard digest as the digest; context training, evaluation, or both for a
+    partition split by clip; input tags: its use and the selection's digest."""
+    frame = selection.to_frame()
+    return [DatasetRecord(frame.iloc[[i]].reset_index(drop=True), f"{p.dataset}/{p.partition}", p.directory,
+                          p.shards_digest, SELECTION_CONTEXTS[p.use], {"freud.use": p.use,
+                                                                      SELECTION_TAG: selection.digest})
+            for i, p in enumerate(selection.partitions)]
+
+
 def _log_metrics(client, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
     from mlflow.entities import Metric
 
@@ -184,11 +200,14 @@ def run_sae(
     data_root: str | Path | None = None,
     tags: Mapping[str, str] | None = None,
     resume_from: str | Path | None = None,
+    selection=None,
 ) -> SaeRunResult:
     """Train `cfg` on the frame source `train` (evaluated on `dev`), splice it into held-out clips of
     `corpus_manifest`, gate it on `cfg`'s thresholds, register and maybe promote it, and write its report.
     The run's directory is `<runs_dir>/<run id>/` (see the module doc); `resume_from` continues a killed run
-    from one of its `checkpoints/step_*` (or a complete run directory, to extend it)."""
+    from one of its `checkpoints/step_*` (or a complete run directory, to extend it). `selection` (a
+    `sae.selection.TrainingSelection`, whose sources `train` and `dev` are) is recorded as the MLflow run's
+    input datasets (`selection_inputs`: one per partition) and its digest as the tag `freud.selection_digest`."""
     from mlflow.tracking import MlflowClient
 
     from freud_pipeline.sae.train import train_sae
@@ -199,11 +218,14 @@ def run_sae(
     if not model:
         raise ValueError("run_sae needs the Whisper model of the frames: set model_name in the config")
     client = MlflowClient(tracking_uri)
+    tags = {**(tags or {}), **({SELECTION_TAG: selection.digest} if selection is not None else {})}
     started = time.perf_counter()
     trained = train_sae(train, cfg.train_config().model_copy(update={"model_name": model}),
                         out_dir=lambda run_id: runs_dir / f"{run_id}{PARTIAL_SUFFIX}", mlflow_tracking_uri=tracking_uri,
-                        experiment=experiment, eval_source=dev, tags=dict(tags or {}), resume_from=resume_from)
+                        experiment=experiment, eval_source=dev, tags=tags, resume_from=resume_from)
     train_s = time.perf_counter() - started
+    if selection is not None:
+        log_datasets(client, trained.run_id, selection_inputs(selection))
     splice = splice_metrics(cfg, trained.sae, model, corpus_manifest, data_root)
     splice_s = time.perf_counter() - started - train_s
     headline = headline_metrics(trained.metrics, splice)

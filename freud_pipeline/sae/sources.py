@@ -1,4 +1,5 @@
-"""Frame sources for training: the protocol, an in-memory adapter, and a replayable stream.
+"""Frame sources for training: the protocol, an in-memory adapter, a replayable stream, and frames of several
+shard directories (optionally some clips of each) as one source.
 
 A frame source is anything with `random_frames(hook, batch_size, seed) -> Iterator[Tensor[batch, d]]` and
 `width(hook)` (e.g. `ActivationReader`). Exact resume relies on a source replaying the same batches for the same
@@ -87,3 +88,58 @@ class FrameStream:
                 raise ValueError(f"frame source yields no batches for hook {self.hook!r}") from None
         self.consumed += 1
         return torch.as_tensor(batch)
+
+
+class ShardFrameSource:
+    """Frames of several shard directories (ActivationReaders) as one source, each reader optionally restricted to
+    the clips `keep(clip_id)` accepts. Every epoch is one permutation of all eligible frames, drawn exactly as
+    `ActivationReader.random_frames` draws them (one unrestricted reader gives the very same batches), so the same
+    seed replays the same batches: exact resume holds."""
+
+    def __init__(self, parts):
+        """parts: (reader, keep) pairs; keep None takes every frame. Readers left with no frame are dropped."""
+        self.readers, self._rows = [], []
+        for reader, keep in parts:
+            rows = np.arange(reader.n_frames) if keep is None else _kept_rows(reader, keep)
+            if len(rows):
+                self.readers.append(reader)
+                self._rows.append(rows)
+        if not self.readers:
+            raise ValueError("no frames to draw from: every shard directory is empty or all its clips left out")
+        self._starts = np.concatenate([[0], np.cumsum([len(rows) for rows in self._rows])])
+        self.model_name = self.readers[0].spec.model
+
+    @property
+    def n_frames(self) -> int:
+        return int(self._starts[-1])
+
+    def width(self, hook: str) -> int:
+        widths = {reader.width(hook) for reader in self.readers}
+        if len(widths) > 1:
+            raise ValueError(f"hook {hook!r} has different widths in these shard directories: {sorted(widths)}")
+        return widths.pop()
+
+    def random_frames(self, hook: str, batch_size: int, seed: int = 0) -> Iterator[Tensor]:
+        width, n = self.width(hook), self.n_frames
+        batch_size = min(batch_size, n)
+        rng = np.random.default_rng(seed)
+        while True:
+            order = rng.permutation(n)
+            for start in range(0, n - batch_size + 1, batch_size):
+                chosen = np.sort(order[start : start + batch_size])
+                which = np.searchsorted(self._starts, chosen, side="right") - 1
+                out = np.empty((len(chosen), width), dtype=np.float32)
+                for r in np.unique(which):
+                    mask = which == r
+                    out[mask] = self.readers[r].frames_at(hook, self._rows[r][chosen[mask] - self._starts[r]])
+                yield torch.from_numpy(out)
+
+
+def _kept_rows(reader, keep) -> np.ndarray:
+    """Row positions of the frames of the clips `keep` accepts (clips are stored contiguously, in order)."""
+    rows, position = [], 0
+    for clip_id, frames in reader.iter_clips(reader.hooks[0]):
+        if keep(clip_id):
+            rows.append(np.arange(position, position + len(frames)))
+        position += len(frames)
+    return np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)

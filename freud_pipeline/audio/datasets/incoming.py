@@ -74,7 +74,9 @@ def write_batch(records_dir: str | Path, key: str, folder: str | Path, files: di
     records_dir.mkdir(parents=True, exist_ok=True)
     path = _record_path(records_dir, key)
     payload = {"key": key, "folder": str(Path(folder).resolve()),
-               "files": {rel: list(state) for rel, state in sorted(files.items())}}
+               "files": {rel: list(state) for rel, state in sorted(files.items())},
+               "recorded_at": (json.loads(path.read_text()).get("recorded_at") if path.is_file() else None)
+               or datetime.now(timezone.utc).isoformat(timespec="seconds")}  # a rewrite keeps the arrival time
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)
@@ -87,7 +89,11 @@ def read_batch(records_dir: str | Path, key: str) -> dict:
         raise DatasetUnavailableError(
             f"no record of incoming batch {key!r} at {path}: batches are created by the new_audio_sensor; "
             "was the data directory moved or cleaned?")
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    if "recorded_at" not in record:  # recorded before arrival times were kept: the record's own mtime
+        record["recorded_at"] = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).isoformat(
+            timespec="seconds")
+    return record
 
 
 def seen_in_batches(records_dir: str | Path, folder: str | Path, keys: list[str] | set[str]) -> dict[str, FileState]:

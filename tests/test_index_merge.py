@@ -1,0 +1,162 @@
+"""Incremental index: a set built on clips A and merged with clips B equals the set built on A+B.
+
+Real tiny.en MLP activations of recorded Asterisk prompts and Festival sentences (exact phone timings), two
+speakers so labels are held out by speaker; a real LanceDB directory per build. The SAE case encodes the same
+activations with a small random-weight TopK SAE: it checks the plumbing of an SAE set's merge (latents, no bottom
+lists, decoder vectors carried over), not what an SAE learns.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from freud_pipeline.features import FeatureIndex
+from freud_pipeline.features import coverage as cov
+from freud_pipeline.features import store
+from freud_pipeline.features.build import build_feature_set, merge_into_feature_set
+from freud_pipeline.features.labels import heldout_split
+from freud_pipeline.features.mining import encoded_clips
+from freud_pipeline.validation import check_coverage
+import test_features
+from test_features import HOOK
+
+corpus = test_features.corpus  # the module-scoped fixture of real tiny.en activations, reused here
+
+TOP_K = 8
+LABEL_FIELDS = ("label", "label_kind", "label_precision", "label_recall", "label_lift", "label_p_value",
+                "label_base_rate", "label_n_peaks", "label_heldout_precision", "label_heldout_n", "label_reason",
+                "word_label", "word_precision")
+STAT_FIELDS = ("density", "mean", "max", "min", "quantiles")
+
+
+@pytest.fixture(scope="module")
+def halves(corpus):
+    """A: the first half of each source's clips, B: the rest (the order a merge sees them in: A, then B)."""
+    manifest = corpus["manifest"].assign(speaker=lambda m: np.where(m["source"] == "asterisk", "allison", "slt"))
+    ids = list(corpus["acts"])
+    a = [c for i, c in enumerate(ids) if i % 2 == 0]
+    b = [c for i, c in enumerate(ids) if i % 2 == 1]
+    aligned_a = sorted(set(corpus["alignments"]["clip_id"]) & set(a))
+    split = heldout_split(aligned_a, manifest)[1]
+    return {"manifest": manifest, "a": a, "b": b, "split": split}
+
+
+def _clips(corpus, ids, encode=None):
+    clips = ((c, corpus["acts"][c]) for c in ids)
+    return encoded_clips(clips, encode) if encode else clips
+
+
+def _build(corpus, halves, uri, ids, kind="neuron", encode=None, decoder=None, set_id="s"):
+    manifest = halves["manifest"][halves["manifest"]["clip_id"].isin(ids)]
+    return build_feature_set(
+        _clips(corpus, ids, encode), set_id=set_id, model="tiny.en", hook=HOOK, kind=kind, manifest_df=manifest,
+        alignments_df=corpus["alignments"][corpus["alignments"]["clip_id"].isin(ids)], index_uri=uri,
+        top_k=TOP_K, label_split=halves["split"], decoder=decoder,
+        coverage=cov.extended(None, [cov.partition_entry("corpus", "A" if ids[0] in halves["a"] else "AB",
+                                                         len(ids), sum(len(corpus["acts"][c]) for c in ids))]))
+
+
+def _merge(corpus, halves, uri, ids, encode=None, set_id="s"):
+    manifest = halves["manifest"][halves["manifest"]["clip_id"].isin(ids)]
+    return merge_into_feature_set(
+        _clips(corpus, ids, encode), set_id=set_id, manifest_df=manifest,
+        alignments_df=corpus["alignments"][corpus["alignments"]["clip_id"].isin(ids)], index_uri=uri,
+        coverage_entries=[cov.partition_entry("corpus", "B", len(ids), sum(len(corpus["acts"][c]) for c in ids))])
+
+
+def _assert_same_set(merged: FeatureIndex, rebuilt: FeatureIndex, set_id: str, n_features: int, signs=("+", "-")):
+    a, b = ({s["set_id"]: s for s in index.sets()}[set_id] for index in (merged, rebuilt))
+    assert a["n_clips"] == b["n_clips"] and a["n_frames"] == b["n_frames"]
+    assert a["label_summary"] == b["label_summary"]
+    for index in range(n_features):
+        fa, fb = merged.feature(set_id, index, histogram=True), rebuilt.feature(set_id, index, histogram=True)
+        for name in STAT_FIELDS:  # sums in another order: float32 rounding at most
+            va, vb = (f["density"] if name == "density" else f["stats"][name] for f in (fa, fb))
+            if isinstance(va, dict):
+                assert va.keys() == vb.keys()
+                va, vb = list(va.values()), list(vb.values())
+            np.testing.assert_allclose(np.asarray(va, float), np.asarray(vb, float), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"feature {index} {name}")
+        assert fa["histogram"] == fb["histogram"], index  # counts of per-clip maxima: exact
+        for name in LABEL_FIELDS:
+            assert fa.get(name) == fb.get(name) or (fa.get(name) != fa.get(name) and fb.get(name) != fb.get(name)), \
+                (index, name, fa.get(name), fb.get(name))
+        for negative in ([False, True] if "-" in signs else [False]):
+            ea = merged.top_examples(set_id, index, n=TOP_K, negative=negative)
+            eb = rebuilt.top_examples(set_id, index, n=TOP_K, negative=negative)
+            assert [(e["clip_id"], e["value"], e["peak_time_s"]) for e in ea] == \
+                   [(e["clip_id"], e["value"], e["peak_time_s"]) for e in eb], (index, negative)
+            for x, y in zip(ea, eb):
+                np.testing.assert_array_equal(np.asarray(x["trace"]), np.asarray(y["trace"]))
+
+
+def test_neuron_set_built_on_a_then_merged_with_b_equals_the_set_built_on_a_and_b(corpus, halves, tmp_path):
+    merged_uri, rebuilt_uri = str(tmp_path / "merged" / "lancedb"), str(tmp_path / "rebuilt" / "lancedb")
+    _build(corpus, halves, merged_uri, halves["a"])
+    summary = _merge(corpus, halves, merged_uri, halves["b"])
+    assert summary["merged"] and summary["n_new_clips"] == len(halves["b"])
+    _build(corpus, halves, rebuilt_uri, halves["a"] + halves["b"])
+    merged, rebuilt = FeatureIndex(merged_uri), FeatureIndex(rebuilt_uri)
+    _assert_same_set(merged, rebuilt, "s", 1536)
+    # Similarity (random-projection signatures, per-clip draws): the same neighbours.
+    for index in (0, 7, 100):
+        assert [n["index"] for n in merged.similar_features("s", index, n=5)] == \
+               [n["index"] for n in rebuilt.similar_features("s", index, n=5)]
+    # Coverage records both parts; the merged set passes its consistency check; B's clips are searchable.
+    info = {s["set_id"]: s for s in merged.sets()}["s"]
+    assert [p["partition"] for p in info["coverage"]["partitions"]] == ["A", "B"]
+    assert info["coverage"]["n_clips"] == len(corpus["acts"]) == info["n_clips"]
+    outcome = check_coverage(merged_uri, "s")
+    assert outcome.passed, outcome.problems
+    b_transcript = halves["manifest"].set_index("clip_id").loc[halves["b"][0], "transcript"]
+    assert halves["b"][0] in {c["clip_id"] for c in merged.search_clips(b_transcript.split()[0])}
+
+
+def test_merging_the_same_clips_again_changes_nothing(corpus, halves, tmp_path):
+    uri = str(tmp_path / "lancedb")
+    _build(corpus, halves, uri, halves["a"])
+    first = _merge(corpus, halves, uri, halves["b"])
+    again = _merge(corpus, halves, uri, halves["b"])
+    assert not again["merged"] and again["n_skipped_clips"] == len(halves["b"])
+    assert store.current_set("s", uri)["build_id"] == first["build_id"]
+    assert check_coverage(uri, "s").passed
+
+
+def test_sae_set_merge_equals_rebuild(corpus, halves, tmp_path):
+    from freud_pipeline.features.build import decoder_directions
+    from freud_pipeline.sae import TopKSAE
+
+    torch.manual_seed(0)
+    sae = TopKSAE(1536, 256, k=16).eval()  # random weights: plumbing only
+
+    def encode(acts):
+        with torch.inference_mode():
+            return sae.encode(torch.from_numpy(acts)).numpy()
+
+    decoder = decoder_directions(sae)
+    merged_uri, rebuilt_uri = str(tmp_path / "m" / "lancedb"), str(tmp_path / "r" / "lancedb")
+    _build(corpus, halves, merged_uri, halves["a"], kind="sae", encode=encode, decoder=decoder, set_id="sae")
+    _merge(corpus, halves, merged_uri, halves["b"], encode=encode, set_id="sae")
+    _build(corpus, halves, rebuilt_uri, halves["a"] + halves["b"], kind="sae", encode=encode, decoder=decoder,
+           set_id="sae")
+    merged, rebuilt = FeatureIndex(merged_uri), FeatureIndex(rebuilt_uri)
+    _assert_same_set(merged, rebuilt, "sae", 256, signs=("+",))
+    for index in (0, 5):  # decoder directions carried over from the old build
+        assert [n["index"] for n in merged.similar_features("sae", index, n=5)] == \
+               [n["index"] for n in rebuilt.similar_features("sae", index, n=5)]
+
+
+def test_a_changed_merge_state_is_refused(corpus, halves, tmp_path):
+    uri = str(tmp_path / "lancedb")
+    _build(corpus, halves, uri, halves["a"])
+    row = store.current_set("s", uri)
+    with open(row["merge_state"], "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(store.StateError, match="does not match its recorded sha256"):
+        _merge(corpus, halves, uri, halves["b"])
+    assert store.current_set("s", uri)["build_id"] == row["build_id"]  # nothing written
+    assert json.loads(row["coverage"])["partitions"][0]["partition"] == "A"
