@@ -630,7 +630,7 @@ def _post(url: str, body: bytes, query: str = "") -> tuple[float, dict]:
 
 
 def _long_clip(clip_dir) -> np.ndarray:
-    """All eight prompts back to back, twice (about 30 s of real speech): an edit of it decodes many tokens."""
+    """The prompts back to back, twice, cut at 30 s of real speech: an edit of it decodes many tokens."""
     from freud_pipeline.audio.decode import load_audio
 
     parts = [load_audio(clip_dir / "clips" / f"{name}.wav") for name in PROMPTS]

@@ -235,7 +235,9 @@ def test_files_dropped_in_the_watched_folder_become_searchable_clips_of_the_inde
     # The app's search page shows it as the top example of such a neuron, with its provenance.
     from dash_app import create_app
 
-    app = create_app(index, data_dir=str(tmp_path))
+    from freud_pipeline.settings import data_dir
+
+    app = create_app(index, data_dir=str(data_dir()))
     client = app.server.test_client()
     deps = client.get("/_dash-dependencies").get_json()
     body = _payload(_callback(deps, "search-results.children"),

@@ -200,9 +200,9 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
     )
     words, provenance = None, None
     try:
-        spectrogram = access.clip_spectrogram(clip_id)
         row = access.clip_row(clip_id)
         provenance = provenance_line(row)
+        spectrogram = access.clip_spectrogram(clip_id)
         words = row.get("words") if isinstance(row.get("words"), list) else None
         # frames, for long clips whose stored trace is a window around the peak
         offset = int(ex.get("trace_offset_frame", ex.get("trace_offset")) or 0)

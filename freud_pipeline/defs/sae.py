@@ -141,8 +141,10 @@ def _metadata(result: SaeRunResult, selection: TrainingSelection) -> dict:
 
 
 @dg.asset(group_name="sae", kinds={"pytorch", "mlflow"}, pool="model",
+          deps=["incoming_activations"],  # lineage: it also trains on every collected batch (include_incoming)
           description="A sparse autoencoder on the residual stream, evaluated on held-out frames and clips; its run "
-                      "and checkpoint in MLflow, registered as freud-sae.<model>.<hook>.<architecture>.")
+                      "and checkpoint in MLflow, registered as freud-sae.<model>.<hook>.<architecture>. Trains on the "
+                      "default corpus and every incoming batch collected so far.")
 def topk_sae(context: dg.AssetExecutionContext, config: SaeAssetConfig, storage: FreudStorage, mlflow: MlflowTracking,
              activations: dict, default_corpus: dict) -> dict:
     model, selection = training_selection(config, storage, activations)
