@@ -461,10 +461,13 @@ def read_ranked_examples(build_id: str, sign: str, n_features: int, k: int, clip
     inner = pc.list_flatten(rows["traces"])  # one list per example
     lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False).astype(np.int64)
     out["trace_len"][feature_of, rank_of] = lengths
-    out["traces"] = np.zeros((n_features, k, int(lengths.max(initial=0))), np.float16)
-    samples = pc.list_flatten(inner).to_numpy(zero_copy_only=False)
-    frame_of = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out["traces"][np.repeat(feature_of, lengths), np.repeat(rank_of, lengths), frame_of] = samples
+    width = int(lengths.max(initial=0))
+    out["traces"] = np.zeros((n_features, k, width), np.float16)
+    # The examples' samples lie back to back in row order: a row-major boolean mask of [example, frame < length]
+    # places them without per-sample index arrays.
+    padded = np.zeros((len(lengths), width), np.float16)
+    padded[np.arange(width)[None, :] < lengths[:, None]] = pc.list_flatten(inner).to_numpy(zero_copy_only=False)
+    out["traces"][feature_of, rank_of] = padded
     return out
 
 
