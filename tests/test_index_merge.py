@@ -116,6 +116,20 @@ def test_neuron_set_built_on_a_then_merged_with_b_equals_the_set_built_on_a_and_
     assert halves["b"][0] in {c["clip_id"] for c in merged.search_clips(b_transcript.split()[0])}
 
 
+def test_freud_sets_shows_what_a_set_covers(corpus, halves, tmp_path, capsys):
+    from freud_pipeline.cli import main
+
+    uri = str(tmp_path / "lancedb")
+    _build(corpus, halves, uri, halves["a"])
+    _merge(corpus, halves, uri, halves["b"])
+    assert main(["sets", "--index-uri", uri, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["coverage"]["n_clips"] == len(corpus["acts"]) and row["coverage"]["updated_at"]
+    assert [p["partition"] for p in row["coverage"]["partitions"]] == ["A", "B"]
+    assert main(["sets", "--index-uri", uri]) == 0
+    assert "corpus (" in capsys.readouterr().out  # the "covers" column
+
+
 def test_merging_the_same_clips_again_changes_nothing(corpus, halves, tmp_path):
     uri = str(tmp_path / "lancedb")
     _build(corpus, halves, uri, halves["a"])
