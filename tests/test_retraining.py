@@ -212,3 +212,23 @@ def test_shard_frame_source_replays_exactly_and_matches_a_single_reader(world):
     single = ShardFrameSource([(reader, None)])
     for a, b, _ in zip(single.random_frames(HOOK, 48, seed=3), reader.random_frames(HOOK, 48, seed=3), range(6)):
         assert torch.equal(a, b)
+
+
+def test_a_batch_whose_shards_fail_their_check_reaches_neither_training_nor_the_index(world):
+    """NaN in a batch's shards (what the blocking shards_valid check catches): the batch is left out of the
+    training selection and of the index's sources, the others stay."""
+    import shutil
+
+    from freud_pipeline.sae.selection import incoming_batches
+    from test_operations import _inject_nan
+
+    good = activations_dir(world["root"], "tiny.en", INCOMING_DATASET, "20250101T000000-aaaa")
+    bad = activations_dir(world["root"], "tiny.en", INCOMING_DATASET, "20250115T000000-nan0")
+    shutil.copytree(good, bad)
+    try:
+        _inject_nan(bad)
+        keys = [key for key, _ in incoming_batches(world["root"], "tiny.en")]
+        assert "20250101T000000-aaaa" in keys and "20250115T000000-nan0" not in keys
+        assert all(p.partition != "20250115T000000-nan0" for p in _selection(world).partitions)
+    finally:
+        shutil.rmtree(bad)

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from freud_pipeline.activations.writer import MANIFEST
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "default_corpus"
 INCOMING_DATASET = "incoming_audio"  # the dynamic partitions of defs/incoming.py, one per batch
@@ -112,8 +115,13 @@ class TrainingSelection:
 
 
 def incoming_batches(data_root: str | Path, model: str, hook: str | None = None) -> list[tuple[str, Path]]:
-    """(batch key, shard directory) of every incoming batch whose activations for `model` are complete and hold
-    frames (of `hook`, when given), in key order (keys begin with the batch's time)."""
+    """(batch key, shard directory) of every incoming batch whose activations for `model` are complete, hold
+    frames (of `hook`, when given) and pass the shard check (`validation.check_shards`, the blocking check of
+    `incoming_activations`: a batch with NaN/Inf or broken shards must reach neither training nor the index), in
+    key order (keys begin with the batch's time). A batch left out is logged with the check's verdict."""
+    from freud_pipeline.audio.datasets import load_manifest
+    from freud_pipeline.validation import check_shards
+
     base = activations_dir(data_root, model, INCOMING_DATASET)
     found = []
     for directory in sorted(base.iterdir()) if base.is_dir() else []:
@@ -121,6 +129,12 @@ def incoming_batches(data_root: str | Path, model: str, hook: str | None = None)
         if not manifest or not manifest.get("complete") or not manifest.get("n_frames"):
             continue
         if hook is not None and hook not in (manifest.get("spec") or {}).get("hooks", []):
+            continue
+        rows_path = Path(data_root) / "datasets" / INCOMING_DATASET / directory.name / "manifest.parquet"
+        outcome = check_shards(directory, load_manifest(rows_path) if rows_path.is_file() else None)
+        if not outcome.passed:
+            log.warning("incoming batch %s left out: its shards fail their check (%s)", directory.name,
+                        outcome.description)
             continue
         found.append((directory.name, directory))
     return found
