@@ -195,11 +195,15 @@ def test_files_dropped_in_the_watched_folder_become_searchable_clips_of_the_inde
     index = FeatureIndex(uri)
     before = {s["set_id"]: s for s in index.sets()}
     corpus = pd.read_parquet(output(results, "default_corpus")["manifest_path"])
-    prompt = next(p for p in ("vm-goodbye", "vm-nobodyavail", "auth-incorrect", "vm-theperson")
-                  if not corpus["clip_id"].str.contains(p).any())
+    # A prompt no other test puts into the shared data directory (an identical clip would tie with it).
+    prompt, text, word = next(p for p in (("conf-placeintoconf", "you will now be placed into the conference",
+                                           "conference"),
+                                          ("vm-nobodyavail", "nobody is available to take your call at the moment",
+                                           "nobody"))
+                              if not corpus["clip_id"].str.contains(p[0]).any())
     folder = tmp_path / "watched"
     write_wav(folder / "planted.wav", asterisk_audio(prompt))
-    (folder / "planted.txt").write_text(prompt.split("-", 1)[1].replace("nobodyavail", "nobody available") + "\n")
+    (folder / "planted.txt").write_text(text + "\n")
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     key = _sensor_batch(instance, folder, monkeypatch)
     old_top = np.array([index.top_examples(set_id, i, n=1)[0]["value"] for i in range(1536)])
@@ -222,7 +226,7 @@ def test_files_dropped_in_the_watched_folder_become_searchable_clips_of_the_inde
         assert any(p["dataset"] == "incoming_audio" and p["partition"] == key for p in parts)
     # The clip, by its words, with where it came from.
     (clip_id,) = ActivationReader(run.output_for_node("incoming_activations")["directory"]).clip_ids()
-    found = {c["clip_id"]: c for c in index.search_clips("goodbye" if "goodbye" in prompt else prompt.split("-")[-1])}
+    found = {c["clip_id"]: c for c in index.search_clips(word)}
     assert clip_id in found and found[clip_id]["batch"] == key and found[clip_id]["arrived_at"]
     # Every neuron the new clip beats now has it as its top example; the others keep theirs.
     peaks = dict(ActivationReader(run.output_for_node("incoming_activations")["directory"])
