@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from freud_pipeline.activations.writer import MANIFEST
+from freud_pipeline.features.labels import clip_heldout
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,8 @@ INCOMING_DATASET = "incoming_audio"  # the dynamic partitions of defs/incoming.p
 USES = ("train", "eval", "split")  # split: train on its clips, except the held-out ones (evaluation)
 
 
-def heldout_clip(clip_id: str) -> bool:
-    """An incoming clip is held out (evaluation only) when the first byte of sha1(clip_id) is odd."""
-    return hashlib.sha1(str(clip_id).encode()).digest()[0] % 2 == 1
+# An incoming clip is held out (evaluation only) by the rule the labels use: the first byte of sha1(clip_id) odd.
+heldout_clip = clip_heldout
 
 
 def activations_dir(data_root: str | Path, model: str, dataset: str, partition: str = "") -> Path:
