@@ -91,8 +91,12 @@ class ExampleLists:
     def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Features [start, stop) with every array put in rank order."""
         order = self.order[start:stop]
-        take = lambda a: np.take_along_axis(a[start:stop], order, axis=1)  # noqa: E731
-        traces = np.take_along_axis(np.asarray(self.traces[start:stop]), order[:, :, None], axis=1)
+        if (order == np.arange(order.shape[1])).all():  # already ranked (lists read back): copies, no gather
+            take = lambda a: np.array(a[start:stop])  # noqa: E731
+            traces = np.array(self.traces[start:stop])
+        else:
+            take = lambda a: np.take_along_axis(a[start:stop], order, axis=1)  # noqa: E731
+            traces = np.take_along_axis(np.asarray(self.traces[start:stop]), order[:, :, None], axis=1)
         return {
             "values": take(self.values),
             "clip_index": take(self.clip_index),
