@@ -25,7 +25,7 @@ from freud_pipeline.features import coverage as cov
 from freud_pipeline.features.build import build_feature_set, decoder_directions, merge_into_feature_set
 from freud_pipeline.features.labels import heldout_split
 from freud_pipeline.features.mining import encoded_clips
-from freud_pipeline.sae.selection import incoming_batches
+from freud_pipeline.sae.selection import incoming_batch, incoming_batches
 
 GROUP = "features"
 
@@ -72,7 +72,7 @@ def incoming_source(storage: FreudStorage, key: str, model: str, directory: Path
     """Batch `key` of the watched folder, when its activations for `model` are complete and hold frames; else None
     (every file of the batch was unreadable, or it has not been collected)."""
     if directory is None:
-        directory = dict(incoming_batches(storage.root, model)).get(key)
+        directory = incoming_batch(storage.root, model, key)  # this batch only: no other batch is re-checked
     manifest_path = storage.root / "datasets" / INCOMING / key / "manifest.parquet"
     if directory is None or not manifest_path.is_file():
         return None

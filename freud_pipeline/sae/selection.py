@@ -114,30 +114,34 @@ class TrainingSelection:
         return self._source(("eval", "split"))
 
 
-def incoming_batches(data_root: str | Path, model: str, hook: str | None = None) -> list[tuple[str, Path]]:
-    """(batch key, shard directory) of every incoming batch whose activations for `model` are complete, hold
-    frames (of `hook`, when given) and pass the shard check (`validation.check_shards`, the blocking check of
-    `incoming_activations`: a batch with NaN/Inf or broken shards must reach neither training nor the index), in
-    key order (keys begin with the batch's time). A batch left out is logged with the check's verdict."""
+def incoming_batch(data_root: str | Path, model: str, key: str, hook: str | None = None) -> Path | None:
+    """The shard directory of incoming batch `key` when its activations for `model` are complete, hold frames (of
+    `hook`, when given) and pass the shard check (`validation.check_shards`, the blocking check of
+    `incoming_activations`: a batch with NaN/Inf or broken shards must reach neither training nor the index);
+    else None (a batch left out for its shards is logged with the check's verdict)."""
     from freud_pipeline.audio.datasets import load_manifest
     from freud_pipeline.validation import check_shards
 
+    directory = activations_dir(data_root, model, INCOMING_DATASET, key)
+    manifest = _read_manifest(directory) if directory.is_dir() else None
+    if not manifest or not manifest.get("complete") or not manifest.get("n_frames"):
+        return None
+    if hook is not None and hook not in (manifest.get("spec") or {}).get("hooks", []):
+        return None
+    rows_path = Path(data_root) / "datasets" / INCOMING_DATASET / key / "manifest.parquet"
+    outcome = check_shards(directory, load_manifest(rows_path) if rows_path.is_file() else None)
+    if not outcome.passed:
+        log.warning("incoming batch %s left out: its shards fail their check (%s)", key, outcome.description)
+        return None
+    return directory
+
+
+def incoming_batches(data_root: str | Path, model: str, hook: str | None = None) -> list[tuple[str, Path]]:
+    """(batch key, shard directory) of every usable incoming batch (`incoming_batch`), in key order (keys begin
+    with the batch's time)."""
     base = activations_dir(data_root, model, INCOMING_DATASET)
-    found = []
-    for directory in sorted(base.iterdir()) if base.is_dir() else []:
-        manifest = _read_manifest(directory)
-        if not manifest or not manifest.get("complete") or not manifest.get("n_frames"):
-            continue
-        if hook is not None and hook not in (manifest.get("spec") or {}).get("hooks", []):
-            continue
-        rows_path = Path(data_root) / "datasets" / INCOMING_DATASET / directory.name / "manifest.parquet"
-        outcome = check_shards(directory, load_manifest(rows_path) if rows_path.is_file() else None)
-        if not outcome.passed:
-            log.warning("incoming batch %s left out: its shards fail their check (%s)", directory.name,
-                        outcome.description)
-            continue
-        found.append((directory.name, directory))
-    return found
+    keys = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    return [(key, directory) for key in keys if (directory := incoming_batch(data_root, model, key, hook))]
 
 
 def default_selection(data_root: str | Path, model: str, activations_dirs: dict, *, train_split: str = "train",
