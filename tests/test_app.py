@@ -461,9 +461,12 @@ def test_upload_wav_shows_top_features(dash_duo, feature_index, upload_wav):
     dash_duo.wait_for_contains_text("#upload-feature-link", f"feature {third}", timeout=30)
     from dash.testing.wait import until
 
-    # the link and the figure patch come in one response, but Plotly redraws the figure asynchronously
+    # the link and the figure patch come in one response, but Plotly redraws the figure asynchronously (and, on a
+    # loaded machine, late: it once missed 30 s in a full run); the overlay is the trace named after the feature
     until(lambda: dash_duo.driver.execute_script(
-        "return document.querySelector('#upload-graph .js-plotly-plot').data[2].name;") == f"feature {third}", 30)
+        "var want = arguments[0], gd = document.querySelector('#upload-graph .js-plotly-plot');"
+        "return !!gd && (gd.data || []).some(function (d) { return d.name === want; });",
+        f"feature {third}"), 90)
     assert f"index={third}" in dash_duo.find_element("#upload-search-link").get_attribute("href")
     _see(dash_duo, "upload-top-features", "#upload-graph", "#upload-bars", "#upload-player")
 
