@@ -266,6 +266,25 @@ def _see(dash_duo, name: str, *expected: str, timeout: float = 15.0, settle: flo
     return seen["items"]
 
 
+def _click_still(dash_duo, selector: str, position: int, settle: float = 1.0, timeout: float = 30.0) -> None:
+    """Click the `position`-th element of `selector` where a user would (its centre, through whatever Plotly
+    layer lies on top), once its place on the page has not changed for `settle` seconds."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    rect_js = ("var e = document.querySelectorAll(arguments[0])[arguments[1]];"
+               "if (!e) return null; var r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height];")
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        rect = dash_duo.driver.execute_script(rect_js, selector, position)
+        if rect != last:
+            last, since = rect, time.monotonic()
+        elif rect is not None and time.monotonic() - since >= settle:
+            break
+        time.sleep(0.2)
+    element = dash_duo.find_elements(selector)[position]
+    ActionChains(dash_duo.driver).move_to_element(element).click().perform()
+
+
 def _app(feature_index, **kwargs):
     from dash_app import create_app
 
@@ -453,20 +472,24 @@ def test_upload_wav_shows_top_features(dash_duo, feature_index, upload_wav):
     # clicking a bar overlays that feature's trace and links to its search page
     third = dash_duo.driver.execute_script(
         "return document.querySelector('#upload-bars .js-plotly-plot').data[0].x[2];")
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    # Plotly's drag layer sits on top of the bars: click at the bar's position, as a user would
-    bar = dash_duo.find_elements("#upload-bars .bars .point")[2]
-    ActionChains(dash_duo.driver).move_to_element(bar).click().perform()
-    dash_duo.wait_for_contains_text("#upload-feature-link", f"feature {third}", timeout=30)
+    # Plotly's drag layer sits on top of the bars: click at the bar's position, as a user would, once the bars
+    # stand still (a resize or redraw moving them between finding a bar and clicking it made the click land on a
+    # neighbour: the loose check of the link's text then passed for feature 12 when 1 was meant)
+    _click_still(dash_duo, "#upload-bars .bars .point", 2)
     from dash.testing.wait import until
 
-    # the link and the figure patch come in one response, but Plotly redraws the figure asynchronously (and, on a
-    # loaded machine, late: it once missed 30 s in a full run); the overlay is the trace named after the feature
+    deadline = time.monotonic() + 30
+    while dash_duo.find_element("#upload-feature-link strong").text != str(third) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shown = dash_duo.find_element("#upload-feature-link").text
+    assert dash_duo.find_element("#upload-feature-link strong").text == str(third), \
+        f"clicked the bar of feature {third}; the link shows {shown!r}"
+    # the link and the figure patch come in one response, but Plotly redraws the figure asynchronously; the
+    # overlay is the trace named after the feature
     until(lambda: dash_duo.driver.execute_script(
         "var want = arguments[0], gd = document.querySelector('#upload-graph .js-plotly-plot');"
         "return !!gd && (gd.data || []).some(function (d) { return d.name === want; });",
-        f"feature {third}"), 90)
+        f"feature {third}"), 60)
     assert f"index={third}" in dash_duo.find_element("#upload-search-link").get_attribute("href")
     _see(dash_duo, "upload-top-features", "#upload-graph", "#upload-bars", "#upload-player")
 
