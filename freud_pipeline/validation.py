@@ -257,7 +257,7 @@ def check_feature_set(index_uri: str, set_id: str, expected_n_features: int | No
     n_feature_rows = db.open_table(store.FEATURES).count_rows(build)
     if n_feature_rows != n:
         problems.append(f"{n_feature_rows} rows in {store.FEATURES} for build {row['build_id']}, expected {n}")
-    n_example_rows = db.open_table(store.EXAMPLES).count_rows(build) if store.EXAMPLES in tables else 0
+    n_example_rows = store.example_rows(row, columns=["feature"], db=db).num_rows if store.EXAMPLES in tables else 0
     if not 0 < n_example_rows <= 2 * n:
         problems.append(f"{n_example_rows} rows in {store.EXAMPLES}, expected 1..{2 * n}")
     vectors = row.get("vectors_table")
@@ -300,8 +300,7 @@ def check_coverage(index_uri: str, set_id: str) -> CheckOutcome:
     if len(set(counts.values())) != 1:
         problems.append(f"clip counts disagree: {counts}")
     db = store.connect(index_uri)
-    examples = (db.open_table(store.EXAMPLES).search().where(f"build_id = {store.sql_str(row['build_id'])}")
-                .select(["clip_ids"]).limit(None).to_arrow())
+    examples = store.example_rows(row, columns=["clip_ids"], db=db)
     named = set(pc.list_flatten(examples["clip_ids"]).unique().to_pylist()) if examples.num_rows else set()
     known = (set(db.open_table(store.CLIPS).search().select(["clip_id"]).limit(None).to_arrow()["clip_id"]
                  .to_pylist()) if store.CLIPS in store.table_names(db) else set())

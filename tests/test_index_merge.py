@@ -60,12 +60,13 @@ def _build(corpus, halves, uri, ids, kind="neuron", encode=None, decoder=None, s
                                                          len(ids), sum(len(corpus["acts"][c]) for c in ids))]))
 
 
-def _merge(corpus, halves, uri, ids, encode=None, set_id="s"):
+def _merge(corpus, halves, uri, ids, encode=None, set_id="s", partition="B"):
     manifest = halves["manifest"][halves["manifest"]["clip_id"].isin(ids)]
     return merge_into_feature_set(
         _clips(corpus, ids, encode), set_id=set_id, manifest_df=manifest,
         alignments_df=corpus["alignments"][corpus["alignments"]["clip_id"].isin(ids)], index_uri=uri,
-        coverage_entries=[cov.partition_entry("corpus", "B", len(ids), sum(len(corpus["acts"][c]) for c in ids))])
+        coverage_entries=[cov.partition_entry("corpus", partition, len(ids),
+                                              sum(len(corpus["acts"][c]) for c in ids))])
 
 
 def _assert_same_set(merged: FeatureIndex, rebuilt: FeatureIndex, set_id: str, n_features: int, signs=("+", "-")):
@@ -174,3 +175,38 @@ def test_a_changed_merge_state_is_refused(corpus, halves, tmp_path):
         _merge(corpus, halves, uri, halves["b"])
     assert store.current_set("s", uri)["build_id"] == row["build_id"]  # nothing written
     assert json.loads(row["coverage"])["partitions"][0]["partition"] == "A"
+
+
+def test_many_small_merges_carry_unchanged_examples_over_and_equal_the_rebuild(corpus, halves, tmp_path):
+    """B merged a few clips at a time: each merge writes example rows only for the features whose lists took a
+    new clip and reads the others' rows from the builds before (`example_builds`), until the chain is full and a
+    merge rewrites every row. After each merge the set equals the build of the clips so far."""
+    merged_uri = str(tmp_path / "m" / "lancedb")
+    _build(corpus, halves, merged_uri, halves["a"])
+    pieces = [list(p) for p in np.array_split(np.array(halves["b"], dtype=object), store.MAX_EXAMPLE_BUILDS + 1)]
+    chains, changed = [], []
+    for i, piece in enumerate(pieces):
+        summary = _merge(corpus, halves, merged_uri, piece, partition=f"B{i}")
+        changed.append(summary["n_changed_features"])
+        row = store.current_set("s", merged_uri)
+        chains.append(store.example_builds(row))
+        assert len(chains[-1]) <= store.MAX_EXAMPLE_BUILDS
+        assert check_coverage(merged_uri, "s").passed
+        from freud_pipeline.validation import check_feature_set
+
+        assert check_feature_set(merged_uri, "s", 1536).passed, check_feature_set(merged_uri, "s", 1536).problems
+        if i in (0, len(pieces) - 1):  # equal to the rebuild of the clips so far, rows carried over or not
+            so_far = halves["a"] + [c for p in pieces[: i + 1] for c in p]
+            rebuilt_uri = str(tmp_path / f"r{i}" / "lancedb")
+            _build(corpus, halves, rebuilt_uri, so_far)
+            _assert_same_set(FeatureIndex(merged_uri), FeatureIndex(rebuilt_uri), "s", 1536)
+    assert any(0 < c < 1536 for c in changed[:-1]), changed  # some merges rewrote a minority of the features
+    assert [len(c) for c in chains[: store.MAX_EXAMPLE_BUILDS - 1]] == list(range(2, store.MAX_EXAMPLE_BUILDS + 1))
+    full = store.MAX_EXAMPLE_BUILDS - 1  # the merge that found the chain full rewrote every row and began anew
+    assert len(chains[full]) == 1 and changed[full] == 1536 and len(chains[-1]) == 2
+    # Retired builds leave nothing behind but what the kept builds read
+    db = store.connect(merged_uri)
+    stored = set(db.open_table(store.EXAMPLES).search().where("set_id = 's'").select(["build_id"]).limit(None)
+                 .to_pandas()["build_id"])
+    previous = row["previous_builds"][0]
+    assert stored == {*chains[-1], *chains[-2]} and previous in chains[-2]

@@ -23,8 +23,8 @@ from freud_pipeline.errors import FreudError
 from freud_pipeline.features import store
 from freud_pipeline.features import coverage as cov
 from freud_pipeline.features.labels import LabelCollector
-from freud_pipeline.features.mining import (ExampleLists, MiningError, MiningResult, MiningState, merge_mining,
-                                            mine_features, result_from_state)
+from freud_pipeline.features.mining import (ExampleLists, MiningError, MiningResult, MiningState, merge_lists,
+                                            merge_mining, mine_features, result_from_state)
 from freud_pipeline.frames import frame_loudness_db
 
 log = logging.getLogger(__name__)
@@ -166,24 +166,57 @@ def decoder_directions(sae, batch: int = 2048) -> np.ndarray:
 
 
 
+_LIST_FIELDS = ("values", "clip_index", "peak_frame", "trace_offset", "trace_len")
+
+
 def _state_arrays(mining: MiningResult, collector: LabelCollector | None) -> dict[str, np.ndarray]:
+    """What a later merge continues from: the miner's accumulators, its ranked lists without traces (which features
+    a new clip changes is decided on them; only those features' traces are read back) and the label collector's."""
     arrays = {f"mining.{k}": v for k, v in mining.state.to_arrays().items()}
+    for sign, lists in (("+", mining.top), ("-", mining.bottom)):
+        rows = lists.rows(0, mining.n_features, traces=False)
+        arrays.update({f"lists.{sign}.{k}": rows[k] for k in _LIST_FIELDS})
     if collector is not None:
         arrays.update({f"labels.{k}": v for k, v in collector.state().items()})
     return arrays
 
 
-def _stored_mining(row: dict[str, Any], arrays: dict[str, np.ndarray], index_uri: str | None) -> MiningResult:
-    """The current build of a set as a MiningResult: its saved state and its stored examples."""
+def _stored_mining(row: dict[str, Any], arrays: dict[str, np.ndarray],
+                   index_uri: str | None) -> tuple[MiningResult, bool]:
+    """The current build of a set as a MiningResult: its saved state and ranked lists, without traces when the
+    state holds the lists (second value True), else read back whole from the examples (states saved before)."""
     state = MiningState.from_arrays({k.removeprefix("mining."): v for k, v in arrays.items()
                                      if k.startswith("mining.")})
+    if all(f"lists.{sign}.values" in arrays for sign in store.SIGNS):
+        def lists(sign: str) -> ExampleLists:
+            fields = {k: arrays[f"lists.{sign}.{k}"] for k in _LIST_FIELDS}
+            return ExampleLists.ranked(**fields, traces=np.zeros((*fields["values"].shape, 0), np.float16))
+
+        return result_from_state(state, lists("+"), lists("-")), True
     position = {clip: i for i, clip in enumerate(state.clip_ids)}
 
-    def lists(sign: str, k: int) -> ExampleLists:
-        return ExampleLists.ranked(**store.read_ranked_examples(row["build_id"], sign, state.n_features, k,
-                                                                position, index_uri))
+    def read(sign: str, k: int) -> ExampleLists:
+        return ExampleLists.ranked(**store.read_ranked_examples(row, sign, k, position, uri=index_uri))
 
-    return result_from_state(state, lists("+", state.top_k), lists("-", state.bottom_k))
+    return result_from_state(state, read("+", state.top_k), read("-", state.bottom_k)), False
+
+
+def _changed_examples(row: dict[str, Any], old: MiningResult, batch: MiningResult, merged: MiningResult,
+                      index_uri: str | None, everything: bool) -> tuple[np.ndarray, ExampleLists, ExampleLists, list]:
+    """The features whose top or bottom list took one of the batch's clips (every feature with `everything`),
+    and their merged lists with traces: the stored rows of those features read back and merged with the
+    batch's. Returns (features, top, bottom, spills to clean up)."""
+    offset = old.n_clips
+    took = (merged.top.clip_index >= offset).any(axis=1) | (merged.bottom.clip_index >= offset).any(axis=1)
+    features = np.arange(merged.n_features) if everything else np.flatnonzero(took)
+    position = {clip: i for i, clip in enumerate(old.clip_ids)}
+    out, spills = [], []
+    for sign, k, lists, direction in (("+", old.top_k, batch.top, 1), ("-", old.state.bottom_k, batch.bottom, -1)):
+        stored = ExampleLists.ranked(**store.read_ranked_examples(row, sign, k, position, features, index_uri))
+        merged_lists, spill = merge_lists(stored, lists.subset(features), offset, direction, old.state.max_frames)
+        out.append(merged_lists)
+        spills.append(spill)
+    return features, out[0], out[1], spills
 
 
 def merge_into_feature_set(
@@ -209,7 +242,7 @@ def merge_into_feature_set(
         raise MiningError(f"no feature set {set_id!r} in {index_uri or store.lancedb_uri()} to merge into; build it "
                           "first")
     arrays = store.load_state(row)
-    old = _stored_mining(row, arrays, index_uri)
+    old, carry = _stored_mining(row, arrays, index_uri)
     label_state = {k.removeprefix("labels."): v for k, v in arrays.items() if k.startswith("labels.")}
     old_labels = LabelCollector.from_state(label_state) if label_state else None
     known, skipped = set(old.clip_ids), []
@@ -238,21 +271,32 @@ def merge_into_feature_set(
         old.close()
         reason = "every clip is already in the set" if skipped else "no clips with activations"
         return {**base, "n_new_clips": 0, "n_skipped_clips": len(skipped), "n_clips": old.n_clips, "reason": reason}
+    spills = []
     try:
-        merged = merge_mining(old, batch)
+        # Ranked without traces: only the features whose lists took a new clip get new example rows (with their
+        # stored rows read back), the others' rows are carried over (store: "Examples carried over"), unless the
+        # chain of builds holding them is full or the state predates the lists.
+        merged = merge_mining(old, batch, traces=False)
+        everything = not carry or len(store.example_builds(row)) >= store.MAX_EXAMPLE_BUILDS
+        changed, top, bottom, spills = _changed_examples(row, old, batch, merged, index_uri, everything)
         labels_state = old_labels.merge(collector) if collector is not None else old_labels
         labels = labels_state.result() if labels_state is not None else None
-        vectors = (store.read_vectors(row["vectors_table"], index_uri) if row["vector_kind"] == "decoder" else None)
+        decoder = row["vector_kind"] == "decoder"  # an SAE's decoder directions do not change: its table is shared
         new_coverage = cov.extended(json.loads(row["coverage"]) if row.get("coverage") else None, coverage_entries)
         written = store.write_feature_set(
             set_id=set_id, model=row["model"], hook=row["hook"], kind=row["kind"], mining=merged, labels=labels,
-            manifest=manifest_df, vectors=vectors, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
+            manifest=manifest_df, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
             sae_checkpoint=row["sae_checkpoint"], sae_sha256=row["sae_sha256"], shard_dir=row["shard_dir"],
-            uri=index_uri, coverage=new_coverage, merge_state=_state_arrays(merged, labels_state))
+            uri=index_uri, coverage=new_coverage, merge_state=_state_arrays(merged, labels_state),
+            changed_examples=(changed, top, bottom), carried_from=None if everything else row,
+            vectors_table=row["vectors_table"] if decoder else None)
     finally:
         for result in (old, batch):
             result.close()
+        for spill in spills:
+            spill.cleanup()
     summary = {**base, "merged": True, "build_id": written["build_id"], "n_new_clips": batch.n_clips,
+               "n_changed_features": len(changed),
                "n_skipped_clips": len(skipped), "n_clips": merged.n_clips, "n_frames": merged.n_frames,
                "label_summary": labels.summary if labels else {}, "coverage": new_coverage,
                "merge_seconds": round(time.monotonic() - started, 2)}

@@ -734,10 +734,13 @@ def _shuffled_validated(label_rows: np.ndarray, held: _Peaks, n_held: np.ndarray
 
 def p_values(k: np.ndarray, n: np.ndarray, q: np.ndarray, tested: int) -> np.ndarray:
     """Bonferroni-adjusted one-sided binomial p: min(1, tested x P(Binomial(n, q) >= k))."""
-    from scipy.stats import binom  # here: the query side imports this module and never needs scipy
+    # scipy.special, not scipy.stats: the same survival function (bdtrc(k - 1, n, q) = P(X >= k)) without a
+    # second of importing scipy.stats; imported here because the query side imports this module and needs neither.
+    from scipy.special import bdtrc
 
     k, n, q = np.broadcast_arrays(np.asarray(k), np.asarray(n), np.clip(np.asarray(q, np.float64), 0, 1))
-    p = np.where(k > 0, binom.sf(k - 1, n, q), 1.0)
+    with np.errstate(invalid="ignore"):
+        p = np.where(k > 0, bdtrc(np.maximum(k - 1, 0), n, q), 1.0)
     return np.minimum(1.0, tested * np.nan_to_num(p, nan=1.0))
 
 

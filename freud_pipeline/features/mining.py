@@ -88,15 +88,26 @@ class ExampleLists:
             traces=traces if traces.dtype == np.float16 else traces.astype(np.float16),
             order=np.tile(np.arange(k, dtype=np.int64), (n, 1)), count=(clip_index >= 0).sum(axis=1))
 
-    def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Features [start, stop) with every array put in rank order."""
-        order = self.order[start:stop]
+    def rows(self, start: int, stop: int, traces: bool = True) -> dict[str, np.ndarray]:
+        """Features [start, stop) with every array put in rank order (traces [n, K, 0] with traces=False)."""
+        return self._gathered(slice(start, stop), traces)
+
+    def subset(self, features: np.ndarray) -> ExampleLists:
+        """The lists of `features` only (in that order), ranked, traces included."""
+        rows = self._gathered(np.asarray(features, np.int64), True)
+        return ExampleLists.ranked(**{k: v for k, v in rows.items() if k != "count"})
+
+    def _gathered(self, which: slice | np.ndarray, with_traces: bool) -> dict[str, np.ndarray]:
+        order = self.order[which]
         if (order == np.arange(order.shape[1])).all():  # already ranked (lists read back): copies, no gather
-            take = lambda a: np.array(a[start:stop])  # noqa: E731
-            traces = np.array(self.traces[start:stop])
+            take = lambda a: np.array(a[which])  # noqa: E731
+            traces = np.array(self.traces[which]) if with_traces else None
         else:
-            take = lambda a: np.take_along_axis(a[start:stop], order, axis=1)  # noqa: E731
-            traces = np.take_along_axis(np.asarray(self.traces[start:stop]), order[:, :, None], axis=1)
+            take = lambda a: np.take_along_axis(a[which], order, axis=1)  # noqa: E731
+            traces = (np.take_along_axis(np.asarray(self.traces[which]), order[:, :, None], axis=1)
+                      if with_traces else None)
+        if traces is None:
+            traces = np.zeros((*order.shape, 0), np.float16)
         return {
             "values": take(self.values),
             "clip_index": take(self.clip_index),
@@ -104,7 +115,7 @@ class ExampleLists:
             "trace_offset": take(self.trace_offset),
             "trace_len": take(self.trace_len),
             "traces": traces,
-            "count": self.count[start:stop],
+            "count": self.count[which],
         }
 
 
@@ -637,13 +648,15 @@ _MERGE_PARAMETERS = ("n_features", "top_k", "bottom_k", "max_frames", "fire_thre
 
 
 def merge_mining(a: MiningResult, b: MiningResult, *, trace_ram_bytes: int = 2 << 30,
-                 spill_dir: str | Path | None = None, batch_features: int = 256) -> MiningResult:
+                 spill_dir: str | Path | None = None, batch_features: int = 256, traces: bool = True) -> MiningResult:
     """The result of one pass over a's clips then b's, from the two results (no activations read again).
 
     Exact for the ranked examples, counts, maxima/minima and histograms; sums added in another order
     (mean, signature, and the quantiles' weighted counts) may differ by float rounding. Both must come from
     mine_features (or merge_mining) with the same parameters and no clip in common. Traces are as wide as the
-    wider input's; a memory-mapped temp file beyond trace_ram_bytes, like mine_features.
+    wider input's; a memory-mapped temp file beyond trace_ram_bytes, like mine_features. traces=False ranks
+    without them (the result's lists have traces [F, K, 0]): enough to see which features' lists took one of b's
+    clips (`clip_index >= len(a.clip_ids)`), whose traces `merge_lists` then merges alone.
     """
     sa, sb = a.state, b.state
     if sa is None or sb is None:
@@ -666,26 +679,40 @@ def merge_mining(a: MiningResult, b: MiningResult, *, trace_ram_bytes: int = 2 <
                                                  + _widened(sb.peak_hist_counts, sb.peak_hist_width, width)),
         sig=sa.sig + sb.sig, sig_r=sa.sig_r + sb.sig_r, sig_x=sa.sig_x + sb.sig_x, sig_n=sa.sig_n + sb.sig_n)
     spill = _spill_for(spill_dir)
-    buffers = _trace_buffers(sa.n_features, sa.top_k, sa.bottom_k, sa.max_frames, trace_ram_bytes, spill)
+    buffers = (_trace_buffers(sa.n_features, sa.top_k, sa.bottom_k, sa.max_frames, trace_ram_bytes, spill)
+               if traces else (None, None))
     offset = len(sa.clip_ids)
     top = _merged_lists(a.top, b.top, offset, 1, buffers[0], batch_features)
     bottom = _merged_lists(a.bottom, b.bottom, offset, -1, buffers[1], batch_features)
     return _result(state, top, bottom, spill)
 
 
-def _merged_lists(a: ExampleLists, b: ExampleLists, offset: int, sign: int, buffer: _TraceBuffer,
+def merge_lists(a: ExampleLists, b: ExampleLists, offset: int, sign: int, max_frames: int, *,
+                trace_ram_bytes: int = 2 << 30, spill_dir: str | Path | None = None,
+                batch_features: int = 256) -> tuple[ExampleLists, _Spill]:
+    """The ranked lists of the same features from two passes, traces included, as `merge_mining` merges them
+    (b's clip indices are shifted by `offset`; sign -1 for bottom lists). Returns the lists and the spill
+    holding their traces if they went to disk (clean it up when done)."""
+    spill = _spill_for(spill_dir)
+    n_features, k = a.values.shape
+    buffer = _TraceBuffer(n_features, k, max_frames, trace_ram_bytes, spill, "merged")
+    return _merged_lists(a, b, offset, sign, buffer, batch_features), spill
+
+
+def _merged_lists(a: ExampleLists, b: ExampleLists, offset: int, sign: int, buffer: _TraceBuffer | None,
                   batch: int) -> ExampleLists:
-    """Top-K of both lists by (score desc, clip index asc), score = sign x value; b's clips come after a's."""
-    n_features, k = buffer.shape
-    length = max(a.traces.shape[-1], b.traces.shape[-1])
-    buffer.ensure(length)
+    """Top-K of both lists by (score desc, clip index asc), score = sign x value; b's clips come after a's.
+    Without a buffer, traces are left out ([F, K, 0])."""
+    n_features, k = a.values.shape
+    length = max(a.traces.shape[-1], b.traces.shape[-1]) if buffer is not None else 0
+    if buffer is not None:
+        buffer.ensure(length)
     out = {"values": np.zeros((n_features, k), np.float32), "clip_index": np.full((n_features, k), -1, np.int64),
            "peak_frame": np.zeros((n_features, k), np.int32), "trace_offset": np.zeros((n_features, k), np.int32),
            "trace_len": np.zeros((n_features, k), np.int32)}
-    pad = lambda t: np.pad(t, ((0, 0), (0, 0), (0, length - t.shape[-1])))  # noqa: E731
     for start in range(0, n_features if k else 0, batch):
         stop = min(start + batch, n_features)
-        ra, rb = a.rows(start, stop), b.rows(start, stop)
+        ra, rb = a.rows(start, stop, buffer is not None), b.rows(start, stop, buffer is not None)
         rb["clip_index"] = np.where(rb["clip_index"] >= 0, rb["clip_index"] + offset, -1)
         both = {name: np.concatenate([ra[name], rb[name]], axis=1) for name in out}
         filled = both["clip_index"] >= 0
@@ -693,7 +720,15 @@ def _merged_lists(a: ExampleLists, b: ExampleLists, offset: int, sign: int, buff
         kept = np.take_along_axis(filled, rank, axis=1)
         for name, array in out.items():  # empty slots padded like a pass leaves them
             array[start:stop] = np.where(kept, np.take_along_axis(both[name], rank, axis=1), array[start:stop])
-        traces = np.concatenate([pad(ra["traces"]), pad(rb["traces"])], axis=1)
-        ranked = np.take_along_axis(traces, rank[:, :, None], axis=1)
-        buffer.array[start:stop] = np.where(kept[:, :, None], ranked, 0)
-    return ExampleLists.ranked(traces=buffer.array, **out)
+        if buffer is None:
+            continue
+        # Each kept slot's trace straight from the list it came from (no padded copy of both lists).
+        ka = ra["values"].shape[1]
+        traces = np.zeros((stop - start, k, length), np.float16)
+        for source, take, part in ((ra["traces"], kept & (rank < ka), rank), (rb["traces"], kept & (rank >= ka),
+                                                                            rank - ka)):
+            f, slot = np.nonzero(take)
+            traces[f, slot, : source.shape[-1]] = source[f, part[f, slot]]
+        buffer.array[start:stop] = traces
+    traces = buffer.array if buffer is not None else np.zeros((n_features, k, 0), np.float16)
+    return ExampleLists.ranked(traces=traces, **out)

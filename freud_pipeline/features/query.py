@@ -183,13 +183,13 @@ class FeatureIndex:
         build_id = set_row["build_id"]
         if build_id in self._examples_cache:
             return self._examples_cache[build_id]
-        where = f"build_id = {sql_str(build_id)}"
+        where = f"build_id IN ({', '.join(map(sql_str, store.example_builds(set_row)))})"
         held = None
         sample = self._rows(EXAMPLES, where, EXAMPLE_COLUMNS, 1)
         if sample.num_rows:
             signs = 2 if set_row["kind"] == "neuron" else 1
             if sample.nbytes * set_row["n_features"] * signs <= self.EXAMPLES_IN_MEMORY_BYTES:
-                table = self._rows(EXAMPLES, where, ["feature", *EXAMPLE_COLUMNS]).combine_chunks()
+                table = store.example_rows(set_row, columns=["feature", *EXAMPLE_COLUMNS], db=self._db).combine_chunks()
                 positions = {(f, s): i for i, (f, s) in enumerate(zip(table.column("feature").to_pylist(),
                                                                       table.column("sign").to_pylist()))}
                 held = (table.select(EXAMPLE_COLUMNS), positions)
@@ -264,8 +264,16 @@ class FeatureIndex:
                 table, positions = held
                 rows = [positions.get((index, s)) for s in signs]
                 return None if None in rows else table.take(rows)
-            keys = ", ".join(sql_str(store.example_key(set_row["build_id"], index, s)) for s in signs)
-            table = self._rows(EXAMPLES, f"key IN ({keys})", EXAMPLE_COLUMNS, len(signs))
+            chain = store.example_builds(set_row)
+            keys = ", ".join(sql_str(store.example_key(b, index, s)) for b in chain for s in signs)
+            table = self._rows(EXAMPLES, f"key IN ({keys})", [*EXAMPLE_COLUMNS, "build_id"], len(signs) * len(chain))
+            if len(chain) > 1:  # rows of this feature in several builds of the chain: the newest holds it
+                age, newest = {b: i for i, b in enumerate(chain)}, {}
+                for i, (sign, build) in enumerate(zip(table.column("sign").to_pylist(),
+                                                      table.column("build_id").to_pylist())):
+                    if sign not in newest or age[build] > newest[sign][0]:
+                        newest[sign] = (age[build], i)
+                table = table.take([newest[s][1] for s in signs if s in newest])
             return table if table.num_rows == len(signs) else None
 
         table = self._lookup(set_id, index, read)
@@ -323,10 +331,13 @@ class FeatureIndex:
                 self._tables.pop(set_row["vectors_table"], None)
                 return None
 
-        hits = self._lookup(set_id, index, read)
-        method = self._set(set_id)["vector_kind"]
-        return [{"index": h["index"], "similarity": float(1.0 - h["_distance"]), "label": h["label"],
-                 "method": method} for h in hits if h["index"] != index][:n]
+        hits = [h for h in self._lookup(set_id, index, read) if h["index"] != index][:n]
+        set_row = self._set(set_id)
+        # Labels from the build's feature rows: a merged build shares its SAE's vectors table (and its labels as
+        # they were when the table was written) with the build before.
+        rows = self._feature_rows(set_row, [int(h["index"]) for h in hits], ["label"])
+        return [{"index": h["index"], "similarity": float(1.0 - h["_distance"]),
+                 "label": rows.get(int(h["index"]), h)["label"], "method": set_row["vector_kind"]} for h in hits]
 
     def _similar_in_memory(self, name: str, table, index: int, n: int) -> list[dict] | None:
         """Exact dot-product neighbours from the set's unit vectors held in memory: a set below the size that

@@ -20,6 +20,13 @@ Merging (`features.build.merge_into_feature_set`): each build also saves the sma
 `<index>/../index_state/` (written to a temporary name, renamed, its sha256 in the pointer row and verified on
 load), and its `coverage` (`features.coverage`).
 
+Examples carried over: a merge rewrites the `examples` rows of the features whose lists took a new clip and
+keeps the others' rows where an earlier build wrote them. The pointer row's `example_builds` names those builds
+(oldest first, at most MAX_EXAMPLE_BUILDS: beyond that a merge rewrites every row), and a feature's rows are the
+ones in the newest of them that holds a row for it (`example_rows`): each of these builds is an ancestor of the
+current one and rewrote exactly the features that changed then. Rows of older builds stay while a kept build
+names them.
+
 Publishing: every row of a build is written first (readers keep resolving the set to the old build_id and
 never see them), then the pointer row is upserted in one commit. The previous build is kept so a reader that
 resolved the pointer just before the flip still finds its rows; older builds are deleted afterwards. One
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 FEATURE_SETS, FEATURES, EXAMPLES, CLIPS = "feature_sets", "features", "examples", "clips"
 VECTOR_INDEX_MIN_ROWS = 10_000
 KINDS = ("neuron", "sae")
+MAX_EXAMPLE_BUILDS = 8
 SIGNS = ("+", "-")
 
 FEATURE_SETS_SCHEMA = pa.schema([
@@ -66,6 +74,9 @@ FEATURE_SETS_SCHEMA = pa.schema([
     ("label_summary", pa.string()), ("previous_builds", pa.list_(pa.string())), ("sae_sha256", pa.string()),
     # What the build covers (features.coverage, JSON) and the state a merge continues from (`save_state`).
     ("coverage", pa.string()), ("merge_state", pa.string()), ("merge_state_sha256", pa.string()),
+    # The builds whose `examples` rows this build reads, oldest first (null: its own only). See "Examples carried
+    # over" above.
+    ("example_builds", pa.list_(pa.string())),
 ])
 FEATURES_SCHEMA = pa.schema([
     ("key", pa.string()), ("build_id", pa.string()), ("set_id", pa.string()), ("index", pa.int32()),
@@ -185,11 +196,13 @@ def _kept_counts(lists, sign: str) -> np.ndarray:
     return np.minimum(lists.count, negative.sum(axis=1))
 
 
-def _example_batches(build_id: str, set_id: str, mining: MiningResult, batch: int) -> Iterator[pa.RecordBatch]:
-    clip_ids = np.asarray(mining.clip_ids, dtype=object)
-    for start in range(0, mining.n_features, batch):
-        stop = min(start + batch, mining.n_features)
-        for sign, lists in (("+", mining.top), ("-", mining.bottom)):
+def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, bottom, features: np.ndarray,
+                     batch: int) -> Iterator[pa.RecordBatch]:
+    """Rows of ranked lists `top`/`bottom` ([n, K] each, `ExampleLists`) whose row i is feature features[i]."""
+    clip_ids = np.asarray(clip_ids, dtype=object)
+    for start in range(0, len(features), batch):
+        stop = min(start + batch, len(features))
+        for sign, lists in (("+", top), ("-", bottom)):
             rows = lists.rows(start, stop)
             count = np.minimum(rows["count"], _kept_counts(lists, sign)[start:stop])
             k = rows["values"].shape[1]
@@ -200,13 +213,13 @@ def _example_batches(build_id: str, set_id: str, mining: MiningResult, batch: in
             flat = rows["traces"][np.arange(width)[None, None, :] < lens[:, :, None]]
             inner = pa.array(np.concatenate([[0], np.cumsum(lens[valid])]), pa.int32())
             listed = lambda values: pa.ListArray.from_arrays(outer, pa.array(values))  # noqa: E731
-            features = np.arange(start, stop)
+            chunk = np.asarray(features[start:stop])
             yield pa.record_batch({
-                "key": [example_key(build_id, i, sign) for i in features],
-                "build_id": [build_id] * len(features),
-                "set_id": [set_id] * len(features),
-                "feature": pa.array(features.astype(np.int32)),
-                "sign": [sign] * len(features),
+                "key": [example_key(build_id, i, sign) for i in chunk],
+                "build_id": [build_id] * len(chunk),
+                "set_id": [set_id] * len(chunk),
+                "feature": pa.array(chunk.astype(np.int32)),
+                "sign": [sign] * len(chunk),
                 "clip_ids": listed(clip_ids[rows["clip_index"][valid]].tolist()),
                 "values": listed(rows["values"][valid].astype(np.float32)),
                 "peak_frames": listed(rows["peak_frame"][valid].astype(np.int32)),
@@ -279,10 +292,16 @@ def write_feature_set(
     batch_features: int = 256,
     coverage: dict[str, Any] | None = None,
     merge_state: dict[str, np.ndarray] | None = None,
+    changed_examples: tuple[np.ndarray, Any, Any] | None = None,
+    carried_from: dict[str, Any] | None = None,
+    vectors_table: str | None = None,
 ) -> dict[str, Any]:
     """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row.
     coverage: what the build covers (`features.coverage`); merge_state: arrays a later merge continues from
-    (`save_state`)."""
+    (`save_state`). A merge passes `changed_examples` (features, top lists, bottom lists: the rows to write, the
+    lists' row i being features[i]; `mining`'s own lists then need no traces) and `carried_from` (the pointer row of
+    the build the other features' rows come from: see "Examples carried over"), and may pass the `vectors_table` of
+    that build to share when its vectors did not change (SAE decoder directions)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     db = connect(uri)
@@ -296,11 +315,21 @@ def write_feature_set(
     features = _with_new_columns(_open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
     features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
     examples = _open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA)
-    examples.add(pa.RecordBatchReader.from_batches(
-        EXAMPLES_SCHEMA, _example_batches(build_id, set_id, mining, batch_features)))
-    vectors = mining.signature if vectors is None else vectors
-    vectors_table = vectors_table_name(build_id)
-    _write_vectors(db, vectors_table, vectors, labels.label if labels else [None] * mining.n_features)
+    if changed_examples is None:
+        written, top, bottom = np.arange(mining.n_features), mining.top, mining.bottom
+        chain = [build_id]
+    else:
+        written, top, bottom = changed_examples
+        carried = example_builds(carried_from) if carried_from is not None else []
+        chain = [*carried, build_id] if len(written) or not carried else carried
+    if len(written):
+        examples.add(pa.RecordBatchReader.from_batches(
+            EXAMPLES_SCHEMA, _example_batches(build_id, set_id, mining.clip_ids, top, bottom, written,
+                                              batch_features)))
+    if vectors_table is None:
+        vectors = mining.signature if vectors is None else vectors
+        vectors_table = vectors_table_name(build_id)
+        _write_vectors(db, vectors_table, vectors, labels.label if labels else [None] * mining.n_features)
     # Whole-table index rebuilds: cheap (few rows per feature) and leave no unindexed rows to scan.
     for tbl in (features, examples):
         tbl.create_index("key", config=BTree(), replace=True)
@@ -318,28 +347,66 @@ def write_feature_set(
         "vector_kind": vector_kind, "label_summary": json.dumps(labels.summary if labels else {}),
         "previous_builds": history[: keep_builds - 1], "sae_sha256": sae_sha256,
         "coverage": json.dumps(coverage) if coverage else None, "merge_state": state_path,
-        "merge_state_sha256": state_sha256,
+        "merge_state_sha256": state_sha256, "example_builds": chain,
     }
     # The flip: one commit. Readers resolving set_id from here on get the new build.
     sets.merge_insert("set_id").when_matched_update_all().when_not_matched_insert_all().execute(
         pa.Table.from_pylist([row], schema=FEATURE_SETS_SCHEMA))
-    _delete_builds(db, set_id, keep=[build_id, *row["previous_builds"]], newest=build_id)
+    kept = [build_id, *row["previous_builds"]]
+    # Rows the previous build reads stay as long as a reader may have resolved it.
+    previous = current[0] if current and current[0]["build_id"] in kept else None
+    _delete_builds(db, set_id, keep=kept, newest=build_id,
+                   keep_examples=set(chain) | (set(example_builds(previous)) if previous else set()),
+                   keep_vectors={vectors_table, *([previous["vectors_table"]] if previous else [])})
     return row
 
 
-def _delete_builds(db, set_id: str, keep: list[str], newest: str) -> None:
-    """Drop builds of set_id older than `newest` that are not kept: retired ones and crashed writes."""
+def example_builds(set_row: dict[str, Any]) -> list[str]:
+    """The builds whose `examples` rows a pointer row's build reads, oldest first."""
+    return list(set_row.get("example_builds") or [set_row["build_id"]])
+
+
+def example_rows(set_row: dict[str, Any], where: str | None = None, columns: list[str] | None = None,
+                 uri: str | None = None, db=None) -> pa.Table:
+    """The `examples` rows of a pointer row's build (optionally filtered by `where`, e.g. on feature and sign),
+    one per (feature, sign): of the rows its `example_builds` hold, the newest build's. Sorted by feature, sign."""
+    db = db if db is not None else connect(uri)
+    chain = example_builds(set_row)
+    condition = f"build_id IN ({', '.join(map(sql_str, chain))})" + (f" AND ({where})" if where else "")
+    wanted = list(dict.fromkeys([*(columns or EXAMPLES_SCHEMA.names), "feature", "sign", "build_id"]))
+    rows = db.open_table(EXAMPLES).search().where(condition).select(wanted).limit(None).to_arrow()
+    if len(chain) > 1 and rows.num_rows:
+        position = {b: i for i, b in enumerate(chain)}
+        age = np.array([position[b] for b in rows["build_id"].to_pylist()])
+        key = rows["feature"].to_numpy().astype(np.int64) * 2 + (rows["sign"].to_numpy(zero_copy_only=False) == "-")
+        order = np.lexsort((-age, key))  # by (feature, sign), newest build first
+        first = np.ones(len(order), bool)
+        first[1:] = key[order][1:] != key[order][:-1]
+        rows = rows.take(order[first])
+    else:
+        key = rows["feature"].to_numpy().astype(np.int64) * 2 + (rows["sign"].to_numpy(zero_copy_only=False) == "-")
+        rows = rows.take(np.argsort(key, kind="stable"))
+    return rows.select(columns) if columns else rows
+
+
+def _delete_builds(db, set_id: str, keep: list[str], newest: str, keep_examples: set[str] = frozenset(),
+                   keep_vectors: set[str] = frozenset()) -> None:
+    """Drop builds of set_id older than `newest` that are not kept: retired ones and crashed writes. A build
+    whose examples rows a kept build reads (`keep_examples`) loses its other rows only; vectors tables in
+    `keep_vectors` stay."""
+    def older(kept) -> str:
+        return (f"set_id = {sql_str(set_id)} AND build_id < {sql_str(newest)} AND "
+                f"build_id NOT IN ({', '.join(map(sql_str, kept))})")
+
     features = db.open_table(FEATURES)
-    older = (f"set_id = {sql_str(set_id)} AND build_id < {sql_str(newest)} AND "
-             f"build_id NOT IN ({', '.join(map(sql_str, keep))})")
-    stale = set(features.search().where(older).select(["build_id"]).limit(None).to_pandas()["build_id"])
+    stale = set(features.search().where(older(keep)).select(["build_id"]).limit(None).to_pandas()["build_id"])
     if not stale:
         return
-    for name in (FEATURES, EXAMPLES):
-        db.open_table(name).delete(older)
+    features.delete(older(keep))
+    db.open_table(EXAMPLES).delete(older([*keep, *keep_examples]))
     existing = table_names(db)
     for build_id in stale:
-        if vectors_table_name(build_id) in existing:
+        if vectors_table_name(build_id) in existing and vectors_table_name(build_id) not in keep_vectors:
             db.drop_table(vectors_table_name(build_id))
         _delete_state(db, build_id)
     log.info("deleted %d retired build(s) of %s", len(stale), set_id)
@@ -364,9 +431,10 @@ def delete_sets_of_run(sae_run_id: str, uri: str | None = None) -> list[str]:
         if name in existing:
             db.open_table(name).delete(in_sets)
     builds = {b for row in rows for b in [row["build_id"], *(row["previous_builds"] or [])]}
+    for name in {*(vectors_table_name(b) for b in builds), *(row["vectors_table"] for row in rows)}:
+        if name in existing:
+            db.drop_table(name)
     for build_id in builds:
-        if vectors_table_name(build_id) in existing:
-            db.drop_table(vectors_table_name(build_id))
         _delete_state(db, build_id)
     log.info("deleted feature set(s) %s of SAE run %s", ", ".join(set_ids), sae_run_id)
     return set_ids
@@ -438,20 +506,26 @@ def current_set(set_id: str, uri: str | None = None) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def read_ranked_examples(build_id: str, sign: str, n_features: int, k: int, clip_index: dict[str, int],
-                         uri: str | None = None) -> dict[str, np.ndarray]:
-    """A build's stored examples of one sign as rank-ordered [F, k] arrays (clip_index -1 and zeros where a
-    feature has fewer), traces [F, k, L]; clip ids mapped to positions by `clip_index`."""
-    table = connect(uri).open_table(EXAMPLES)
-    rows = (table.search().where(f"build_id = {sql_str(build_id)} AND sign = {sql_str(sign)}")
-            .select(["feature", "clip_ids", "values", "peak_frames", "trace_offsets", "traces"]).limit(None)
-            .to_arrow())
-    out = {"values": np.zeros((n_features, k), np.float32), "clip_index": np.full((n_features, k), -1, np.int64),
-           "peak_frame": np.zeros((n_features, k), np.int32), "trace_offset": np.zeros((n_features, k), np.int32),
-           "trace_len": np.zeros((n_features, k), np.int32)}
-    features = rows["feature"].to_numpy()
+def read_ranked_examples(set_row: dict[str, Any], sign: str, k: int, clip_index: dict[str, int],
+                         features: np.ndarray | None = None, uri: str | None = None) -> dict[str, np.ndarray]:
+    """The stored examples of one sign of a pointer row's build as rank-ordered [n, k] arrays (clip_index -1 and
+    zeros where a feature has fewer), traces [n, k, L]; row i is features[i] (default: every feature); clip ids
+    mapped to positions by `clip_index`."""
+    n_features = int(set_row["n_features"])
+    features = np.arange(n_features) if features is None else np.asarray(features, np.int64)
+    where = f"sign = {sql_str(sign)}"
+    if len(features) < n_features:
+        where += f" AND feature IN ({', '.join(map(str, features.tolist()))})" if len(features) else " AND feature < 0"
+    rows = example_rows(set_row, where, ["feature", "clip_ids", "values", "peak_frames", "trace_offsets", "traces"],
+                        uri)
+    n = len(features)
+    out = {"values": np.zeros((n, k), np.float32), "clip_index": np.full((n, k), -1, np.int64),
+           "peak_frame": np.zeros((n, k), np.int32), "trace_offset": np.zeros((n, k), np.int32),
+           "trace_len": np.zeros((n, k), np.int32)}
+    row_of = np.full(n_features, -1, np.int64)
+    row_of[features] = np.arange(n)
     counts = pc.list_value_length(rows["values"]).to_numpy(zero_copy_only=False).astype(np.int64)
-    feature_of = np.repeat(features, counts)  # one entry per stored example, in row order
+    feature_of = np.repeat(row_of[rows["feature"].to_numpy()], counts)  # one entry per stored example, in row order
     rank_of = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     for name, column in (("values", "values"), ("peak_frame", "peak_frames"), ("trace_offset", "trace_offsets")):
         flat = pc.list_flatten(rows[column]).to_numpy(zero_copy_only=False)
@@ -462,7 +536,7 @@ def read_ranked_examples(build_id: str, sign: str, n_features: int, k: int, clip
     lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False).astype(np.int64)
     out["trace_len"][feature_of, rank_of] = lengths
     width = int(lengths.max(initial=0))
-    out["traces"] = np.zeros((n_features, k, width), np.float16)
+    out["traces"] = np.zeros((n, k, width), np.float16)
     # The examples' samples lie back to back in row order: a row-major boolean mask of [example, frame < length]
     # places them without per-sample index arrays.
     padded = np.zeros((len(lengths), width), np.float16)
