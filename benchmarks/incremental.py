@@ -51,9 +51,9 @@ def _corpus_parts(data_dir: Path, share: float):
 
     def clips(which):
         for reader in readers:
-            for clip_id, acts in reader.iter_clips(HOOK, dtype="float32"):
+            for clip_id, acts in reader.iter_clips(HOOK):  # read-only views: only the clips wanted are converted
                 if clip_id in which:
-                    yield clip_id, acts
+                    yield clip_id, np.asarray(acts, np.float32)
 
     return clips, old, new, manifest, alignments, data_dir
 

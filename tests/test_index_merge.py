@@ -210,3 +210,27 @@ def test_many_small_merges_carry_unchanged_examples_over_and_equal_the_rebuild(c
                  .to_pandas()["build_id"])
     previous = row["previous_builds"][0]
     assert stored == {*chains[-1], *chains[-2]} and previous in chains[-2]
+
+
+def test_examples_across_activation_levels_are_drawn_per_octave_and_merge_exactly(corpus, halves, tmp_path):
+    """Typical examples: per octave of the per-clip peak, clips drawn by a per-clip hash (order-free). Each one's
+    stored value is the clip's true peak and lies in its octave; the merged set's draws equal the rebuilt set's;
+    a feature whose peaks span several octaves gets examples below its top examples."""
+    merged_uri, rebuilt_uri = str(tmp_path / "m" / "lancedb"), str(tmp_path / "r" / "lancedb")
+    _build(corpus, halves, merged_uri, halves["a"])
+    _merge(corpus, halves, merged_uri, halves["b"])
+    _build(corpus, halves, rebuilt_uri, halves["a"] + halves["b"])
+    merged, rebuilt = FeatureIndex(merged_uri), FeatureIndex(rebuilt_uri)
+    spread = 0
+    for index in range(0, 1536, 7):
+        typical = merged.typical_examples("s", index)
+        assert typical == rebuilt.typical_examples("s", index), index
+        for example in typical:
+            acts = corpus["acts"][example["clip_id"]][:, index]
+            assert example["value"] == pytest.approx(float(acts.max()), rel=1e-6)
+            assert example["low"] <= example["value"] < example["high"]
+        levels = {e["level"] for e in typical}
+        assert all(sum(e["level"] == lv for e in typical) <= 2 for lv in levels)
+        top = {e["clip_id"] for e in merged.top_examples("s", index, n=TOP_K)}
+        spread += len(levels) >= 3 and any(e["clip_id"] not in top for e in typical)
+    assert spread > 20  # most MLP neurons' per-clip peaks span several octaves

@@ -17,7 +17,9 @@ Everything kept is bounded by n_features, independent of the number of clips:
 - a histogram of per-clip maxima with linear bins whose width doubles (adjacent bins merge) whenever a peak
   falls outside the range: no first pass, and at least 32 bins between 0 and the largest |peak|;
 - a random-projection signature of the same sampled frames, centred, whose cosine approximates the Pearson
-  correlation of two features' per-frame activations (used for neuron similarity).
+  correlation of two features' per-frame activations (used for neuron similarity);
+- examples across activation levels: per octave of the per-clip peak (above `fire_threshold`), a few clips drawn
+  uniformly (`LevelSample`), so a user sees whether a feature's label holds below its very top.
 
 Mergeable: a clip's sampled frames and projection rows come from an RNG seeded by (seed, a hash of its id), and
 the ranked lists keep exactly the top-K by (score desc, clip index asc), so nothing depends on the clips mined
@@ -49,6 +51,11 @@ _KEY_MIN = (127 + _LOG_MIN) << _MANTISSA_BITS_KEPT
 _HALF_BINS = (_LOG_MAX - _LOG_MIN) << _MANTISSA_BITS_KEPT
 _LOG_BINS = 2 * _HALF_BINS + 1  # negative bins, zero bin, positive bins
 PEAK_HIST_BINS = 128  # symmetric around 0: [-64 w, 64 w)
+# Examples across activation levels ("typical" examples): per feature, the clips whose peak lies in each octave
+# [2^j, 2^(j+1)) for j in [LEVEL_MIN, LEVEL_MIN + LEVEL_BINS) (smaller firing peaks count in the lowest), LEVEL_SLOTS
+# clips per octave: those with the smallest priority, a hash of (seed, clip id) — a uniform sample of each
+# octave's clips that does not depend on the order clips come in, so it merges exactly.
+LEVEL_MIN, LEVEL_BINS, LEVEL_SLOTS = -8, 24, 2
 
 
 class MiningError(FreudError, ValueError):
@@ -145,20 +152,31 @@ class MiningState:
     sig_r: np.ndarray  # [D] float64 sum of r_t
     sig_x: np.ndarray  # [F] float64 sum of x_t over sampled frames
     sig_n: int  # sampled frames
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
-        out["clip_ids"] = np.array(self.clip_ids, dtype=str)
-        return out
+    # LevelSample's slots, [F, LEVEL_BINS, LEVEL_SLOTS] (None in states saved before they existed: empty)
+    level_priority: np.ndarray | None = None
+    level_clip_index: np.ndarray | None = None
+    level_value: np.ndarray | None = None
+    level_frame: np.ndarray | None = None
 
     @classmethod
     def from_arrays(cls, d: Any) -> MiningState:
         """From `to_arrays()`'s dict, or the np.load of its np.savez file."""
         values = {}
         for f in fields(cls):
+            if f.name not in d and f.name.startswith("level_"):
+                continue  # saved before the level sample: filled empty below
             v = np.asarray(d[f.name])
             values[f.name] = [str(c) for c in v] if f.name == "clip_ids" else v.item() if v.ndim == 0 else v
-        return cls(**values)
+        state = cls(**values)
+        if state.level_priority is None:
+            state.level_priority, state.level_clip_index, state.level_value, state.level_frame = \
+                LevelSample(state.n_features).arrays()
+        return state
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+        out["clip_ids"] = np.array(self.clip_ids, dtype=str)
+        return out
 
 
 @dataclass
@@ -195,6 +213,17 @@ class MiningResult:
         lo, hi = nonzero[0], nonzero[-1] + 1
         edges = (np.arange(lo, hi + 1) - PEAK_HIST_BINS // 2) * self.peak_hist_width[feature]
         return edges, counts[lo:hi]
+
+    def level_examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Examples across activation levels of every feature, strongest first: (clip_index, value, frame), each
+        [F, LEVEL_BINS x LEVEL_SLOTS], clip_index -1 after a feature's last one."""
+        state = self.state
+        n = self.n_features
+        clip = state.level_clip_index.reshape(n, -1)
+        value = np.where(clip >= 0, state.level_value.reshape(n, -1), -np.inf)
+        order = np.lexsort((clip, -value), axis=-1)
+        return (np.take_along_axis(clip, order, axis=1), np.take_along_axis(state.level_value.reshape(n, -1), order, 1),
+                np.take_along_axis(state.level_frame.reshape(n, -1), order, 1))
 
     def close(self) -> None:
         """Drop the on-disk trace buffer, if one was needed."""
@@ -256,6 +285,60 @@ class _TraceBuffer:
         old, self.array = self.array, grown
         if isinstance(old, np.memmap):
             Path(old.filename).unlink(missing_ok=True)
+
+
+class LevelSample:
+    """Examples across activation levels: per feature and octave of the per-clip peak, the LEVEL_SLOTS clips of
+    smallest priority (`clip_priority`), [F, LEVEL_BINS, LEVEL_SLOTS] arrays; clip_index -1 = empty slot."""
+
+    def __init__(self, n_features: int, arrays: tuple[np.ndarray, ...] | None = None):
+        if arrays is None:
+            shape = (n_features, LEVEL_BINS, LEVEL_SLOTS)
+            arrays = (np.full(shape, np.iinfo(np.int64).max, np.int64), np.full(shape, -1, np.int64),
+                      np.zeros(shape, np.float32), np.zeros(shape, np.int32))
+        self.priority, self.clip_index, self.value, self.frame = arrays
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.priority, self.clip_index, self.value, self.frame
+
+    @staticmethod
+    def level(values: np.ndarray) -> np.ndarray:
+        """The octave bin of positive peaks."""
+        with np.errstate(divide="ignore"):
+            return np.clip(np.floor(np.log2(values)).astype(np.int64) - LEVEL_MIN, 0, LEVEL_BINS - 1)
+
+    def add(self, clip_index: int, priority: int, peak: np.ndarray, peak_frame: np.ndarray,
+            fire_threshold: float) -> None:
+        f = np.flatnonzero((peak > fire_threshold) & (peak > 0))
+        if not f.size:
+            return
+        level = self.level(peak[f])
+        slots = self.priority[f, level]
+        worst = slots.argmax(axis=1)
+        take = priority < slots[np.arange(len(f)), worst]  # strictly: of equal priorities the earlier clip stays
+        f, level, worst = f[take], level[take], worst[take]
+        self.priority[f, level, worst] = priority
+        self.clip_index[f, level, worst] = clip_index
+        self.value[f, level, worst] = peak[f]
+        self.frame[f, level, worst] = peak_frame[f]
+
+    @classmethod
+    def merged(cls, a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], offset: int) -> LevelSample:
+        """Both samples' slots (b's clip indices shifted by offset), keeping the smallest (priority, clip index)."""
+        pa_, ca, va, fa = a
+        pb, cb, vb, fb = b
+        priority = np.concatenate([pa_, pb], axis=2)
+        clip = np.concatenate([ca, np.where(cb >= 0, cb + offset, -1)], axis=2)
+        order = np.lexsort((np.where(clip >= 0, clip, np.iinfo(np.int64).max), priority), axis=-1)[..., :LEVEL_SLOTS]
+        pick = lambda x, y: np.take_along_axis(np.concatenate([x, y], axis=2), order, axis=2)  # noqa: E731
+        return cls(0, (np.take_along_axis(priority, order, axis=2), np.take_along_axis(clip, order, axis=2),
+                       pick(va, vb), pick(fa, fb)))
+
+
+def clip_priority(seed: int, clip_id: str) -> int:
+    """A clip's priority in level samples: a stable hash of (seed, clip id) in [0, 2^62)."""
+    digest = hashlib.blake2b(f"{seed}:{clip_id}".encode(), digest_size=8, person=b"freud-lvl").digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 class _RankedLists:
@@ -582,6 +665,7 @@ class _Miner:
         self.sig_r = np.zeros(signature_dim, np.float64)
         self.sig_x = np.zeros(n_features, np.float64)
         self.sig_n = 0
+        self.levels = LevelSample(n_features)
 
     def add(self, clip_id: str, acts: Any) -> None:
         index = len(self.clip_ids)
@@ -599,6 +683,7 @@ class _Miner:
         np.minimum(self.min, s.trough, out=self.min)
         self.log_hist.add(s.sampled, frames / len(sample))
         self.peak_hist.add(s.peak)
+        self.levels.add(index, clip_priority(self.seed, clip_id), s.peak, s.peak_frame, self.fire_threshold)
         # Signature: sum_t x_t r_t over the sampled frames; the sums kept here centre it at the end.
         projection = rng.standard_normal((len(sample), self.signature_dim), dtype=np.float32)
         self.sig += s.sampled.T @ projection
@@ -613,8 +698,16 @@ class _Miner:
             seed=self.seed, clip_ids=self.clip_ids, n_frames=self.n_frames, total=self.total, n_fire=self.n_fire,
             max=self.max, min=self.min, log_counts=self.log_hist.counts, peak_hist_width=self.peak_hist.width,
             peak_hist_counts=self.peak_hist.counts, sig=self.sig, sig_r=self.sig_r, sig_x=self.sig_x,
-            sig_n=self.sig_n)
+            sig_n=self.sig_n, **_level_fields(self.levels))
         return _result(state, self.top.finish(), self.bottom.finish(), self.spill)
+
+
+def _level_fields(levels: LevelSample) -> dict[str, np.ndarray]:
+    return dict(zip(("level_priority", "level_clip_index", "level_value", "level_frame"), levels.arrays()))
+
+
+def _level_arrays(state: MiningState) -> tuple[np.ndarray, ...]:
+    return state.level_priority, state.level_clip_index, state.level_value, state.level_frame
 
 
 def derived(state: MiningState) -> dict[str, Any]:
@@ -677,7 +770,8 @@ def merge_mining(a: MiningResult, b: MiningResult, *, trace_ram_bytes: int = 2 <
         max=np.maximum(sa.max, sb.max), min=np.minimum(sa.min, sb.min), log_counts=sa.log_counts + sb.log_counts,
         peak_hist_width=width, peak_hist_counts=(_widened(sa.peak_hist_counts, sa.peak_hist_width, width)
                                                  + _widened(sb.peak_hist_counts, sb.peak_hist_width, width)),
-        sig=sa.sig + sb.sig, sig_r=sa.sig_r + sb.sig_r, sig_x=sa.sig_x + sb.sig_x, sig_n=sa.sig_n + sb.sig_n)
+        sig=sa.sig + sb.sig, sig_r=sa.sig_r + sb.sig_r, sig_x=sa.sig_x + sb.sig_x, sig_n=sa.sig_n + sb.sig_n,
+        **_level_fields(LevelSample.merged(_level_arrays(sa), _level_arrays(sb), len(sa.clip_ids))))
     spill = _spill_for(spill_dir)
     buffers = (_trace_buffers(sa.n_features, sa.top_k, sa.bottom_k, sa.max_frames, trace_ram_bytes, spill)
                if traces else (None, None))

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from freud_pipeline.errors import EmptyAudioError, FeatureIndexError, FeatureSetError, FreudError
-from freud_pipeline.features import store
+from freud_pipeline.features import mining, store
 from freud_pipeline.features.labels import MIN_SUPPORT, VALIDATED_PRECISION
 from freud_pipeline.features.store import CLIPS, EXAMPLES, FEATURE_SETS, FEATURES, sql_str
 from freud_pipeline.frames import FRAME_SECONDS
@@ -306,6 +306,33 @@ class FeatureIndex:
             "transcript": clips.get(clip_id, {}).get("transcript"),
             "duration_s": clips.get(clip_id, {}).get("duration_s"),
         } for position, (clip_id, value, frame, offset, trace, sign, source_rank) in enumerate(entries)]
+
+    def typical_examples(self, set_id: str, index: int, per_level: int = mining.LEVEL_SLOTS) -> list[dict]:
+        """Examples across the feature's activation range, beside `top_examples`' strongest: for each octave of the
+        per-clip peak [low, high) the feature reached, up to `per_level` clips drawn uniformly from the clips
+        whose peak lies there (`mining.LevelSample`), strongest level first. No traces are stored for them: the
+        app analyses such a clip when it is opened. Empty for sets built before levels were sampled."""
+        def read(set_row):
+            rows = self._feature_rows(set_row, [index], ["typical_clip_ids", "typical_values", "typical_peak_frames"])
+            return rows.get(index)
+
+        row = self._lookup(set_id, index, read)
+        ids, values, frames = (row.get(c) or [] for c in ("typical_clip_ids", "typical_values", "typical_peak_frames"))
+        clips = self._clips(list(ids))
+        out, taken = [], {}
+        for clip_id, value, frame in zip(ids, values, frames):
+            level = int(mining.LevelSample.level(np.array([value], np.float64))[0])
+            if taken.get(level, 0) >= per_level:
+                continue
+            taken[level] = taken.get(level, 0) + 1
+            low = 0.0 if level == 0 else 2.0 ** (level + mining.LEVEL_MIN)
+            out.append({
+                "level": level, "low": low, "high": 2.0 ** (level + mining.LEVEL_MIN + 1), "clip_id": clip_id,
+                "value": float(value), "peak_frame": int(frame), "peak_time_s": float(store.peak_time_s(frame)),
+                "transcript": clips.get(clip_id, {}).get("transcript"),
+                "duration_s": clips.get(clip_id, {}).get("duration_s"),
+            })
+        return out
 
     # ------------------------------------------------------------ similarity and labels
 

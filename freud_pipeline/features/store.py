@@ -90,6 +90,10 @@ FEATURES_SCHEMA = pa.schema([
     ("label_reason", pa.string()), ("label_lift", pa.float32()), ("label_p_value", pa.float64()),
     ("label_base_rate", pa.float32()), ("label_n_peaks", pa.int32()), ("label_heldout_precision", pa.float32()),
     ("label_heldout_n", pa.int32()),
+    # Examples across activation levels (mining.LevelSample), strongest first: no traces, a clip id, its peak and
+    # the peak's frame (null in rows written before them).
+    ("typical_clip_ids", pa.list_(pa.string())), ("typical_values", pa.list_(pa.float32())),
+    ("typical_peak_frames", pa.list_(pa.int32())),
 ])
 LABEL_QUALITY = ("label_kind", "label_precision", "label_lift", "label_p_value", "label_base_rate", "label_n_peaks",
                  "label_heldout_precision", "label_heldout_n", "label_reason")
@@ -185,7 +189,23 @@ def _feature_rows(build_id: str, set_id: str, mining: MiningResult, labels: Labe
         "label_n_peaks": labels.n_peaks if labels else pa.nulls(n, pa.int32()),
         "label_heldout_precision": labels.heldout_precision if labels else nan,
         "label_heldout_n": labels.heldout_n if labels else pa.nulls(n, pa.int32()),
+        **_typical_columns(mining),
     }, schema=FEATURES_SCHEMA)
+
+
+def _typical_columns(mining: MiningResult) -> dict[str, pa.Array]:
+    n = mining.n_features
+    if mining.state is None or mining.state.level_clip_index is None:
+        return {"typical_clip_ids": pa.nulls(n, pa.list_(pa.string())),
+                "typical_values": pa.nulls(n, pa.list_(pa.float32())),
+                "typical_peak_frames": pa.nulls(n, pa.list_(pa.int32()))}
+    clip, value, frame = mining.level_examples()
+    valid = clip >= 0
+    offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]), pa.int32())
+    ids = np.asarray(mining.clip_ids, dtype=object)[clip[valid]]
+    return {"typical_clip_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.tolist(), pa.string())),
+            "typical_values": pa.ListArray.from_arrays(offsets, pa.array(value[valid].astype(np.float32))),
+            "typical_peak_frames": pa.ListArray.from_arrays(offsets, pa.array(frame[valid].astype(np.int32)))}
 
 
 def _kept_counts(lists, sign: str) -> np.ndarray:
