@@ -1,12 +1,16 @@
-"""SAE training speed: our TopK step against EleutherAI's sparsify SparseCoder, and the demo SAE end to end.
+"""SAE training speed: our TopK step against EleutherAI's sparsify SparseCoder, our JumpReLU and Matryoshka
+BatchTopK steps beside them, and the demo SAE end to end.
 
 1. Frames per second of one training step at the same shape (d 384, 16x = 6144 latents, k 32, batch 4096 frames,
-   fp32, Adam), both in this process, with the same torch threads and the same real activation batches,
-   measured side by side: repeats interleave the two (alternating which goes first), and each reports the
+   fp32, Adam), all in this process, with the same torch threads and the same real activation batches,
+   measured side by side: repeats interleave the implementations (alternating the order), and each reports the
    median step time. Two regimes: no dead latents (AuxK idle, early training) and 25 % dead latents (AuxK on).
-   Our step is `freud_pipeline.sae.train.training_step` (what train_sae runs); sparsify's is the body of its
-   Trainer's step for one SAE (unit-norm decoder, forward with the dead mask, fvu + auxk/32, backward, removal of
-   the decoder-parallel gradient, Adam, dead-latent bookkeeping).
+   Our steps are `freud_pipeline.sae.train.training_step` (what train_sae runs) for TopK, JumpReLU (L0 target 32,
+   thresholds initialised from the first batch) and Matryoshka BatchTopK (k 32 on average, prefixes 1/16, 1/4, 1);
+   sparsify's is the body of its Trainer's step for one SAE (unit-norm decoder, forward with the dead mask,
+   fvu + auxk/32, backward, removal of the decoder-parallel gradient, Adam, dead-latent bookkeeping). The ratio
+   reported is sparsify's TopK against ours; JumpReLU and Matryoshka report their frames/s and their speed relative
+   to our TopK.
 2. Peak memory of each step: a fresh subprocess per implementation runs a few steps; the increase of its peak RSS
    (VmHWM, reset just before the first step) over its RSS before that step is the step's memory.
 3. The demo SAE (configs/train/demo_topk.yaml): the pipeline's SAE run (`run_sae`: train, splice-evaluate,
@@ -28,6 +32,7 @@ Run: .venv/bin/python benchmarks/train.py [--threads 2] [--repeats 5] [--json ou
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -97,20 +102,22 @@ def real_batches(train_dir: Path, n: int, seed: int = 0):
 # --- the two steps ---------------------------------------------------------------------------------------------------
 class Ours:
     name = "freud TopKSAE"
+    architecture = "topk"
 
     def __init__(self, sample):
         import torch
         from torch.optim.lr_scheduler import LambdaLR
 
-        from freud_pipeline.sae import TopKSAE, TrainConfig
+        from freud_pipeline.sae import TrainConfig, architecture_class
         from freud_pipeline.sae.firing import FiringTracker
         from freud_pipeline.sae.train import lr_factor, make_optimizer
 
         torch.manual_seed(0)
-        cfg = TrainConfig(hook=HOOK, expansion_factor=EXPANSION, k=K, lr=1e-4, optimiser="adam", warmup_steps=10,
-                          dead_after_frames=DEAD_AFTER, device="cpu")
+        cfg = TrainConfig(architecture=self.architecture, hook=HOOK, expansion_factor=EXPANSION, k=K, l0_target=K,
+                          lr=1e-4, optimiser="adam", warmup_steps=10, dead_after_frames=DEAD_AFTER, device="cpu")
         self.cfg = cfg
-        self.sae = TopKSAE(D_IN, EXPANSION * D_IN, k=K, auxk_alpha=cfg.auxk_alpha)
+        self.sae = architecture_class(self.architecture).from_cfg(
+            {"d_in": D_IN, "d_sae": EXPANSION * D_IN, **cfg.model_dump()})
         self.sae.init_from_data(sample)
         self.optimizer = make_optimizer(cfg, self.sae)
         self.scheduler = LambdaLR(self.optimizer, lr_factor(cfg))
@@ -127,6 +134,16 @@ class Ours:
             self.tracker.frames_since_fired[self.forced_dead] = 10 * DEAD_AFTER
         out, _, _ = training_step(self.sae, x, self.optimizer, self.scheduler, self.tracker, self.cfg.grad_clip)
         return float(out.loss_parts["fvu"].detach())
+
+
+class OursJumpReLU(Ours):
+    name = "freud JumpReLUSAE"
+    architecture = "jumprelu"
+
+
+class OursMatryoshka(Ours):
+    name = "freud MatryoshkaBatchTopKSAE"
+    architecture = "matryoshka_batchtopk"
 
 
 class Sparsify:
@@ -171,17 +188,18 @@ def import_sparsify(path: Path) -> None:
     if str(path) not in sys.path:
         sys.path.append(str(path))  # after the venv: never shadows our torch/numpy pins
     try:
-        import sparsify  # noqa: F401
+        importlib.import_module("sparsify")
     except ImportError as exc:
         raise SystemExit(f"sparsify is not importable from {path} ({exc}); install it there as the module "
                          f"docstring says (python benchmarks/train.py --help)") from None
 
 
 # --- 1. side-by-side throughput ----------------------------------------------------------------------------------
-def throughput(batches, repeats: int, steps: int, warmup: int, dead_fraction: float) -> dict:
+def throughput(batches, repeats: int, steps: int, warmup: int, dead_fraction: float,
+               classes=(Ours, Sparsify, OursJumpReLU, OursMatryoshka)) -> dict:
     import torch
 
-    impls = [Ours(batches[0]), Sparsify(batches[0])]
+    impls = [cls(batches[0]) for cls in classes]
     n_latents = EXPANSION * D_IN
     if dead_fraction > 0:
         mask = torch.zeros(n_latents, dtype=torch.bool)
@@ -192,7 +210,7 @@ def throughput(batches, repeats: int, steps: int, warmup: int, dead_fraction: fl
         for i in range(warmup):
             impl.step(batches[i % len(batches)])
     times = {impl.name: [] for impl in impls}
-    ratios = []
+    ratios, relative = [], {impl.name: [] for impl in impls if impl.name not in (Ours.name, Sparsify.name)}
     for repeat in range(repeats):
         order = impls if repeat % 2 == 0 else impls[::-1]
         medians = {}
@@ -205,14 +223,21 @@ def throughput(batches, repeats: int, steps: int, warmup: int, dead_fraction: fl
                 step_times.append(time.perf_counter() - started)
             times[impl.name] += step_times
             medians[impl.name] = statistics.median(step_times)
-        ratios.append(medians[Sparsify.name] / medians[Ours.name])
+        if Sparsify.name in medians:
+            ratios.append(medians[Sparsify.name] / medians[Ours.name])
+        for name in relative:
+            relative[name].append(medians[Ours.name] / medians[name])
         print(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(
-            f"{name} {BATCH / t:,.0f} frames/s" for name, t in medians.items()) + f"  (ours {ratios[-1]:.2f}x)",
-              flush=True)
+            f"{name} {BATCH / t:,.0f} frames/s" for name, t in medians.items())
+              + (f"  (ours {ratios[-1]:.2f}x)" if ratios else ""), flush=True)
     result = {name: {"median_step_s": statistics.median(t), "frames_per_s": BATCH / statistics.median(t),
-                     "min_step_s": min(t), "n_steps": len(t)} for name, t in times.items()}
-    result["speedup_ours_over_sparsify"] = statistics.median(ratios)
-    result["speedup_per_repeat"] = ratios
+                     "steps_per_s": 1 / statistics.median(t), "min_step_s": min(t), "n_steps": len(t)}
+              for name, t in times.items()}
+    for name, values in relative.items():  # > 1: faster than our TopK step
+        result[name]["speed_relative_to_our_topk"] = statistics.median(values)
+    if ratios:
+        result["speedup_ours_over_sparsify"] = statistics.median(ratios)
+        result["speedup_per_repeat"] = ratios
     result["dead_fraction"] = dead_fraction
     return result
 
@@ -345,6 +370,10 @@ def main(argv=None) -> int:
         ours, theirs = result[Ours.name], result[Sparsify.name]
         print(f"  {regime:9s} ours {ours['frames_per_s']:8,.0f} frames/s   sparsify {theirs['frames_per_s']:8,.0f} "
               f"frames/s   ours/sparsify {result['speedup_ours_over_sparsify']:.2f}x (median of per-repeat ratios)")
+        for cls in (OursJumpReLU, OursMatryoshka):
+            mine = result[cls.name]
+            print(f"  {'':9s} {cls.name} {mine['frames_per_s']:8,.0f} frames/s ({mine['steps_per_s']:.2f} steps/s), "
+                  f"{mine['speed_relative_to_our_topk']:.2f}x our TopK's speed")
     if "memory" in report:
         print("  step peak memory: " + ", ".join(f"{k} {v['step_peak_mb']:.0f} MB" for k, v in report["memory"].items()))
     if "demo" in report:

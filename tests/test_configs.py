@@ -1,5 +1,6 @@
-"""Every shipped config (configs/**/*.yaml) names a real asset, a partition it has, and a config Dagster accepts:
-what `freud collect --config` would run."""
+"""Every shipped config (configs/**/*.yaml, and the original FREUD's JSON configs under configs/**/*.json, as
+translated) names a real asset, a partition it has, and a config Dagster accepts: what `freud collect --config`
+would run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import dagster as dg
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIGS = sorted([*(REPO / "configs").rglob("*.yaml"), *(REPO / "configs").rglob("*.json")])
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +22,11 @@ def graph():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_a_shipped_config_names_a_known_asset_and_validates(path, graph):
-    from freud_pipeline.validation import load_run_config
+    from freud_pipeline.cli.legacy_config import read_run_config
 
     defs, asset_graph = graph
-    run = load_run_config(path)
+    run, translation = read_run_config(path)
+    assert (translation is not None) == (path.suffix == ".json")  # a shipped .json is an original FREUD config
     key = dg.AssetKey(run["asset"])
     assert asset_graph.has(key), run["asset"]
     node = asset_graph.get(key)

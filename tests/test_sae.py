@@ -103,6 +103,12 @@ def quick_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**defaults, **overrides})
 
 
+def small_sae(arch: str, d_in: int, n_latents: int, k: int):
+    """An SAE of `arch` with k latents per frame (the L0 target for JumpReLU; none for the L1 SAE)."""
+    kwargs = {"l1": {}, "jumprelu": {"l0_target": float(k)}}.get(arch, {"k": k})
+    return ARCHITECTURES[arch](d_in, n_latents, **kwargs)
+
+
 def history(uri: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
 
@@ -295,12 +301,12 @@ def test_saved_sae_takes_raw_activations(topk_run, frames):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_folding_matches_scaled_inputs_for_every_architecture(arch):
     torch.manual_seed(1)
-    sae = ARCHITECTURES[arch](32, 128, **({} if arch == "l1" else {"k": 8})).eval()
+    sae = small_sae(arch, 32, 128, 8).eval()
     with torch.no_grad():
         for p in sae.parameters():
             if p.dim() == 1:
-                p.normal_()  # non-zero biases: the part folding has to get right
-        if arch == "batchtopk":
+                p.normal_()  # non-zero biases (and JumpReLU's thresholds): the part folding has to get right
+        if arch in ("batchtopk", "matryoshka_batchtopk"):
             sae.threshold.fill_(0.5)
     from freud_pipeline.sae.scaling import folded_copy
 
@@ -315,15 +321,15 @@ def test_folding_matches_scaled_inputs_for_every_architecture(arch):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_checkpoint_round_trip(arch, tmp_path):
     torch.manual_seed(0)
-    sae = ARCHITECTURES[arch](48, 96, **({} if arch == "l1" else {"k": 6})).eval()
-    if arch == "batchtopk":
+    sae = small_sae(arch, 48, 96, 6).eval()
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         sae.threshold.fill_(0.1)
     save_checkpoint(sae, tmp_path, {"hook_name": HOOK, "model_name": "tiny.en"})
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["d_in"] == 48 and cfg["d_sae"] == 96 and cfg["freud_architecture"] == arch
-    assert cfg["architecture"] == {"topk": "topk", "l1": "standard", "batchtopk": "jumprelu"}[arch]  # SAELens'
+    assert cfg["architecture"] == ("topk" if arch == "topk" else "standard" if arch == "l1" else "jumprelu")  # SAELens'
     assert cfg["hook_name"] == HOOK and cfg["model_name"] == "tiny.en" and cfg["normalize_activations"] == "none"
-    assert cfg["dtype"] == "float32" and cfg["k"] == (None if arch == "l1" else 6)
+    assert cfg["dtype"] == "float32" and cfg["k"] == (None if arch in ("l1", "jumprelu") else 6)
     tensors = load_file(tmp_path / "sae_weights.safetensors")
     assert tensors["W_enc"].shape == (48, 96) and tensors["W_dec"].shape == (96, 48)
     assert tensors["b_enc"].shape == (96,) and tensors["b_dec"].shape == (48,)
@@ -337,7 +343,7 @@ def test_checkpoint_round_trip(arch, tmp_path):
         load_checkpoint(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", ["batchtopk", "l1", "topk"])  # the architectures that existed then
 def test_checkpoints_of_the_old_layout_still_load(arch, tmp_path):
     """Before the SAELens layout: sae.safetensors, our architecture name in `architecture`, a scalar threshold."""
     from safetensors.torch import save_file

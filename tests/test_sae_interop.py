@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from freud_pipeline.sae import BatchTopKSAE, TrainConfig, load_checkpoint, train_sae
+from freud_pipeline.sae import BatchTopKSAE, JumpReLUSAE, TrainConfig, load_checkpoint, train_sae
 from freud_pipeline.sae.checkpoint import CFG_FILE, WEIGHTS_FILE
 
 try:
@@ -39,9 +39,12 @@ __all__ = ["mlflow_uri", "one_intra_op_thread"]  # fixtures: used by pytest, not
 REPO = Path(__file__).resolve().parents[1]
 SAE_LENS_DIR = REPO / ".venv" / "extras" / "sae_lens"
 SAE_LENS_VERSION = "6.54.12"  # what scripts/install.sh installs
-ARCHS = ("topk", "l1", "batchtopk")
-SAELENS_ARCHITECTURE = {"topk": "topk", "l1": "standard", "batchtopk": "jumprelu"}
-SAELENS_CLASS = {"topk": "TopKSAE", "l1": "StandardSAE", "batchtopk": "JumpReLUSAE"}
+ARCHS = ("topk", "l1", "batchtopk", "jumprelu", "matryoshka_batchtopk")
+# SAELens has no inference class for Matryoshka BatchTopK SAEs: it saves them, as BatchTopK ones, as JumpReLU.
+SAELENS_ARCHITECTURE = {"topk": "topk", "l1": "standard", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+                        "matryoshka_batchtopk": "jumprelu"}
+SAELENS_CLASS = {"topk": "TopKSAE", "l1": "StandardSAE", "batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE",
+                 "matryoshka_batchtopk": "JumpReLUSAE"}
 
 # Runs in the subprocess: load every checkpoint with SAELens, encode and decode the frames, save the results.
 SAELENS_SCRIPT = """
@@ -87,14 +90,16 @@ def checkpoints(frames, mlflow_uri, tmp_path_factory) -> dict[str, Path]:
     found = {}
     for arch in ARCHS:
         cfg = TrainConfig(
-            architecture=arch, hook=HOOK, model_name="tiny.en", expansion_factor=4, k=16, lr=2e-3, warmup_steps=5,
-            steps=40, batch_size=256, log_every=20, eval_every=0, eval_batches=1, dead_after_frames=4096,
-            device="cpu",
+            architecture=arch, hook=HOOK, model_name="tiny.en", expansion_factor=4, k=16, l0_target=16,
+            matryoshka_prefixes=[0.125, 0.5], lr=2e-3, warmup_steps=5, steps=40, batch_size=256, log_every=20,
+            eval_every=0, eval_batches=1, dead_after_frames=4096, device="cpu",
         )  # fmt: skip
         result = train_sae(frames["train"], cfg, out_dir=tmp / "train" / arch, mlflow_tracking_uri=mlflow_uri,
                            experiment="test-sae-interop")  # fmt: skip
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka_batchtopk"):
             assert isinstance(result.sae, BatchTopKSAE) and float(result.sae.threshold) > 0
+        if arch == "jumprelu":
+            assert isinstance(result.sae, JumpReLUSAE)
         (tmp / "mlflow" / arch).mkdir(parents=True)
         found[arch] = Path(client.download_artifacts(result.run_id, "checkpoint", str(tmp / "mlflow" / arch)))
     return found
@@ -125,8 +130,13 @@ def test_checkpoint_artifact_is_in_the_saelens_layout(checkpoints):
         cfg = json.loads((directory / CFG_FILE).read_text())
         assert cfg["freud_architecture"] == arch and cfg["architecture"] == SAELENS_ARCHITECTURE[arch]
         assert "sae_lens_version" not in cfg  # SAELens reads it as its pre-6.0 flat config (docs/SAE_FORMAT.md)
-    threshold = load_file(checkpoints["batchtopk"] / WEIGHTS_FILE)["threshold"]
-    assert threshold.shape == (384 * 4,) and bool((threshold == threshold[0]).all()) and float(threshold[0]) > 0
+    for arch in ("batchtopk", "matryoshka_batchtopk"):  # one threshold, repeated per latent
+        threshold = load_file(checkpoints[arch] / WEIGHTS_FILE)["threshold"]
+        assert threshold.shape == (384 * 4,) and bool((threshold == threshold[0]).all()) and float(threshold[0]) > 0
+    threshold = load_file(checkpoints["jumprelu"] / WEIGHTS_FILE)["threshold"]  # learned per latent
+    assert threshold.shape == (384 * 4,) and threshold.unique().numel() > 384 and bool((threshold >= 0).all())
+    cfg = json.loads((checkpoints["matryoshka_batchtopk"] / CFG_FILE).read_text())
+    assert cfg["matryoshka_prefixes"] == [192, 768, 1536]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,4 +1,5 @@
-"""The `freud` command: transcribe, list hooks, run the demo pipeline, serve the app, query the feature index."""
+"""The `freud` command: transcribe, list hooks, run the demo pipeline, serve the app, query the feature index,
+import an SAE."""
 
 from __future__ import annotations
 
@@ -48,21 +49,72 @@ def _collect(args) -> int:
     import dagster as dg
 
     from freud_pipeline import validation
+    from freud_pipeline.cli.legacy_config import read_run_config
 
     # Checked before Dagster starts a run: a bad file or hook name is one line, and no output is created.
-    run = validation.load_run_config(args.config)
+    # An original FREUD JSON config is translated: its YAML equivalent printed, fields with no equivalent named.
+    run, translation = read_run_config(args.config)
+    if translation is not None:
+        print(translation.yaml())
+        for warning in translation.warnings:
+            print(f"freud: warning: {args.config}: {warning}", file=sys.stderr)
     validation.check_run_config(run, args.config)
 
     from freud_pipeline.cli.services import dagster_home
     from freud_pipeline.defs.definitions import defs
-    from freud_pipeline.defs.runner import materialize_asset
+    from freud_pipeline.defs.runner import check_asset_config, materialize_asset
 
+    if args.dry_run:
+        check_asset_config(defs, run["asset"], run.get("partition"), run.get("config"))
+        if translation is None:
+            import yaml
+
+            print(yaml.safe_dump(run, sort_keys=False), end="")
+        print(f"{args.config}: valid config of {run['asset']}"
+              f"{'/' + run['partition'] if run.get('partition') else ''} (dry run: nothing materialised)")
+        return 0
     dagster_home()
     with dg.DagsterInstance.get() as instance:
         result = materialize_asset(defs, run["asset"], run.get("partition"), run.get("config"), instance)
     print(f"{run['asset']}{'/' + run['partition'] if run.get('partition') else ''}: "
           f"{'materialised' if result.success else 'FAILED'} (run {result.run_id})")
     return 0 if result.success else 1
+
+
+def _import_sae(args) -> int:
+    import os
+    from pathlib import Path
+
+    from freud_pipeline.cli.features import _print_json
+    from freud_pipeline.features.runs import tracking_uri_for
+    from freud_pipeline.sae.importing import (corpus_activations, import_sae, index_imported_sae,
+                                              read_foreign_checkpoint)
+    from freud_pipeline.settings import data_dir
+
+    root = Path(args.data_dir).expanduser().resolve() if args.data_dir else data_dir()
+    loaded = read_foreign_checkpoint(args.path, hook=args.hook, model=args.model)
+    _, provenance = loaded
+    if not args.no_index:  # before anything is written: missing activations are one line, and nothing is created
+        corpus_activations(root, provenance["model"], provenance["hook"])
+    result = import_sae(args.path, tracking_uri=args.tracking_uri or tracking_uri_for(root), runs_dir=root / "sae",
+                        loaded=loaded)
+    out = {**result.summary(), "set_id": None, "n_features": None, "n_clips": None}
+    if not args.no_index:
+        index_uri = args.index_uri or os.environ.get("FREUD_LANCEDB_URI") or str(root / "lancedb")
+        summary = index_imported_sae(result, data_root=root, index_uri=index_uri, set_id=args.set_id)
+        out |= {"set_id": summary["set_id"], "n_features": summary["n_features"], "n_clips": summary["n_clips"],
+                "index_uri": index_uri}
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"{provenance['source']}: {provenance['layout']} {provenance['source_architecture']} SAE, "
+          f"{result.sae.n_latents} latents on {result.model} {result.hook}, imported as our {result.architecture}")
+    print(f"  run {result.run_id} in {result.checkpoint_dir}")
+    print(f"  registered as {out['registered_model']} version {out['model_version']}")
+    if out["set_id"]:
+        print(f"  feature set {out['set_id']}: {out['n_features']} features over {out['n_clips']} clips "
+              f"(browse it: freud feature --set {out['set_id']} --index 0, or the app)")
+    return 0
 
 
 def _app(args) -> int:
@@ -110,9 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="a small subset of the data, for a quick look")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("collect", help="materialise an asset from a config file (configs/features/*.yaml)")
+    p = sub.add_parser("collect", help="materialise an asset from a config file (configs/features/*.yaml; the "
+                                       "original FREUD's JSON configs too)")
     p.add_argument("--config", required=True)
+    p.add_argument("--dry-run", action="store_true", help="check the config and print it; materialise nothing")
     p.set_defaults(func=_collect)
+
+    p = sub.add_parser("import-sae", help="import an SAE (SAELens or dictionary_learning layout, or the original "
+                                          "FREUD's .pth): register it in MLflow and build its feature set")
+    p.add_argument("path", help="a checkpoint directory (cfg.json + sae_weights.safetensors, or ae.pt + config.json) "
+                                "or an original FREUD .pth")
+    p.add_argument("--hook", default=None, help="the Whisper hook point it reads (default: from its config)")
+    p.add_argument("--model", default=None, help="the Whisper model (default: from its config)")
+    p.add_argument("--set-id", default=None, help="the feature set's id (default <model>/<hook>/sae-imported-...)")
+    p.add_argument("--no-index", action="store_true", help="import and register only; build no feature set")
+    p.add_argument("--data-dir", default=None, help="the data directory (default: settings.data_dir())")
+    p.add_argument("--index-uri", default=None, metavar="URI", help="LanceDB feature index (default: the data "
+                                                                    "directory's, or $FREUD_LANCEDB_URI)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else the "
+                                                        "data directory's mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_import_sae)
 
     p = sub.add_parser("app", help="serve the Dash app in the foreground")
     p.add_argument("--host", default="127.0.0.1")
@@ -134,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from freud_pipeline.cli.features import add_parsers as add_feature_parsers
 
     add_feature_parsers(sub)  # top-features, top-examples, feature, sets
+
     return parser
 
 

@@ -1,5 +1,6 @@
-"""Materialise one asset (and whatever upstream it lacks) from a YAML config file, as `freud collect` does;
-free what runs of a process that died (kill -9, OOM) left holding before an in-process run starts."""
+"""Materialise one asset (and whatever upstream it lacks) from a run config file, as `freud collect` does (or only
+check the config, as `freud collect --dry-run` does); free what runs of a process that died (kill -9, OOM) left
+holding before an in-process run starts."""
 
 import socket
 
@@ -60,9 +61,7 @@ def materialize_asset(defs: dg.Definitions, asset: str, partition: str | None = 
     return _materialize(defs, asset, partition, config, instance)
 
 
-def _materialize(defs: dg.Definitions, asset: str, partition: str | None, config: dict | None,
-                 instance: dg.DagsterInstance | None) -> dg.ExecuteInProcessResult:
-    graph = defs.resolve_asset_graph()
+def _asset_node(graph, asset: str, partition: str | None):
     key = dg.AssetKey(asset)
     if not graph.has(key):
         known = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
@@ -72,6 +71,28 @@ def _materialize(defs: dg.Definitions, asset: str, partition: str | None, config
         keys = node.partitions_def.get_partition_keys()
         if partition not in keys:
             raise FreudError(f"asset {asset} needs a partition, one of: {', '.join(keys)}")
+    return key, node
+
+
+def check_asset_config(defs: dg.Definitions, asset: str, partition: str | None = None,
+                       config: dict | None = None) -> None:
+    """FreudError unless `asset` exists, `partition` is one of its partitions (when it has any) and Dagster accepts
+    `config` as its config: what a run would refuse first, checked without running anything."""
+    graph = defs.resolve_asset_graph()
+    _asset_node(graph, asset, partition)
+    job = dg.define_asset_job("config_check", selection=[asset]).resolve(asset_graph=graph,
+                                                                         resource_defs=defs.resources)
+    try:
+        dg.validate_run_config(job, {"ops": {asset: {"config": config or {}}}})
+    except dg.DagsterInvalidConfigError as exc:
+        problems = "; ".join(error.message for error in exc.errors) or str(exc)
+        raise FreudError(f"asset {asset}: config not accepted: {problems}") from None
+
+
+def _materialize(defs: dg.Definitions, asset: str, partition: str | None, config: dict | None,
+                 instance: dg.DagsterInstance | None) -> dg.ExecuteInProcessResult:
+    graph = defs.resolve_asset_graph()
+    key, node = _asset_node(graph, asset, partition)
     # Upstream assets never materialised in this instance run first: the same partition where partitioned alike,
     # every missing partition of a partitioned parent of an unpartitioned asset (which reads them all).
     for parent in node.parent_keys:

@@ -21,7 +21,9 @@ from freud_pipeline.sae.checkpoint import (
     save_checkpoint,
 )
 from freud_pipeline.sae.config import TrainConfig, demo_config
+from freud_pipeline.sae.jumprelu import JumpReLUSAE
 from freud_pipeline.sae.l1 import L1SAE
+from freud_pipeline.sae.matryoshka import MatryoshkaBatchTopKSAE
 from freud_pipeline.sae.metrics import EvalReport, evaluate_sae
 from freud_pipeline.sae.sources import FrameSource, TensorFrameSource
 from freud_pipeline.sae.topk import TopKSAE
@@ -38,7 +40,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "ARCHITECTURES", "BatchTopKSAE", "CheckpointDigestError", "CheckpointError", "EvalReport", "ForwardOutput",
-    "FrameSource", "L1SAE", "SaeRunConfig", "SparseAutoencoder", "TensorFrameSource", "TopKSAE", "TrainConfig",
-    "TrainResult", "architecture_class", "checkpoint_sha256", "demo_config", "evaluate_sae", "load_checkpoint",
-    "load_original_freud_checkpoint", "load_verified", "run_sae", "save_checkpoint", "train_sae",
+    "FrameSource", "JumpReLUSAE", "L1SAE", "MatryoshkaBatchTopKSAE", "SaeRunConfig", "SparseAutoencoder",
+    "TensorFrameSource", "TopKSAE", "TrainConfig", "TrainResult", "architecture_class", "checkpoint_sha256",
+    "demo_config", "evaluate_sae", "load_checkpoint", "load_original_freud_checkpoint", "load_verified", "run_sae",
+    "save_checkpoint", "train_sae",
 ]  # fmt: skip

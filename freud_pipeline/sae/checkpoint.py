@@ -1,11 +1,11 @@
 """SAE checkpoints on disk: `sae_weights.safetensors` + `cfg.json`, loadable as saved by SAELens' `SAE.load_from_disk`;
 plus the original FREUD's `.pth`. The format is described in docs/SAE_FORMAT.md.
 
-sae_weights.safetensors holds W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in] (BatchTopK adds
-`threshold` [d_sae], one value repeated, as SAELens' JumpReLU SAE wants it; the tied L1 SAE stores its one matrix
-both ways and a zero b_dec). Weights always take raw activations (any training-time input scaling is folded in),
-hence normalize_activations "none". cfg.json's `architecture` is SAELens' name for the equations (topk, standard,
-jumprelu); ours is `freud_architecture`.
+sae_weights.safetensors holds W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in] (JumpReLU adds
+its per-latent `threshold` [d_sae]; BatchTopK and Matryoshka BatchTopK their one threshold, repeated, as SAELens'
+JumpReLU SAE wants it; the tied L1 SAE stores its one matrix both ways and a zero b_dec). Weights always take raw
+activations (any training-time input scaling is folded in), hence normalize_activations "none". cfg.json's
+`architecture` is SAELens' name for the equations (topk, standard, jumprelu); ours is `freud_architecture`.
 
 Checkpoints written before that layout (`sae.safetensors`, our architecture names in `architecture`, a scalar
 threshold) still load.
@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from freud_pipeline.devices import resolve_device
 from freud_pipeline.errors import FreudError
-from freud_pipeline.sae.architectures import ARCHITECTURES, architecture_class
+from freud_pipeline.sae.architectures import architecture_class
 from freud_pipeline.sae.base import SparseAutoencoder
 
 WEIGHTS_FILE = "sae_weights.safetensors"  # SAELens' name
@@ -36,7 +36,10 @@ LEGACY_WEIGHTS_FILE = "sae.safetensors"  # checkpoints written before the SAELen
 CFG_FILE = "cfg.json"
 
 # Our architecture -> the SAELens architecture with the same inference equations (docs/SAE_FORMAT.md).
-SAELENS_ARCHITECTURE = {"topk": "topk", "l1": "standard", "batchtopk": "jumprelu"}
+SAELENS_ARCHITECTURE = {"topk": "topk", "l1": "standard", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+                        "matryoshka_batchtopk": "jumprelu"}
+# What a cfg.json without freud_architecture (written before the SAELens layout) can name in `architecture`.
+_LEGACY_ARCHITECTURES = ("topk", "l1", "batchtopk")
 # Keys describing the file format rather than the SAE: always written by save_checkpoint, never kept as metadata.
 _FORMAT_KEYS = (
     "architecture", "freud_architecture", "d_in", "d_sae", "dtype", "normalize_activations", "apply_b_dec_to_input",
@@ -97,7 +100,7 @@ def checkpoint_architecture(cfg: dict) -> str:
     if "freud_architecture" in cfg:
         return cfg["freud_architecture"]
     architecture = cfg.get("architecture", "topk")
-    if architecture not in ARCHITECTURES:  # e.g. "standard" or "jumprelu" without freud_architecture
+    if architecture not in _LEGACY_ARCHITECTURES:  # e.g. "standard" or "jumprelu" without freud_architecture
         raise ValueError(
             f"architecture {architecture!r} without freud_architecture: not a FREUD checkpoint (SAELens' own SAEs "
             f"are not tied L1 or BatchTopK SAEs in general)"

@@ -6,22 +6,33 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+_K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")  # those keeping k latents per frame
+
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    architecture: Literal["topk", "l1", "batchtopk"] = "topk"
+    architecture: Literal["topk", "l1", "batchtopk", "jumprelu", "matryoshka_batchtopk"] = "topk"
     hook: str
     model_name: str | None = None  # Whisper model the activations came from; defaults to source.model_name
     expansion_factor: PositiveInt = 16
     n_latents: PositiveInt | None = None  # overrides expansion_factor
-    k: PositiveInt = 32  # topk, batchtopk
+    k: PositiveInt = 32  # topk, batchtopk, matryoshka_batchtopk
     k_aux: PositiveInt | None = None  # None: d_in // 2
     auxk_alpha: float = Field(1 / 32, ge=0)
     dead_after_frames: PositiveInt = 1_000_000
     l1_alpha: float = Field(10.0, ge=0)  # l1; 1e-3 of recon_alpha, the ratio of er537's L1 and MSE weights
     recon_alpha: PositiveFloat = 1e4  # l1
-    threshold_decay: float = Field(0.99, ge=0, lt=1)  # batchtopk
+    threshold_decay: float = Field(0.99, ge=0, lt=1)  # batchtopk, matryoshka_batchtopk
+    # jumprelu: loss = FVU + l0_coefficient * penalty; the penalty is (L0 / l0_target - 1)^2, or L0 itself when
+    # l0_target is None (then l0_coefficient is per latent, ~1e-3). jumprelu_bandwidth: the straight-through
+    # estimator's kernel width, in scaled-input units (freud_pipeline/sae/jumprelu.py).
+    l0_coefficient: float = Field(1.0, ge=0)
+    l0_target: PositiveFloat | None = 32.0
+    jumprelu_bandwidth: PositiveFloat = 0.05
+    # matryoshka_batchtopk: the nested prefixes each trained to reconstruct alone; a value <= 1 is a fraction of
+    # the latents, > 1 a number of latents; the full dictionary is always the last (freud_pipeline/sae/matryoshka.py).
+    matryoshka_prefixes: list[PositiveFloat] = [1 / 16, 1 / 4, 1.0]
     normalize_inputs: bool = True  # rescale to mean norm sqrt(d_in) while training; folded into the weights
     scale_batches: PositiveInt = 4  # batches the input scale and b_dec init are estimated from
 
@@ -45,8 +56,16 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _k_fits(self) -> "TrainConfig":
-        if self.n_latents is not None and self.architecture != "l1" and self.k > self.n_latents:
+        if self.n_latents is not None and self.architecture in _K_ARCHITECTURES and self.k > self.n_latents:
             raise ValueError(f"k ({self.k}) cannot exceed n_latents ({self.n_latents})")
+        return self
+
+    @model_validator(mode="after")
+    def _prefixes_nest(self) -> "TrainConfig":
+        p = self.matryoshka_prefixes
+        if any(b <= a for a, b in zip(p, p[1:])) or any(v > 1 and not float(v).is_integer() for v in p):
+            raise ValueError(f"matryoshka_prefixes must increase strictly, as fractions <= 1 then whole latent "
+                             f"counts; got {p}")
         return self
 
     def latents_for(self, d_in: int) -> int:

@@ -62,9 +62,11 @@ class EvalReport:
     dense_fraction: float
     histogram: dict
     firing_frequency: Tensor = field(repr=False)
+    prefix_fvu: dict[int, float] = field(default_factory=dict)  # Matryoshka SAEs: FVU of each nested prefix
 
     def scalars(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if isinstance(v, (int, float))}
+        scalars = {k: v for k, v in asdict(self).items() if isinstance(v, (int, float))}
+        return scalars | {f"fvu_prefix_{size}": v for size, v in self.prefix_fvu.items()}
 
     def to_json(self) -> dict:
         return {**self.scalars(), "histogram": self.histogram}
@@ -84,7 +86,8 @@ def evaluate_sae(
     """Metrics over `n_batches` batches of `source.random_frames(hook, batch_size, seed)`.
 
     `input_scale` evaluates an unfolded SAE (trained on scaled inputs) on the scale it was trained at; all
-    metrics except MSE are invariant to it, and MSE is reported in raw units.
+    metrics except MSE are invariant to it, and MSE is reported in raw units. An SAE with nested prefixes
+    (`prefix_reconstructions`, Matryoshka) also gets the FVU of each prefix.
     """
     from freud_pipeline.sae.sources import as_frame_source
 
@@ -101,10 +104,15 @@ def evaluate_sae(
     sq_err = 0.0
     active = 0.0
     fire_counts = torch.zeros(sae.n_latents, dtype=torch.float64, device=device)
+    nested = getattr(sae, "prefix_reconstructions", None)
+    prefix_sq_err: dict[int, float] = {}
     batches = iter(source.random_frames(hook, batch_size, seed))
     for _ in range(n_batches):
         x = torch.as_tensor(next(batches)).to(device, torch.float32) * input_scale
         out = sae(x)
+        for size, x_hat in (nested(out) if nested is not None else {}).items():
+            err = float(((x - x_hat) / input_scale).double().pow(2).sum())
+            prefix_sq_err[size] = prefix_sq_err.get(size, 0.0) + err
         residual = ((x - out.x_hat) / input_scale).double()
         x = x.double() / input_scale
         n += x.shape[0]
@@ -130,4 +138,5 @@ def evaluate_sae(
         dense_fraction=dense_fraction(frequency),
         histogram=density_histogram(frequency),
         firing_frequency=frequency,
+        prefix_fvu={size: err / max(total_var, 1e-30) for size, err in prefix_sq_err.items()},
     )

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # Changing any of these between a checkpoint and its resumption would silently train a different model.
 _TRAJECTORY_FIELDS = (
     "architecture", "hook", "expansion_factor", "n_latents", "k", "k_aux", "auxk_alpha", "l1_alpha",
-    "recon_alpha", "threshold_decay", "normalize_inputs", "scale_batches", "lr", "optimiser", "optimiser_eps",
+    "recon_alpha", "threshold_decay", "l0_coefficient", "l0_target", "jumprelu_bandwidth", "matryoshka_prefixes",
+    "normalize_inputs", "scale_batches", "lr", "optimiser", "optimiser_eps",
     "schedule", "warmup_steps", "batch_size", "grad_clip", "weight_decay", "seed", "dead_after_frames",
 )  # fmt: skip
 
