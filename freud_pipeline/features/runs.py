@@ -29,7 +29,7 @@ DEFAULT_MLFLOW_URL = "http://127.0.0.1:5000"
 HEADLINE = ("fvu", "l0", "dead_pct", "ce_recovered", "wer", "delta_wer")
 # Params worth a column of their own (all params are in the comparison).
 PARAM_COLUMNS = ("architecture", "hook", "model_name", "k", "n_latents_resolved", "expansion_factor", "steps",
-                 "batch_size", "lr")
+                 "batch_size", "lr", "l0_target", "matryoshka_prefixes")
 # Params that differ between any two runs without meaning a different model.
 _NOISE_PARAMS = {"device_resolved", "start_step"}
 
@@ -154,6 +154,8 @@ def _row(run) -> dict:
         row[name] = params.get(name, tags.get(name))
     row["model_name"] = row["model_name"] or tags.get("model") or tags.get("whisper_model")
     row["n_latents"] = params.get("n_latents_resolved") or params.get("n_latents")
+    if row["architecture"] == "jumprelu":
+        row["k"] = None  # logged with every config, but a JumpReLU SAE has no k: its L0 comes from thresholds
     return row
 
 
