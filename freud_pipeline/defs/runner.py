@@ -61,14 +61,16 @@ def materialize_asset(defs: dg.Definitions, asset: str, partition: str | None = 
     return _materialize(defs, asset, partition, config, instance)
 
 
-def _asset_node(graph, asset: str, partition: str | None):
+def _asset_node(graph, asset: str, partition: str | None, instance: dg.DagsterInstance | None = None):
     key = dg.AssetKey(asset)
     if not graph.has(key):
         known = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
         raise FreudError(f"unknown asset {asset!r}; known assets: {', '.join(known)}")
     node = graph.get(key)
     if node.partitions_def is not None:
-        keys = node.partitions_def.get_partition_keys()
+        if isinstance(node.partitions_def, dg.DynamicPartitionsDefinition) and instance is None:
+            return key, node  # its partitions live in an instance (incoming batches): the run checks the key
+        keys = node.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
         if partition not in keys:
             raise FreudError(f"asset {asset} needs a partition, one of: {', '.join(keys)}")
     return key, node
@@ -92,11 +94,14 @@ def check_asset_config(defs: dg.Definitions, asset: str, partition: str | None =
 def _materialize(defs: dg.Definitions, asset: str, partition: str | None, config: dict | None,
                  instance: dg.DagsterInstance | None) -> dg.ExecuteInProcessResult:
     graph = defs.resolve_asset_graph()
-    key, node = _asset_node(graph, asset, partition)
+    key, node = _asset_node(graph, asset, partition, instance)
     # Upstream assets never materialised in this instance run first: the same partition where partitioned alike,
-    # every missing partition of a partitioned parent of an unpartitioned asset (which reads them all).
+    # every missing partition of a partitioned parent of an unpartitioned asset (which reads them all). Dynamic
+    # partitions (incoming batches) are the sensor's to fill: the asset reads the ones there are.
     for parent in node.parent_keys:
         parent_node = graph.get(parent)
+        if isinstance(parent_node.partitions_def, dg.DynamicPartitionsDefinition):
+            continue
         if parent_node.partitions_def is None:
             needed = [None]
         elif node.partitions_def is not None:
