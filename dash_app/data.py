@@ -372,6 +372,8 @@ class IndexAccess:
         self._spectrograms = _LRU(2048)
         self._pages = _LRU(128)  # rendered search pages: the same link (a shared URL, back button) costs nothing
         self._sets_cache: tuple[float, list[dict]] | None = None
+        self._matches_cache: tuple[float, tuple] | None = None
+        self._effects_cache: tuple[float, tuple] | None = None
         self._own_cache: tempfile.TemporaryDirectory | None = None
         # decoded uploads and recordings by random token (upload and edit pages), shared by the worker processes
         self.uploads = AudioStore(lambda: self.cache_dir("uploads"))
@@ -420,6 +422,55 @@ class IndexAccess:
     def builds(sets: list[dict]) -> tuple:
         """What identifies the index's current content: cached pages are valid while it is unchanged."""
         return tuple(sorted((str(s["set_id"]), str(s.get("build_id") or s.get("created_at"))) for s in sets))
+
+    # -- feature matches across SAEs (FeatureIndex.counterparts, .seed_stability) ---------------------------------
+    def _index_uri(self) -> str | None:
+        return getattr(self.index, "uri", None)  # an index without a LanceDB location (a stub) has no matches
+
+    def counterparts(self, set_id: str, index: int) -> list[dict]:
+        """A feature's closest counterparts in the other indexed SAE sets ([{set_id, index, cosine, rank}]); []
+        when none were computed. FeatureSetError / FeatureIndexError as the index raises them."""
+        if self._index_uri() is None:
+            return []
+        return self.index.counterparts(str(set_id), int(index))
+
+    def matches_version(self) -> tuple:
+        """What identifies the stored counterparts (each pair's current match id), re-read at most every
+        SETS_TTL_S: part of a cached search page's key, since counterparts land just after an index build."""
+        with self._lock:
+            cached = self._matches_cache
+        if cached is not None and time.monotonic() - cached[0] < self.SETS_TTL_S:
+            return cached[1]
+        version: tuple = ()
+        if self._index_uri() is not None:
+            try:
+                version = self.index.matches_version()
+            except Exception:  # noqa: BLE001 - no matches table is no matches
+                log.exception("cannot read the feature matches")
+        with self._lock:
+            self._matches_cache = (time.monotonic(), version)
+        return version
+
+    def effects_version(self) -> tuple:
+        """What identifies the stored feature effects (each set's current computation), re-read at most every
+        SETS_TTL_S: part of a cached search page's key."""
+        with self._lock:
+            cached = self._effects_cache
+        if cached is not None and time.monotonic() - cached[0] < self.SETS_TTL_S:
+            return cached[1]
+        version: tuple = ()
+        if self._index_uri() is not None:
+            try:
+                version = self.index.effects_version()
+            except Exception:  # noqa: BLE001 - no effects table is no effects
+                log.exception("cannot read the feature effects")
+        with self._lock:
+            self._effects_cache = (time.monotonic(), version)
+        return version
+
+    def seed_stability(self) -> list[dict]:
+        """The recorded seed-stability rows, newest study first."""
+        return self.index.seed_stability() if self._index_uri() is not None else []
 
     def cached_page(self, key):
         """A page rendered earlier for `key` (which includes `builds(...)`), or None."""
@@ -539,3 +590,26 @@ def audio_url(clip_id: str, download: bool = False) -> str:
 def spectrogram_url(clip_id: str, version: str) -> str:
     """The app's URL of a manifest clip's spectrogram PNG; `version` (the image's hash) lets browsers keep it."""
     return f"/spectrogram/{quote(str(clip_id), safe='')}.png?v={version}"
+
+
+def feature_effects(access: IndexAccess, set_id: str, features: list[int]) -> tuple[dict | None, dict[int, dict]]:
+    """(the set's stored effect summary with its chance level, or None when none was computed; {feature: its
+    stored effect}) through the FeatureIndex. (None, {}) for an index without a LanceDB location (a stub) or when
+    the effects cannot be read."""
+    if access._index_uri() is None:
+        return None, {}
+    try:
+        summary = access.index.effect_summary(str(set_id))
+        rows = access.index.feature_effects(str(set_id), [int(f) for f in features]) if summary else []
+    except Exception:  # noqa: BLE001 - effects are extra information: the page works without them
+        log.exception("cannot read the feature effects of %s", set_id)
+        return None, {}
+    return summary, {int(r["feature"]): r for r in rows}
+
+
+def features_by_effect(access: IndexAccess, set_id: str, limit: int = 50, descending: bool = True) -> list[dict]:
+    """The set's measured features ranked by stored ΔCE when ablated, rows as `feature_effects` gives them; [] for
+    an index without a LanceDB location or when nothing was computed."""
+    if access._index_uri() is None:
+        return []
+    return access.index.features_by_effect(str(set_id), limit, descending=descending)

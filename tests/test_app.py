@@ -351,6 +351,19 @@ def test_search_shows_results_with_spectrograms_and_histogram(dash_duo, feature_
     assert "/audio/asterisk-" in src and "/tmp" not in src and ".wav" not in src.split("/audio/")[1]
     # similar features are links to their own search pages
     assert dash_duo.find_elements("#similar-features a")
+    # typical examples across activation levels: clips drawn per octave of the peak, each value inside its band,
+    # each linking to its own analysis; they reach below the strongest clips
+    typical = dash_duo.find_elements("#typical-examples .typical-example")
+    assert typical, dash_duo.find_element("#typical-examples").text
+    peaks = clip_peaks[:, strong_feature]
+    shown = [(e.find_element("css selector", ".chip.level").text,
+              float(e.find_element("css selector", ".muted").text.split()[0])) for e in typical]
+    assert len({band for band, _ in shown}) >= 2, shown
+    for band, value in shown:  # "1–2" or "< 0.0078": the value lies in its band, and never above the feature's max
+        low, high = (0.0, float(band[2:])) if band.startswith("<") else map(float, band.split("–"))
+        assert low <= value <= high and value <= float(peaks.max()) * 1.001, (band, value)
+    assert all("/upload?clip=" in a.get_attribute("href") for a in
+               dash_duo.find_elements("#typical-examples .typical-example a"))
     dash_duo.wait_for_element("#search-results audio.freud-audio")
     seen = _see(dash_duo, "search-results", "#clip-graph-0", "#clip-graph-4", "#search-histogram",
                 "#clip-graph-0-audio", "#clip-graph-0 image")

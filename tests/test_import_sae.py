@@ -411,7 +411,7 @@ def test_shipped_original_configs_translate_to_default_corpus_configs():
 
 
 def test_original_configs_match_the_hand_ported_yaml_and_name_what_has_no_equivalent():
-    original = {  # the original's configs/train/tiny_topk.json (freud-behaviours.md, "Training configs")
+    original = {  # the original tool's tiny_topk training config (freud-behaviours.md, "Training configs")
         "seed": 0, "train_folder": "activations/tiny_block_2/LibriSpeech/train-other-500",
         "val_folder": "activations/tiny_block_2/LibriSpeech/dev-other", "device": "cuda", "run_dir": "runs/tiny_topk",
         "lr": 1e-4, "weight_decay": 0.0, "steps": 100000, "clip_thresh": 1.0, "batch_size": 50, "dl_max_workers": 8,

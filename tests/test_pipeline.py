@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import mlflow
 import pandas as pd
@@ -256,3 +258,25 @@ def test_files_dropped_in_the_watched_folder_become_searchable_clips_of_the_inde
     assert all(not m["merged"] for m in _metadata(again, "incoming_index")["sets"].values())
     assert {s["set_id"]: s["build_id"] for s in index.sets()} == {k: v["build_id"] for k, v in after.items()}
 
+
+
+@pytest.mark.parametrize("name", ["demo_jumprelu", "demo_matryoshka"])
+def test_each_architecture_trains_through_freud_collect(materialised, name, tmp_path, monkeypatch):
+    """`freud collect --config configs/train/<name>.yaml` on the embedded data: the shipped recipe, shortened (few
+    steps, 4 spliced clips, the gate of a short run), through the real CLI and the pipeline's instance; the run
+    lands in MLflow with its architecture and is on the runs page's list."""
+    import yaml
+
+    from freud_pipeline.cli import main
+    from freud_pipeline.features.runs import list_runs
+
+    results, instance = materialised
+    run = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train" / f"{name}.yaml").read_text())
+    run["config"].update({"steps": 40, "batch_size": 256, "checkpoint_every": 20, "eval_every": 0,
+                          "splice_clips": 4, "max_fvu": 0.95, "max_dead_pct": 100.0, "min_ce_recovered": 0.0})
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(run))
+    monkeypatch.setenv("DAGSTER_HOME", instance.root_directory)  # the instance the default slice went into
+    assert main(["collect", "--config", str(config)]) == 0
+    architecture = run["config"]["architecture"]
+    assert any(r["architecture"] == architecture and r["hook"] == run["config"]["hook"] for r in list_runs())

@@ -2,7 +2,8 @@
 
 Upload or record a clip (or load a dataset clip by id), pick an SAE feature set, list features with factors
 (0 ablates, -1 flips, 2 doubles), and see three transcripts (original, SAE reconstruction spliced in, edited;
-differences highlighted), the edited features' traces before/after and the per-frame activation change.
+differences highlighted), the edited features' traces before/after and the per-frame activation change, and each
+edited feature's stored effect on the transcript when ablated alone (`features.effect_store`, with the chance level).
 The work is `freud_pipeline.features.editing.edit_clip`; this page only collects the inputs and draws.
 
 Audio stays on the server: an upload or recording is decoded once and kept in a small LRU under a random token
@@ -29,6 +30,7 @@ from dash_app.data import (
     audio_url,
     clip_log_mel,
     decode_upload,
+    feature_effects,
     search_href,
     set_label,
     wav_data_uri,
@@ -273,6 +275,52 @@ def edit_figure(result: dict) -> go.Figure:
     return fig
 
 
+def _signed(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}"
+
+
+def effects_view(access: IndexAccess, set_id: str | None, features: list[int]) -> html.Div:
+    """The stored effect of each edited feature on the transcript when it alone is ablated (sae_feature_effects),
+    with the set's chance level, or "not computed"."""
+    summary, rows = feature_effects(access, set_id, features) if set_id else (None, {})
+    title = html.Strong("Effect on the transcript when ablated alone ")
+    if summary is None:
+        return html.Div([title, html.Span("not computed for this set (the sae_feature_effects asset measures it).",
+                                          className="muted")], className="card-line", id="edit-effects")
+    threshold = summary.get("chance_abs_p95")
+    pad = {"paddingRight": "18px"}
+    body = []
+    for j in features:
+        row = rows.get(int(j))
+        if row is None:
+            body.append(html.Tr([html.Td(str(j), style=pad),
+                                 html.Td("not computed", colSpan=4, className="muted effect-missing")]))
+            continue
+        above = threshold is not None and row["delta_ce"] is not None and row["delta_ce"] > threshold
+        body.append(html.Tr([
+            html.Td(str(j), style=pad),
+            html.Td(html.Strong(_signed(row["delta_ce"])) if above else _signed(row["delta_ce"]), style=pad,
+                    className="effect-delta-ce"),
+            html.Td(f"[{_signed(row['ci_low'])}, {_signed(row['ci_high'])}]", style=pad),
+            html.Td(fmt(row["n_clips"]), style=pad),
+            html.Td("not measured" if row["delta_wer"] is None else f"{100 * row['delta_wer']:+.1f} points",
+                    style=pad),
+        ]))
+    table = html.Table(
+        [html.Thead(html.Tr([html.Th(h, style={"textAlign": "left", "paddingRight": "18px"})
+                             for h in ("feature", "ΔCE (nats/token)", "95% CI", "top clips", "ΔWER")])),
+         html.Tbody(body)], className="stats-table", id="edit-effects-table")
+    chance = (f"Chance (ablating a random direction of the same norm, {fmt(summary.get('chance_n') or 0)} features): "
+              f"ΔCE {_signed(summary.get('chance_delta_ce'))} [{_signed(summary.get('chance_ci_low'))}, "
+              f"{_signed(summary.get('chance_ci_high'))}]; 95% of them below |ΔCE| "
+              + ("–" if threshold is None else f"{threshold:.4f}")
+              + ("" if summary.get("current") else " · computed on an earlier build of this set"))
+    return html.Div([title, html.Span("(stored: the original model against the feature removed on its top clips; "
+                                      "bold: above chance)", className="muted"), table,
+                     html.Div(chance, className="hint", id="edit-effects-chance")],
+                    className="card-line", id="edit-effects", style={"marginTop": "10px"})
+
+
 def results_view(result: dict, access: IndexAccess, audio, source: dict) -> html.Div:
     set_id = result["set_id"]
     notes = []
@@ -326,6 +374,7 @@ def results_view(result: dict, access: IndexAccess, audio, source: dict) -> html
                     html.H3("Edited features", className="card-title"),
                     html.Div(meta, className="muted card-line", id="edit-meta"),
                     table,
+                    effects_view(access, set_id, [int(j) for j in result["traces"]]),
                     dcc.Graph(id="edit-graph", figure=edit_figure(result), config={"displayModeBar": False}),
                     *spectrogram,
                 ],

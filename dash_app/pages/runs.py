@@ -1,4 +1,5 @@
-"""SAE runs: /runs lists MLflow experiment "freud-sae" (sortable table); ticking two runs compares them side by side.
+"""SAE runs: /runs lists MLflow experiment "freud-sae" (sortable table); ticking two runs compares them side by side;
+the recorded seed-stability studies (share of features matched across seeds against chance) are shown below.
 
 The runs come from `freud_pipeline.features.runs` (MlflowClient; the first visit imports MLflow, a few seconds).
 Each run links to the MLflow UI (env FREUD_MLFLOW_URL, default http://127.0.0.1:5000) and to the feature sets
@@ -92,6 +93,14 @@ def layout(access: IndexAccess, mlflow_uri_of) -> html.Div:
                  dcc.Graph(id="runs-tradeoff", figure=tradeoff_figure([]), config={"displaylogo": False},
                            style=clip_graph_style(320))],
                 className="card", style={"marginTop": "12px"}),
+            html.Div(
+                [html.H3("Seed stability", className="card-title"),
+                 html.Div("The SAE recipe trained with different seeds: the share of one run's features whose "
+                          "one-to-one counterpart in the other run (decoder cosine, optimal assignment) reaches each "
+                          "cosine threshold, against the same share for two random dictionaries of the same shapes "
+                          "(chance).", className="hint"),
+                 html.Div(id="runs-stability")],
+                className="card", style={"marginTop": "12px"}),
             html.Div(id="runs-compare", className="card", style={"marginTop": "12px"}),
         ],
         id="runs-page",
@@ -122,6 +131,14 @@ def _columns() -> list[dict]:
         {"id": "status", "name": "status"},
     ]
     return cols
+
+
+def _trained_runs(runs: list[dict]) -> list[dict]:
+    """The runs that trained an SAE: a seed-stability study's parent run (its metrics are in the stability
+    card) is left out."""
+    from freud_pipeline.features.matches import STUDY_KIND, STUDY_KIND_TAG
+
+    return [r for r in runs if (r.get("tags") or {}).get(STUDY_KIND_TAG) != STUDY_KIND]
 
 
 def _int(value):
@@ -229,6 +246,46 @@ def comparison(a: dict, b: dict, sets_by_run: dict[str, list[dict]]) -> html.Div
     )
 
 
+def stability_view(rows: list[dict], studies: int = 5) -> html.Div:
+    """The recorded seed-stability studies (features.matches.seed_stability rows, newest first), the latest
+    `studies` of them: per pair of seeds, the share matched at each threshold and the chance level."""
+    from freud_pipeline.features.runs import run_url
+
+    if not rows:
+        return html.Div(["No seed-stability study recorded yet: run ",
+                         html.Code("freud collect --config configs/train/demo_seed_stability.yaml"),
+                         " (it trains the SAE recipe with a second seed)."],
+                        className="muted", id="runs-stability-empty")
+    by_study: dict[str, list[dict]] = {}
+    for row in rows:
+        by_study.setdefault(row["study_id"], []).append(row)
+    blocks = []
+    for study_id, pairs in list(by_study.items())[:studies]:
+        first = pairs[0]
+        thresholds = first["thresholds"]
+        head = html.Tr([html.Th(x, style=CELL) for x in ["seeds", "runs", *[f"cosine ≥ {t:g}" for t in thresholds],
+                                                          "mean cosine"]])
+        body = [html.Tr([
+            html.Td(f"{p['seed_a']} vs {p['seed_b']}", style=CELL),
+            html.Td(f"{p['run_a'][:8]} · {p['run_b'][:8]}", className="clip-id", style=CELL),
+            *[html.Td([html.Strong(f"{c['share_matched']:.1%}", className="stability-share"),
+                       html.Span(f" (chance {c['chance']:.1%})", className="muted stability-chance")], style=CELL)
+              for c in p["curve"]],
+            html.Td([html.Strong(fmt(p["mean_cosine"])),
+                     html.Span(f" (chance {fmt(p['chance_mean_cosine'])})", className="muted")], style=CELL),
+        ]) for p in pairs]
+        when = first["created_at"].strftime("%Y-%m-%d %H:%M UTC") if first.get("created_at") else ""
+        link = (html.A("MLflow ↗", href=run_url({"experiment_id": first["experiment_id"], "run_id": study_id}),
+                       target="_blank", rel="noopener", className="download") if first.get("experiment_id") else "")
+        blocks.append(html.Div([
+            html.Div([html.Strong(f"{first['model']} · {first['hook']} · {first['architecture']}"),
+                      html.Span(f", {first['n_latents']:,} latents, {first['steps']:,} steps · {when} · ",
+                                className="muted"), link], className="card-line"),
+            html.Table([html.Thead(head), html.Tbody(body)], className="stats-table stability-table"),
+        ], className="stability-study"))
+    return html.Div(blocks, id="runs-stability-studies")
+
+
 def register(app, access: IndexAccess, mlflow_uri_of) -> None:
     from freud_pipeline.features import runs as runs_lib
 
@@ -245,7 +302,7 @@ def register(app, access: IndexAccess, mlflow_uri_of) -> None:
     def load(_page):
         uri = mlflow_uri_of()
         try:
-            runs = runs_lib.list_runs(uri)
+            runs = _trained_runs(runs_lib.list_runs(uri))
         except runs_lib.RunsUnavailable as exc:
             return [], notice(str(exc), "error", id="runs-error"), tradeoff_figure([])
         if not runs:
@@ -257,6 +314,14 @@ def register(app, access: IndexAccess, mlflow_uri_of) -> None:
         rows = table_rows(runs, sets_by_run())
         return rows, html.Div(f"{len(rows)} run{'s' if len(rows) != 1 else ''}, newest first", id="runs-count",
                               className="muted results-count"), tradeoff_figure(runs)
+
+    @app.callback(Output("runs-stability", "children"), Input("runs-page", "id"))
+    def stability(_page):
+        try:
+            return stability_view(access.seed_stability())
+        except Exception as exc:  # noqa: BLE001 - no index yet, or an unreadable one: say so in the card
+            log.exception("seed stability cannot be read")
+            return notice(f"Seed stability cannot be read: {exc}", "warning", id="runs-stability-error")
 
     @app.callback(
         Output("runs-compare", "children"),
@@ -279,4 +344,4 @@ def register(app, access: IndexAccess, mlflow_uri_of) -> None:
         return comparison(runs[selected[0]], runs[selected[1]], sets_by_run())
 
 
-__all__ = ["PATH", "comparison", "layout", "register", "table_rows"]
+__all__ = ["PATH", "comparison", "layout", "register", "stability_view", "table_rows"]

@@ -33,6 +33,8 @@ from dash_app.data import (
     SearchState,
     audio_url,
     edit_href,
+    feature_effects,
+    features_by_effect,
     spectrogram_url,
     set_label,
     set_options,
@@ -238,6 +240,100 @@ def _result_item(access: IndexAccess, i: int, ex: dict, shade_scale: float | Non
 
 
 
+def _counterparts(access: IndexAccess, set_info: dict, index: int) -> list[dict]:
+    """The feature's closest counterparts in the other SAE sets ([] for neuron sets, or when they cannot be read:
+    they are a bonus, like similar features)."""
+    if set_info.get("kind") != "sae":
+        return []
+    try:
+        return access.counterparts(str(set_info["set_id"]), index)
+    except Exception:  # noqa: BLE001
+        log.exception("counterparts failed")
+        return []
+
+
+def with_counterparts(card: dict, counterparts: list[dict], sae: bool) -> dict:
+    """The feature card (wire format) with a line "closest counterparts in other SAEs": per other set, chips
+    linking to its closest features (decoder cosine). SAE sets only."""
+    if not sae:
+        return card
+    h = wire.html
+    groups: dict[str, list[dict]] = {}
+    for item in counterparts:
+        groups.setdefault(item["set_id"], []).append(item)
+    lines = [h("Div", [h("Span", f"{other}: ", className="muted counterpart-set"),
+                       *[wire.dcc("Link", f"{c['index']} ({c['cosine']:.2f})", href=search_href(other, c["index"]),
+                                  className="chip counterpart", title=f"{other}, feature {c['index']}")
+                         for c in items]], className="counterpart-group")
+             for other, items in groups.items()]
+    block = h("Div", [h("Span", "closest counterparts in other SAEs: ", className="muted"),
+                      *(lines or [h("Span", "none yet (they need another indexed SAE set of this model and "
+                                    "width, linked by the sae_counterparts asset)", className="muted")])],
+              className="card-line similar", id="feature-counterparts")
+    card["props"]["children"] = [*card["props"]["children"], block]
+    return card
+
+
+def typical_block(typical: list[dict], set_id: str, top_value: float | None) -> dict:
+    """Examples across the activation range (wire format): per octave of the clip's peak, the clips drawn there,
+    each linking to its analysis; says so when the set has none (built before levels were sampled)."""
+    h = wire.html
+    if not typical:
+        body = [h("Span", "none stored for this feature (no clip fired, or the set was built before examples across "
+                          "levels were sampled: rebuild it)", className="muted")]
+    else:
+        body = []
+        for example in typical:
+            share = f" · {example['value'] / top_value:.0%} of the top" if top_value else ""
+            text = (example.get("transcript") or "")[:80]
+            body.append(h("Div", [
+                h("Span", f"{_level_name(example)}", className="chip level"),
+                wire.dcc("Link", example["clip_id"], href=clip_href(example["clip_id"], set_id), className="clip-id"),
+                h("Span", f" {fmt(example['value'])} at {example['peak_time_s']:.2f} s{share}", className="muted"),
+                h("Span", f" “{text}”" if text else "", className="transcript"),
+            ], className="typical-example"))
+    return h("Div", [h("H4", "Typical examples across activation levels"),
+                     h("Div", "Clips drawn at random from each band of peak activation (octaves), not only the strongest: "
+                              "does the label hold below the top?", className="muted"), *body],
+             className="card typical-card", id="typical-examples")
+
+
+def effect_block(summary: dict | None, effect: dict | None, ranked: list[dict], set_id: str, index: int) -> dict:
+    """What ablating SAE features does to the transcript (wire format): this feature's stored ΔCE with its interval
+    and ΔWER, beside the chance level of random directions, and the set's features ranked by ΔCE as links."""
+    h = wire.html
+    if summary is None:
+        return h("Div", [h("H4", "Effect on the transcript"),
+                         h("Span", "not computed for this set (the sae_feature_effects asset measures it)",
+                           className="muted")], className="card effect-card", id="feature-effect")
+    chance = summary.get("chance_abs_p95")
+    chance_text = f"chance: random directions of the same norm, 95% of |ΔCE| below {fmt(chance)}" if chance else ""
+    if effect is None:
+        line = h("Span", f"feature {index} not measured (the computation covered {summary.get('n_features')} "
+                         "features)", className="muted")
+    else:
+        above = chance is not None and effect["delta_ce"] is not None and abs(effect["delta_ce"]) > chance
+        wer = (f" · ΔWER {effect['delta_wer'] * 100:+.1f} points on {effect['wer_clips']} clips"
+               if effect.get("delta_wer") is not None else "")
+        line = h("Span", [h("Strong", f"ΔCE {effect['delta_ce']:+.4f} nats/token"),
+                          f" [{fmt(effect['ci_low'])}, {fmt(effect['ci_high'])}] on {effect['n_clips']} top clips{wer}"
+                          f" · {'above' if above else 'within'} chance"], id="feature-effect-value")
+    rows = [h("Li", [wire.dcc("Link", f"feature {r['feature']}", href=search_href(set_id, r["feature"])),
+                     h("Span", f" ΔCE {r['delta_ce']:+.4f}" + (" ★" if chance and abs(r["delta_ce"]) > chance else ""),
+                       className="muted")]) for r in ranked]
+    ranking = h("Details", [h("Summary", f"Features that matter most for the transcript ({len(ranked)} by ΔCE "
+                                         "when ablated; ★ above chance)"), h("Ol", rows, className="effect-ranking")],
+                className="by-effect", id="features-by-effect")
+    return h("Div", [h("H4", "Effect on the transcript (this feature ablated alone)"), line,
+                     h("Div", chance_text, className="muted"), ranking], className="card effect-card",
+             id="feature-effect")
+
+
+def _level_name(example: dict) -> str:
+    low, high = example["low"], example["high"]
+    return f"< {fmt(high)}" if low == 0 else f"{fmt(low)}–{fmt(high)}"
+
+
 def _signed_at(trace, peak_time, fallback, offset: int = 0):
     """The trace value at the peak time (the marker sits on the line even for |a| searches)."""
     if peak_time is None or not len(trace):
@@ -273,6 +369,17 @@ def render(access: IndexAccess, search: str | None):
         except Exception:  # noqa: BLE001 - similar features are a bonus
             log.exception("similar_features failed")
             similar = []
+        counterparts = _counterparts(access, checked.set_info, index)
+        effect_summary, effect, ranked = None, None, []
+        if checked.set_info.get("kind") == "sae":
+            effect_summary, effects_of = feature_effects(access, set_id, [index])
+            effect = effects_of.get(index)
+            ranked = features_by_effect(access, set_id, limit=25) if effect_summary else []
+        try:
+            typical = index_api.typical_examples(set_id, index)
+        except Exception:  # noqa: BLE001 - a bonus, like similar features
+            log.exception("typical_examples failed")
+            typical = []
         extra = {"negative": True} if checked.negative else {}
         examples = index_api.top_examples(set_id, index, n=checked.n, min_value=checked.min_value,
                                           max_value=checked.max_value, absolute=checked.absolute, **extra)
@@ -283,7 +390,8 @@ def render(access: IndexAccess, search: str | None):
 
     summary = html.Div(
         [
-            feature_card(dict(feature), set_id=set_id, index=index, set_label=label, similar=similar),
+            with_counterparts(feature_card(dict(feature), set_id=set_id, index=index, set_label=label,
+                                           similar=similar), counterparts, checked.set_info.get("kind") == "sae"),
             html.Div(
                 dcc.Graph(id="search-histogram",
                           figure=histogram_figure(hist, index=index, min_value=checked.min_value,
@@ -326,8 +434,11 @@ def render(access: IndexAccess, search: str | None):
     editable = index if checked.set_info.get("kind") == "sae" else None
     items = [_result_item(access, i, dict(ex), scale, (lo, hi), set_id, value_name, editable)
              for i, ex in enumerate(examples)]
+    typical_card = typical_block(typical, set_id, (feature.get("stats") or {}).get("max"))
+    effect_card = ([effect_block(effect_summary, effect, ranked, set_id, index)]
+                   if checked.set_info.get("kind") == "sae" else [])
     # the results are wire-format elements throughout (20 of them: see dash_app.wire)
-    return summary, wire.html("Div", [count, *items], className="results"), {}
+    return summary, wire.html("Div", [*effect_card, count, *items, typical_card], className="results"), {}
 
 
 def render_cached(access: IndexAccess, search: str | None):
@@ -336,7 +447,8 @@ def render_cached(access: IndexAccess, search: str | None):
     sets, message = access.status()
     if message:
         return render(access, search)
-    key = ("search", SearchState.from_search(search).to_search(), access.builds(sets))
+    key = ("search", SearchState.from_search(search).to_search(), access.builds(sets), access.matches_version(),
+           access.effects_version())
     hit = access.cached_page(key)
     if hit is not None:
         return orjson.loads(hit)

@@ -85,7 +85,7 @@ def _import_sae(args) -> int:
     import os
     from pathlib import Path
 
-    from freud_pipeline.cli.features import _print_json
+    from freud_pipeline.cli.features import print_json
     from freud_pipeline.features.runs import tracking_uri_for
     from freud_pipeline.sae.importing import (corpus_activations, import_sae, index_imported_sae,
                                               read_foreign_checkpoint)
@@ -105,7 +105,7 @@ def _import_sae(args) -> int:
         out |= {"set_id": summary["set_id"], "n_features": summary["n_features"], "n_clips": summary["n_clips"],
                 "index_uri": index_uri}
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(f"{provenance['source']}: {provenance['layout']} {provenance['source_architecture']} SAE, "
           f"{result.sae.n_latents} latents on {result.model} {result.hook}, imported as our {result.architecture}")
@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     from freud_pipeline.cli.features import add_parsers as add_feature_parsers
 
     add_feature_parsers(sub)  # top-features, top-examples, feature, sets
+    from freud_pipeline.cli.effects import add_parser as add_effects_parser
 
+    add_effects_parser(sub)  # effects
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`freud top-features | top-examples | feature | sets`: the feature index from the shell.
+"""`freud top-features | top-examples | feature | sets | stability | counterparts`: the feature index from the shell.
 
 Pure wrappers over `freud_pipeline.features.FeatureIndex`. With `--json` each command prints exactly what the
 query API returns (a list, or a dict for `feature`), made strict JSON: NaN/inf become null, timestamps ISO 8601
@@ -63,7 +63,7 @@ def _drop_traces(rows: list[dict], keep: bool) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TRACE_KEYS} for row in rows]
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
     print(json.dumps(jsonable(data), indent=1, allow_nan=False))
 
 
@@ -116,7 +116,7 @@ def top_features(args) -> int:
     # checks the set before loading Whisper
     rows = index.clip_features(audio, args.set, n=args.n, include_artefacts=args.artefacts)
     if args.json:
-        _print_json(_drop_traces(rows, args.traces))
+        print_json(_drop_traces(rows, args.traces))
         return 0
     left_out = "" if args.artefacts else "; artefact features left out (--artefacts shows them)"
     print(f"{args.audio}: top {len(rows)} features of set {args.set} (by maximum over the clip{left_out})")
@@ -141,7 +141,7 @@ def top_examples(args) -> int:
     rows = index.top_examples(args.set, args.index, n=args.n, min_value=args.min_value, max_value=args.max_value,
                               absolute=args.absolute)
     if args.json:
-        _print_json(_drop_traces(rows, args.traces))
+        print_json(_drop_traces(rows, args.traces))
         return 0
     what = "|peak|" if args.absolute else "peak"
     bounds = "".join(f", {name} {value:g}" for name, value in (("min", args.min_value), ("max", args.max_value))
@@ -159,7 +159,7 @@ def feature(args) -> int:
     index = open_index(args.index_uri)
     info = index.feature(args.set, args.index)
     if args.json:
-        _print_json(info)
+        print_json(info)
         return 0
     stats = info["stats"]
     print(f"set {info['set_id']} ({info['kind']}), feature {info['index']}")
@@ -188,7 +188,7 @@ def sets(args) -> int:
     index = open_index(args.index_uri)
     rows = index.sets()
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     if not rows:
         print(f"no feature sets in {index.uri}")
@@ -212,6 +212,49 @@ def sets(args) -> int:
             for row in rows]
     print(_table(["set_id", "model", "hook", "kind", "features", "clips", "validated labels", "covers",
                   "updated (UTC)"], body, right={4, 5, 6}))
+    return 0
+
+
+def stability(args) -> int:
+    """The recorded seed-stability studies (`features.matches.seed_stability`): one row per pair of seeds."""
+    from freud_pipeline.features.matches import seed_stability
+
+    index = open_index(args.index_uri)
+    rows = seed_stability(index.uri)
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print(f"no seed-stability study in {index.uri}: run `freud collect --config "
+              "configs/train/demo_seed_stability.yaml` (needs the demo's activations)")
+        return 0
+    for row in rows:
+        print(f"study {row['study_id'][:8]} ({row['created_at']:%Y-%m-%d %H:%M} UTC): {row['model']} {row['hook']} "
+              f"{row['architecture']}, {row['n_latents']} latents, {row['steps']} steps; seed {row['seed_a']} "
+              f"(run {row['run_a'][:8]}) vs seed {row['seed_b']} (run {row['run_b'][:8]})")
+        body = [[f"{c['threshold']:g}", f"{c['share_matched']:.1%}", f"{c['chance']:.1%}"] for c in row["curve"]]
+        body.append(["mean cosine", _fmt(row["mean_cosine"], 3), _fmt(row["chance_mean_cosine"], 3)])
+        print(_table(["cosine >=", "share matched", "chance (random)"], body, right={1, 2}))
+    return 0
+
+
+def counterparts(args) -> int:
+    """A feature's closest counterparts in the other indexed SAE sets (`features.matches.counterparts`)."""
+    from freud_pipeline.features.matches import counterparts as find
+
+    index = open_index(args.index_uri)
+    rows = find(args.set_id, args.feature, uri=index.uri)
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print(f"set {args.set_id}, feature {args.feature}: no counterparts stored (they need another indexed SAE "
+              "set of the same model and width, and the sae_counterparts asset)")
+        return 0
+    print(f"set {args.set_id}, feature {args.feature}: closest features in other SAE sets (decoder cosine)")
+    print(_table(["set", "index", "cosine", "rank"],
+                 [[r["set_id"], str(r["index"]), f"{r['cosine']:.3f}", str(r["rank"])] for r in rows],
+                 right={1, 2, 3}))
     return 0
 
 
@@ -283,3 +326,14 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("sets", help="list the feature sets in the index")
     _common(p)
     p.set_defaults(func=sets)
+
+    p = sub.add_parser("stability", help="seed stability of the SAE recipe: share of features matched across seeds "
+                                         "against two random dictionaries (chance)")
+    _common(p)
+    p.set_defaults(func=stability)
+
+    p = sub.add_parser("counterparts", help="a feature's closest features (decoder cosine) in the other SAE sets")
+    p.add_argument("set_id", metavar="SET_ID", help="feature set id (see `freud sets`)")
+    p.add_argument("feature", metavar="FEATURE", type=int, help="feature index within the set")
+    _common(p)
+    p.set_defaults(func=counterparts)

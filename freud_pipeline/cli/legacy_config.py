@@ -1,4 +1,4 @@
-"""The original FREUD's JSON configs, accepted as they are: `freud collect --config configs/features/X.json`.
+"""The original FREUD's JSON configs, accepted as they are by `freud collect --config` (e.g. its collection configs).
 
 The original tool (ksadov/freud) read `configs/features/*.json` (`python -m src.scripts.collect_activations`) and
 `configs/train/*.json` (`python -m src.scripts.train_sae`, whose keyword arguments they are). `translate` maps one

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from freud_pipeline import settings
-from freud_pipeline.defs import activations, datasets, features, latents, sae
+from freud_pipeline.defs import activations, datasets, effects, features, latents, sae, stability
 from freud_pipeline.defs.partitions import SPLITS, split_partitions
 from freud_pipeline.defs.resources import FreudStorage, MlflowTracking
 from freud_pipeline.defs import checks, executors, incoming, runner, schedules, sensors
@@ -21,6 +21,11 @@ INDEX_ASSETS = [sae.topk_sae, features.neuron_feature_index, schedules.rebuild_o
 DEFAULT_ASSETS = CORPUS_ASSETS + ACTIVATION_ASSETS + INDEX_ASSETS
 EXTERNAL_ASSETS = [datasets.librispeech, datasets.esc50, datasets.audioset, datasets.audio_folder,
                    *activations.EXTERNAL_ACTIVATIONS, latents.sae_latents]
+# Seed stability of the SAE recipe (trains it again: on request, configs/train/demo_seed_stability.yaml) and the
+# counterparts of SAE features across indexed SAEs (eager after each SAE index build; not in `make demo`'s job).
+STABILITY_ASSETS = stability.STABILITY_ASSETS
+# Each SAE feature's effect on the transcript when ablated alone (on request: minutes on CPU; not in `make demo`).
+EFFECT_ASSETS = effects.EFFECT_ASSETS
 # New audio arriving in FREUD_WATCH_DIR, one dynamic partition per batch, merged into the default feature sets.
 INCOMING_ASSETS = incoming.INCOMING_ASSETS + [features.incoming_index]
 
@@ -53,10 +58,11 @@ def resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=DEFAULT_ASSETS + LARGE_CORPUS_ASSETS + EXTERNAL_ASSETS + LARGE_INDEX_ASSETS + INCOMING_ASSETS,
+    assets=DEFAULT_ASSETS + LARGE_CORPUS_ASSETS + EXTERNAL_ASSETS + LARGE_INDEX_ASSETS + INCOMING_ASSETS
+    + STABILITY_ASSETS + EFFECT_ASSETS,
     jobs=[corpus_job, large_corpus_job, activations_job, index_job, incoming.incoming_job, schedules.sae_retrain_job],
     resources=resources(),
-    asset_checks=checks.CHECKS + sae.SAE_CHECKS,  # sae_quality: the blocking gate on the trained SAE
+    asset_checks=checks.CHECKS + sae.SAE_CHECKS + stability.STABILITY_CHECKS,  # sae_quality: the SAE's blocking gate
     sensors=sensors.SENSORS,
     schedules=schedules.SCHEDULES,
     executor=executors.freud_executor(),  # multiprocess by default; celery via run config or FREUD_EXECUTOR

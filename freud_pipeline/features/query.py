@@ -334,6 +334,59 @@ class FeatureIndex:
             })
         return out
 
+    # ------------------------------------------------------------ matches across SAEs, seed stability, effects
+
+    def counterparts(self, set_id: str, index: int) -> list[dict]:
+        """A feature's closest features (decoder cosine) in the other indexed SAE sets of its model and width, as
+        the `sae_counterparts` asset stored them: [{set_id, index, cosine, rank}], [] when none were computed."""
+        from freud_pipeline.features import matches
+
+        self._checked(set_id, index)
+        return matches.counterparts(set_id, int(index), uri=self.uri)
+
+    def matches_version(self) -> tuple:
+        """The current match id of every stored pair of sets: changes when counterparts are recomputed."""
+        from freud_pipeline.features import matches
+
+        return tuple(sorted(r["match_id"] for r in matches.pair_rows(self.uri, "cross")))
+
+    def seed_stability(self) -> list[dict]:
+        """Recorded seed-stability studies (share of features matched across seeds against two random
+        dictionaries), newest first."""
+        from freud_pipeline.features import matches
+
+        return matches.seed_stability(self.uri)
+
+    def effect_summary(self, set_id: str) -> dict | None:
+        """The set's stored feature-effect computation: its chance level (random directions of the same norm),
+        or None when the `sae_feature_effects` asset has not run for it."""
+        from freud_pipeline.features import effect_store
+
+        self._set(set_id)
+        return effect_store.effect_summary(set_id, uri=self.uri)
+
+    def feature_effects(self, set_id: str, features: list[int] | None = None) -> list[dict]:
+        """Stored effects (ΔCE when the feature alone is ablated on its top clips, with its interval, ΔWER on a
+        sample) of `features` (default: every measured one); [] when none were computed."""
+        from freud_pipeline.features import effect_store
+
+        for index in features or []:
+            self._checked(set_id, index)
+        return effect_store.effects(set_id, None if features is None else [int(f) for f in features], uri=self.uri)
+
+    def effects_version(self) -> tuple:
+        """Every set's current effect computation: changes when effects are (re)computed."""
+        from freud_pipeline.features import effect_store
+
+        return effect_store.computation_ids(self.uri)
+
+    def features_by_effect(self, set_id: str, limit: int = 100, descending: bool = True) -> list[dict]:
+        """The measured features ranked by ΔCE ("which features matter for the transcript")."""
+        from freud_pipeline.features import effect_store
+
+        self._set(set_id)
+        return effect_store.features_by_effect(set_id, limit, descending=descending, uri=self.uri)
+
     # ------------------------------------------------------------ similarity and labels
 
     def similar_features(self, set_id: str, index: int, n: int = 10) -> list[dict]:

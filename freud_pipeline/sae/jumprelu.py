@@ -33,8 +33,8 @@ from freud_pipeline.sae.base import ForwardOutput, SparseAutoencoder
 from freud_pipeline.sae.topk import (
     Entries,
     TopKSAE,
-    _ChosenPreActivations,
-    _SparseDecode,
+    ChosenPreActivations,
+    SparseDecode,
     fraction_of_variance_unexplained,
 )
 
@@ -132,8 +132,8 @@ class JumpReLUSAE(SparseAutoencoder):
                 band_rows, band_cols = (offset < self.jumprelu_bandwidth / 2).nonzero(as_tuple=True)
                 band = Entries(band_rows, band_cols, n_frames, self.n_latents)
             del pre
-        values = _ChosenPreActivations.apply(centered, self.encoder.weight, self.encoder.bias, chosen, entries)
-        x_hat = _SparseDecode.apply(self.W_dec, values, entries) + self.b_dec
+        values = ChosenPreActivations.apply(centered, self.encoder.weight, self.encoder.bias, chosen, entries)
+        x_hat = SparseDecode.apply(self.W_dec, values, entries) + self.b_dec
         if band is not None:
             x_hat = x_hat + _ThresholdJump.apply(threshold, self.W_dec.detach(), band, self.jumprelu_bandwidth, x_hat)
             l0 = _StepL0.apply(threshold, band.cols, len(rows), n_frames, self.jumprelu_bandwidth)

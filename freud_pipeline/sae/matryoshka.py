@@ -24,7 +24,7 @@ from torch import Tensor
 from freud_pipeline.sae.base import ForwardOutput
 from freud_pipeline.sae.batchtopk import BatchTopKSAE
 from freud_pipeline.sae.metrics import fvu
-from freud_pipeline.sae.topk import Entries, _SparseDecode, fraction_of_variance_unexplained, sparse_decode
+from freud_pipeline.sae.topk import Entries, SparseDecode, fraction_of_variance_unexplained, sparse_decode
 
 DEFAULT_PREFIXES = (1 / 16, 1 / 4, 1.0)
 
@@ -81,7 +81,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         for g, size in enumerate(self.matryoshka_prefixes):
             mine = group == g  # keeps the entries' order: rows stay sorted
             sub = Entries(rows[mine], cols[mine], n_frames, self.n_latents)
-            partial = partial + _SparseDecode.apply(self.W_dec, values[mine], sub)
+            partial = partial + SparseDecode.apply(self.W_dec, values[mine], sub)
             prefix_fvu[size] = fraction_of_variance_unexplained(x, partial)
         x_hat = partial
         auxk = self.auxk_loss(pre, centered, x - x_hat, dead_mask) if self.training else x_hat.new_zeros(())

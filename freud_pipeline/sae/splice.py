@@ -6,7 +6,9 @@ optionally with latents scaled for feature editing), `zero_replacement`, `mean_r
 
 `splice_eval` compares teacher-forced decoder cross-entropy on reference transcripts and greedy-decoding WER
 with the original activation, the SAE's reconstruction, and zero / mean ablation. Only positions holding real
-audio are replaced: the padding Whisper appends up to 30 s is not what the SAE was trained on.
+audio are replaced: the padding Whisper appends up to 30 s is not what the SAE was trained on. Its pieces
+(`original_pass`, `encode_replaced` with one replacement per batch row, `transcript_tokens`, `cross_entropy`,
+`greedy_options`) are shared with `features.effects`, which ablates one SAE feature at a time.
 
 Threads: a splice holds the model's lock (`model_lock`) while it is open, so a forward pass of another thread
 that holds the lock too (every capture, splice and decode here does) never runs through it. Code that runs the
@@ -35,19 +37,23 @@ Replacement = Callable[[Tensor], Tensor]  # [T, d] activations of one clip -> re
 _RESIDUAL_HOOK = re.compile(r"^encoder\.blocks\.(\d+)$")
 
 
-def _replaced(x: Tensor, replace: Replacement, n_frames: Sequence[int]) -> Tensor:
-    """x [B, T, d] with its first n_frames[b] positions of each row b replaced."""
+def _replaced(x: Tensor, replace: Replacement | Sequence[Replacement], n_frames: Sequence[int]) -> Tensor:
+    """x [B, T, d] with its first n_frames[b] positions of each row b replaced (by replace[b] when `replace` is a
+    sequence: one replacement per row, e.g. several ablations of one clip as one batch)."""
     new = x.clone()
     for row, limit in enumerate(n_frames):
-        new[row, :limit] = replace(x[row, :limit]).to(x.dtype)
+        fn = replace[row] if isinstance(replace, Sequence) else replace
+        new[row, :limit] = fn(x[row, :limit]).to(x.dtype)
     return new
 
 
 @contextmanager
 def splice(
-    model: whisper.model.Whisper, hook: str, replace: Replacement, n_frames: int | Sequence[int] | None = None
+    model: whisper.model.Whisper, hook: str, replace: Replacement | Sequence[Replacement],
+    n_frames: int | Sequence[int] | None = None
 ) -> Iterator[None]:
-    """While open, the output of `hook` at the first `n_frames` positions (per batch item) is `replace(output)`.
+    """While open, the output of `hook` at the first `n_frames` positions (per batch item) is `replace(output)`
+    (`replace[b](output)` for batch item b when given one replacement per item).
     The model's lock is held while it is open: open and run it in one thread."""
     validate_hooks(model, [hook])
     module = dict(model.named_modules())[hook]
@@ -114,7 +120,7 @@ def encoder_suffix(model: whisper.model.Whisper, hook: str) -> Callable[[Tensor]
     return run
 
 
-def _original_pass(model, mels: Tensor, hook: str) -> tuple[Tensor, Tensor]:
+def original_pass(model, mels: Tensor, hook: str) -> tuple[Tensor, Tensor]:
     """Audio features and the hook's output [B, 1500, d] of one unmodified encoder pass."""
     module = dict(model.named_modules())[hook]
     kept: list[Tensor] = []
@@ -127,15 +133,29 @@ def _original_pass(model, mels: Tensor, hook: str) -> tuple[Tensor, Tensor]:
     return features, kept[0]
 
 
-def _encode(model, mels: Tensor, hook: str, replace: Replacement, n_frames: list[int],
-            hooked: Tensor | None, suffix) -> Tensor:
+def encode_replaced(model, mels: Tensor | None, hook: str, replace: Replacement | Sequence[Replacement],
+                    n_frames: list[int], hooked: Tensor | None, suffix) -> Tensor:
+    """Audio features with the hook's output replaced: from the kept hook output `hooked` through `suffix`
+    (`encoder_suffix`) when both are given, else a spliced pass over `mels`."""
     if suffix is not None and hooked is not None:
         return suffix(_replaced(hooked, replace, n_frames))
     with splice(model, hook, replace, n_frames):
         return model.embed_audio(mels)
 
 
-def _cross_entropy(model, features: Tensor, token_rows: list[list[int]], n_prompt: int) -> np.ndarray:
+def transcript_tokens(model) -> tuple[list[int], Callable[[str], list[int]]]:
+    """(the prompt, text -> prompt + the text's tokens + end-of-text): the rows `cross_entropy` scores."""
+    tokenizer = get_tokenizer(multilingual=model.is_multilingual, language="en", task="transcribe")
+    prompt = list(tokenizer.sot_sequence_including_notimestamps)
+    return prompt, lambda text: prompt + tokenizer.encode(" " + text.strip()) + [tokenizer.eot]
+
+
+def greedy_options(max_new_tokens: int | None = None) -> whisper.DecodingOptions:
+    """Greedy English decoding without timestamps in fp32, capped at `max_new_tokens` (default Whisper's 224)."""
+    return whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=max_new_tokens)
+
+
+def cross_entropy(model, features: Tensor, token_rows: list[list[int]], n_prompt: int) -> np.ndarray:
     """Per clip: summed CE of the transcript tokens (and end-of-text) given the audio features. One teacher-forced
     decoder pass for the batch: rows are padded after their end-of-text, which a causal decoder never attends to."""
     longest = max(len(tokens) for tokens in token_rows)
@@ -188,10 +208,8 @@ def splice_eval(
         validate_hooks(model, [hook])
         device = next(model.parameters()).device
         suffix = encoder_suffix(model, hook)
-        tokenizer = get_tokenizer(multilingual=model.is_multilingual, language="en", task="transcribe")
-        prompt = list(tokenizer.sot_sequence_including_notimestamps)
-        options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
-                                          sample_len=max_new_tokens)
+        prompt, tokens_of = transcript_tokens(model)
+        options = greedy_options(max_new_tokens)
         replacements = {"spliced": sae_replacement(sae, keep_error=keep_error), "zero": zero_replacement()}
         ce = {name: [] for name in CONDITIONS}
         transcripts: dict[str, list[str]] = {"reference": [text for _, text in clips], "original": [], "spliced": []}
@@ -200,8 +218,7 @@ def splice_eval(
         chunks = [clips[start : start + batch_size] for start in range(0, len(clips), batch_size)]
 
         def prepared(chunk):  # (real frames, token rows) of a chunk's clips
-            return ([n_real_frames(len(audio)) for audio, _ in chunk],
-                    [prompt + tokenizer.encode(" " + text.strip()) + [tokenizer.eot] for _, text in chunk])
+            return [n_real_frames(len(audio)) for audio, _ in chunk], [tokens_of(text) for _, text in chunk]
 
         def mels_of(chunk):
             return torch.stack([log_mel(audio, model.dims.n_mels) for audio, _ in chunk]).to(device)
@@ -210,18 +227,18 @@ def splice_eval(
             mels = mels_of(chunk)
             n_frames, token_rows = prepared(chunk)
             n_tokens += [len(tokens) - len(prompt) for tokens in token_rows]
-            features, hooked = _original_pass(model, mels, hook)
+            features, hooked = original_pass(model, mels, hook)
             if mean_activation is None:
                 real = torch.cat([hooked[i, :n] for i, n in enumerate(n_frames)]).double()
                 mean_sum = real.sum(0) if mean_sum is None else mean_sum + real.sum(0)
                 mean_count += len(real)
             kept_hooked.append(hooked if suffix is not None else None)
-            ce["original"].append(_cross_entropy(model, features, token_rows, len(prompt)))
+            ce["original"].append(cross_entropy(model, features, token_rows, len(prompt)))
             # Features, not mels: decode() recognises their shape and skips the encoder, so a splice is kept.
             transcripts["original"] += [r.text for r in whisper.decode(model, features, options)]
             for name, replace in replacements.items():
-                features = _encode(model, mels, hook, replace, n_frames, hooked, suffix)
-                ce[name].append(_cross_entropy(model, features, token_rows, len(prompt)))
+                features = encode_replaced(model, mels, hook, replace, n_frames, hooked, suffix)
+                ce[name].append(cross_entropy(model, features, token_rows, len(prompt)))
                 if name == "spliced":
                     transcripts["spliced"] += [r.text for r in whisper.decode(model, features, options)]
         if mean_activation is None:
@@ -230,8 +247,8 @@ def splice_eval(
         for chunk, hooked in zip(chunks, kept_hooked):  # the mean is known only now
             mels = None if hooked is not None else mels_of(chunk)
             n_frames, token_rows = prepared(chunk)
-            ce["mean"].append(_cross_entropy(model, _encode(model, mels, hook, mean, n_frames, hooked, suffix),
-                                             token_rows, len(prompt)))
+            ce["mean"].append(cross_entropy(model, encode_replaced(model, mels, hook, mean, n_frames, hooked, suffix),
+                                            token_rows, len(prompt)))
     return _summarise({name: np.concatenate(rows) for name, rows in ce.items()}, np.asarray(n_tokens),
                       transcripts, n_resamples=n_resamples, confidence=confidence)
 

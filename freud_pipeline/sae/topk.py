@@ -63,7 +63,7 @@ class Entries:
         )
 
 
-class _ChosenPreActivations(torch.autograd.Function):
+class ChosenPreActivations(torch.autograd.Function):
     """Entries (rows, cols) of centered @ weightᵀ + bias, already computed without autograd, with a backward that
     touches only those entries. A top-k layer's gradient is k-sparse per frame; the dense backward (two
     [N, n] x [n, d] products and [N, n] masks) would be most of a training step on CPU."""
@@ -88,7 +88,7 @@ class _ChosenPreActivations(torch.autograd.Function):
         return grad_centered, grad_weight, grad_bias, None, None
 
 
-class _SparseDecode(torch.autograd.Function):
+class SparseDecode(torch.autograd.Function):
     """Σ_j values_j · weight[cols_j] per row, with the weight gradient as a by-column embedding bag (sharing the
     column sort with the encoder's backward) instead of embedding_bag's own sort-and-scatter backward."""
 
@@ -161,7 +161,7 @@ class TopKSAE(SparseAutoencoder):
             rows, cols, chosen = self.select(pre)
             entries = Entries(rows, cols, x.shape[0], self.n_latents)
         values = self._differentiable(centered, entries, chosen)
-        x_hat = _SparseDecode.apply(self.W_dec, values, entries) + self.b_dec
+        x_hat = SparseDecode.apply(self.W_dec, values, entries) + self.b_dec
         fvu = fraction_of_variance_unexplained(x, x_hat)
         auxk = self.auxk_loss(pre, centered, x - x_hat, dead_mask) if self.training else x_hat.new_zeros(())
         return ForwardOutput(
@@ -175,7 +175,7 @@ class TopKSAE(SparseAutoencoder):
 
     def _differentiable(self, centered: Tensor, entries: Entries, chosen: Tensor) -> Tensor:
         # ReLU again so that a chosen entry at exactly 0 passes no gradient, as the dense ReLU would.
-        return F.relu(_ChosenPreActivations.apply(centered, self.encoder.weight, self.encoder.bias, chosen, entries))
+        return F.relu(ChosenPreActivations.apply(centered, self.encoder.weight, self.encoder.bias, chosen, entries))
 
     def auxk_loss(self, pre: Tensor, centered: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
         if dead_mask is None or not bool(dead_mask.any()):
@@ -188,7 +188,7 @@ class TopKSAE(SparseAutoencoder):
             rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)
             entries = Entries(rows, dead[picked].reshape(-1), pre.shape[0], self.n_latents)
         values = self._differentiable(centered, entries, chosen.reshape(-1))
-        residual_hat = _SparseDecode.apply(self.W_dec, values, entries)
+        residual_hat = SparseDecode.apply(self.W_dec, values, entries)
         # Normalised by the residual's variance so the loss stays O(1) however good the main reconstruction gets.
         return fraction_of_variance_unexplained(residual, residual_hat)
 
