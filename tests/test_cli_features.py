@@ -100,6 +100,22 @@ def test_top_examples_json_matches_the_index(index, capsys):
         assert len(row["trace"]) == len(index["acts"][row["clip_id"]])  # one value per frame of the clip
 
 
+def test_typical_examples_json_matches_the_index_and_each_value_is_its_clips_peak(index, capsys):
+    ix, f = index["ix"], index["strongest"]
+    code, out, _ = _run(capsys, "typical-examples", "--set", SET, "--index", str(f), "--index-uri", index["uri"],
+                        "--json")
+    got = _strict_json(out)
+    assert code == 0 and got == jsonable(ix.typical_examples(SET, f)) and got
+    for row in got:  # drawn per octave of the clip's peak: the value is that clip's true peak, inside its band
+        assert row["value"] == pytest.approx(float(index["acts"][row["clip_id"]][:, f].max()), rel=1e-6)
+        assert row["low"] <= row["value"] < row["high"]
+    code, out, _ = _run(capsys, "typical-examples", "--set", SET, "--index", str(f), "--per-level", "1",
+                        "--index-uri", index["uri"])
+    assert code == 0 and "level(s) of its peak" in out and got[0]["clip_id"] in out
+    code, _, err = _run(capsys, "typical-examples", "--set", SET, "--index", "1536", "--index-uri", index["uri"])
+    assert code == 2 and "out of range" in err
+
+
 def test_top_examples_filters_pass_through(index, capsys):
     ix, f = index["ix"], index["strongest"]
     values = [e["value"] for e in ix.top_examples(SET, f, n=TOP_K)]

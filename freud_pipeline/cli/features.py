@@ -1,4 +1,4 @@
-"""`freud top-features | top-examples | feature | sets | stability | counterparts`: the feature index from the shell.
+"""`freud top-features | top-examples | typical-examples | feature | sets | stability | counterparts`: the feature index from the shell.
 
 Pure wrappers over `freud_pipeline.features.FeatureIndex`. With `--json` each command prints exactly what the
 query API returns (a list, or a dict for `feature`), made strict JSON: NaN/inf become null, timestamps ISO 8601
@@ -152,6 +152,23 @@ def top_examples(args) -> int:
     body = [[str(row["rank"]), row["clip_id"], _fmt(row["value"]), row["sign"], f"{row['peak_time_s']:.2f}",
              _fmt(row["duration_s"], 3), _shorten(row["transcript"], 48)] for row in rows]
     print(_table(["rank", "clip_id", "value", "sign", "peak_s", "dur_s", "transcript"], body, right={0, 2, 4, 5}))
+    return 0
+
+
+def typical_examples(args) -> int:
+    index = open_index(args.index_uri)
+    rows = index.typical_examples(args.set, args.index, per_level=args.per_level)
+    if args.json:
+        print_json(rows)
+        return 0
+    print(f"set {args.set}, feature {args.index}: {len(rows)} clip(s) drawn across {len({r['level'] for r in rows})} "
+          "level(s) of its peak (octaves), strongest level first")
+    if not rows:
+        print("none stored: no clip fired, or the set was built before examples across levels were sampled")
+        return 0
+    body = [[f"{_fmt(row['low'])}-{_fmt(row['high'])}", row["clip_id"], _fmt(row["value"]),
+             f"{row['peak_time_s']:.2f}", _fmt(row["duration_s"], 3), _shorten(row["transcript"], 48)] for row in rows]
+    print(_table(["level", "clip_id", "value", "peak_s", "dur_s", "transcript"], body, right={2, 3, 4}))
     return 0
 
 
@@ -315,6 +332,14 @@ def add_parsers(sub) -> None:
                    help="rank by |peak| over the top and bottom lists (with --max 0: most negative clips)")
     _common(p, traces=True)
     p.set_defaults(func=top_examples)
+
+    p = sub.add_parser("typical-examples", help="clips drawn across a feature's activation levels (per octave of "
+                                                "its peak), not only the strongest")
+    p.add_argument("--set", required=True, help="feature set id (see `freud sets`)")
+    p.add_argument("--index", type=int, required=True, help="feature index within the set")
+    p.add_argument("--per-level", type=_positive_int, default=2, help="clips per level (default 2, as stored)")
+    _common(p)
+    p.set_defaults(func=typical_examples)
 
     p = sub.add_parser("feature", help="a feature's statistics, label and its quality (lift, significance, "
                                        "held-out precision)")
