@@ -8,7 +8,6 @@ tests/test_features.py. Each command's JSON must parse strictly (no NaN) and equ
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -233,11 +233,18 @@ def test_train_config_parses_into_asset_and_train_config(path):
 
     from freud_pipeline.defs.sae import SaeSweepConfig
 
+    from freud_pipeline.defs.multi_sae import MultiSaeConfig
+    from freud_pipeline.defs.stability import SeedStabilityConfig
+
     run = load_run_config(path)
-    assert run["asset"] in ("topk_sae", "sae_sweep") and "partition" not in run
-    config_class = SaeAssetConfig if run["asset"] == "topk_sae" else SaeSweepConfig
+    assert run["asset"] in ("topk_sae", "sae_sweep", "all_blocks_sae", "sae_seed_stability") and "partition" not in run
+    config_class = {"topk_sae": SaeAssetConfig, "sae_sweep": SaeSweepConfig, "all_blocks_sae": MultiSaeConfig,
+                    "sae_seed_stability": SeedStabilityConfig}[
+        run["asset"]]
     config = config_class(**run["config"])  # unknown keys would be rejected here
     assert set(run["config"]) <= set(config_class.model_fields)
+    if run["asset"] == "all_blocks_sae":  # one SAE per hook, each this recipe
+        config = SaeAssetConfig(**config.model_dump(), hook="encoder.blocks.0")
     cfg = run_config(config, config.model or "tiny.en").train_config()
     assert isinstance(cfg, TrainConfig) and cfg.architecture == run["config"]["architecture"]
     for key, value in run["config"].items():
@@ -248,8 +255,11 @@ def test_train_config_parses_into_asset_and_train_config(path):
     # And Dagster accepts it as the asset's run config.
     from freud_pipeline.defs.definitions import defs
 
+    from freud_pipeline.defs.multi_sae import all_blocks_sae
+
+    selection = list(all_blocks_sae.keys) if run["asset"] == "all_blocks_sae" else [run["asset"]]
     job = (defs.resolve_job_def("sae_retrain_job") if run["asset"] == "topk_sae" else
-           dg.define_asset_job("config_check", selection=[run["asset"]]).resolve(
+           dg.define_asset_job("config_check", selection=selection).resolve(
                asset_graph=defs.resolve_asset_graph(), resource_defs=defs.resources))
     assert dg.validate_run_config(job, {"ops": {run["asset"]: {"config": run["config"]}}})
 

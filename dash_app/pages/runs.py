@@ -134,11 +134,13 @@ def _columns() -> list[dict]:
 
 
 def _trained_runs(runs: list[dict]) -> list[dict]:
-    """The runs that trained an SAE: a seed-stability study's parent run (its metrics are in the stability
-    card) is left out."""
+    """The runs that trained an SAE: the parent runs of a seed-stability study (its metrics are in the stability
+    card) and of a one-pass multi-hook training (its SAEs are its child runs, listed) are left out."""
     from freud_pipeline.features.matches import STUDY_KIND, STUDY_KIND_TAG
+    from freud_pipeline.sae.multi import KIND as MULTI_KIND, KIND_TAG as MULTI_KIND_TAG
 
-    return [r for r in runs if (r.get("tags") or {}).get(STUDY_KIND_TAG) != STUDY_KIND]
+    parents = {(STUDY_KIND_TAG, STUDY_KIND), (MULTI_KIND_TAG, MULTI_KIND)}
+    return [r for r in runs if not any((r.get("tags") or {}).get(tag) == kind for tag, kind in parents)]
 
 
 def _int(value):

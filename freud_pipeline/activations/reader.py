@@ -119,16 +119,26 @@ class ActivationReader:
         an epoch. Sorting each batch's indices before the gather keeps reads local in the mapped files. A shard
         set smaller than one batch gives batches of all its frames (never an endless loop yielding nothing).
         """
+        for batch in self.random_frames_multi([hook], batch_size, seed, epochs, device):
+            yield batch[hook]
+
+    def random_frames_multi(
+        self, hooks: list[str], batch_size: int, seed: int = 0, epochs: int | None = None, device: str = "cpu"
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """`random_frames` of several hooks at once: each batch is one draw of frame positions, read for every
+        hook ({hook: [batch_size, width]}, the same rows); for each hook, exactly the batches `random_frames`
+        gives with the same seed."""
         if self.n_frames == 0:
             raise ValueError(f"{self.directory} holds no frames to draw batches from")
         batch_size = min(batch_size, self.n_frames)
         rng = np.random.default_rng(seed)
-        arrays = [self.batch_array(b, hook) for b in range(len(self._batches))]
+        arrays = {hook: [self.batch_array(b, hook) for b in range(len(self._batches))] for hook in hooks}
         epoch = 0
         while epochs is None or epoch < epochs:
             order = rng.permutation(self.n_frames)
             for start in range(0, len(order) - batch_size + 1, batch_size):
-                yield torch.from_numpy(self._gather(arrays, np.sort(order[start : start + batch_size]))).to(device)
+                rows = np.sort(order[start : start + batch_size])
+                yield {hook: torch.from_numpy(self._gather(arrays[hook], rows)).to(device) for hook in hooks}
             epoch += 1
 
     def frames_at(self, hook: str, indices: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ class StreamingActivations:
         self.manifest = manifest.reset_index(drop=True)
         self.capture = prepare_capture(model, hooks, device)
         self.hooks = list(self.capture.hooks)
+        self.model_name = self.capture.model.freud_name  # as ActivationReader's spec.model: what SAE runs record
         self.window_mode = window_mode
         self.batch_size = batch_size
         self.data_root = data_root
@@ -55,25 +56,39 @@ class StreamingActivations:
     def random_frames(self, hook: str, batch_size: int, seed: int = 0, epochs: int | None = None,
                       device: str = "cpu") -> Iterator[torch.Tensor]:
         """Clips in a fresh random order each epoch; frames mixed through a bounded shuffle buffer."""
+        for batch in self.random_frames_multi([hook], batch_size, seed, epochs, device):
+            yield batch[hook]
+
+    def random_frames_multi(self, hooks: list[str], batch_size: int, seed: int = 0, epochs: int | None = None,
+                            device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+        """`random_frames` of several hooks from one encoder pass per clip: {hook: [batch_size, width]}, the same
+        frames for every hook (one permutation of the buffer for all); for each hook, `random_frames`' batches."""
         rng = np.random.default_rng(seed)
         epoch = 0
-        buffer: list[np.ndarray] = []
+        buffer: dict[str, list[np.ndarray]] = {hook: [] for hook in hooks}
         buffered = 0
+
+        def drain(final: bool):
+            nonlocal buffered
+            pools = {hook: np.concatenate(parts) for hook, parts in buffer.items()}
+            order = rng.permutation(buffered)  # as rng.shuffle(pool) would reorder one hook's frames
+            usable = (buffered // batch_size) * batch_size
+            for start in range(0, usable, batch_size):
+                rows = order[start : start + batch_size]
+                yield {hook: torch.from_numpy(pool[rows]).to(device) for hook, pool in pools.items()}
+            if not final:
+                for hook, pool in pools.items():
+                    buffer[hook] = [pool[order[usable:]]]
+                buffered -= usable
+
         while epochs is None or epoch < epochs:
             order = self.manifest.iloc[rng.permutation(len(self.manifest))]
             for _, _, acts in self._clips(order):
-                buffer.append(acts[hook])
-                buffered += len(acts[hook])
+                for hook in hooks:
+                    buffer[hook].append(acts[hook])
+                buffered += len(acts[hooks[0]])
                 if buffered >= self.shuffle_buffer_frames:
-                    pool = np.concatenate(buffer)
-                    rng.shuffle(pool)
-                    usable = (len(pool) // batch_size) * batch_size
-                    for start in range(0, usable, batch_size):
-                        yield torch.from_numpy(pool[start : start + batch_size]).to(device)
-                    buffer, buffered = [pool[usable:]], len(pool) - usable
+                    yield from drain(final=False)
             epoch += 1
         if buffered >= batch_size:  # the tail of the last epoch
-            pool = np.concatenate(buffer)
-            rng.shuffle(pool)
-            for start in range(0, (len(pool) // batch_size) * batch_size, batch_size):
-                yield torch.from_numpy(pool[start : start + batch_size]).to(device)
+            yield from drain(final=True)

@@ -5,6 +5,7 @@ import dagster as dg
 
 from freud_pipeline import settings
 from freud_pipeline.defs import activations, datasets, effects, features, latents, sae, stability
+from freud_pipeline.defs import multi_sae  # one SAE per hook from one pass (on request)
 from freud_pipeline.defs.partitions import SPLITS, split_partitions
 from freud_pipeline.defs.resources import FreudStorage, MlflowTracking
 from freud_pipeline.defs import checks, executors, incoming, runner, schedules, sensors
@@ -59,7 +60,7 @@ def resources() -> dict:
 
 defs = dg.Definitions(
     assets=DEFAULT_ASSETS + LARGE_CORPUS_ASSETS + EXTERNAL_ASSETS + LARGE_INDEX_ASSETS + INCOMING_ASSETS
-    + STABILITY_ASSETS + EFFECT_ASSETS,
+    + STABILITY_ASSETS + EFFECT_ASSETS + multi_sae.MULTI_SAE_ASSETS,
     jobs=[corpus_job, large_corpus_job, activations_job, index_job, incoming.incoming_job, schedules.sae_retrain_job],
     resources=resources(),
     asset_checks=checks.CHECKS + sae.SAE_CHECKS + stability.STABILITY_CHECKS,  # sae_quality: the SAE's blocking gate

@@ -61,19 +61,28 @@ def materialize_asset(defs: dg.Definitions, asset: str, partition: str | None = 
     return _materialize(defs, asset, partition, config, instance)
 
 
-def _asset_node(graph, asset: str, partition: str | None, instance: dg.DagsterInstance | None = None):
+def _asset_nodes(defs: dg.Definitions, graph, asset: str, partition: str | None,
+                 instance: dg.DagsterInstance | None = None):
+    """(keys, nodes) that `asset` names: one asset, or every asset of the multi-asset whose op it names (e.g.
+    all_blocks_sae: its assets materialise together, from one run of its op, configured under the op's name)."""
     key = dg.AssetKey(asset)
-    if not graph.has(key):
-        known = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
-        raise FreudError(f"unknown asset {asset!r}; known assets: {', '.join(known)}")
-    node = graph.get(key)
-    if node.partitions_def is not None:
-        if isinstance(node.partitions_def, dg.DynamicPartitionsDefinition) and instance is None:
-            return key, node  # its partitions live in an instance (incoming batches): the run checks the key
-        keys = node.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
-        if partition not in keys:
-            raise FreudError(f"asset {asset} needs a partition, one of: {', '.join(keys)}")
-    return key, node
+    if graph.has(key):
+        keys = [key]
+    else:
+        keys = next((sorted(a.keys) for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)
+                     and len(a.keys) > 1 and a.node_def.name == asset), None)
+        if keys is None:
+            known = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
+            raise FreudError(f"unknown asset {asset!r}; known assets: {', '.join(known)}")
+    nodes = [graph.get(k) for k in keys]
+    partitions_def = nodes[0].partitions_def
+    if partitions_def is not None:
+        if isinstance(partitions_def, dg.DynamicPartitionsDefinition) and instance is None:
+            return keys, nodes  # its partitions live in an instance (incoming batches): the run checks the key
+        partition_keys = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+        if partition not in partition_keys:
+            raise FreudError(f"asset {asset} needs a partition, one of: {', '.join(partition_keys)}")
+    return keys, nodes
 
 
 def check_asset_config(defs: dg.Definitions, asset: str, partition: str | None = None,
@@ -81,9 +90,9 @@ def check_asset_config(defs: dg.Definitions, asset: str, partition: str | None =
     """FreudError unless `asset` exists, `partition` is one of its partitions (when it has any) and Dagster accepts
     `config` as its config: what a run would refuse first, checked without running anything."""
     graph = defs.resolve_asset_graph()
-    _asset_node(graph, asset, partition)
-    job = dg.define_asset_job("config_check", selection=[asset]).resolve(asset_graph=graph,
-                                                                         resource_defs=defs.resources)
+    keys, _ = _asset_nodes(defs, graph, asset, partition)
+    job = dg.define_asset_job("config_check", selection=keys).resolve(asset_graph=graph,
+                                                                      resource_defs=defs.resources)
     try:
         dg.validate_run_config(job, {"ops": {asset: {"config": config or {}}}})
     except dg.DagsterInvalidConfigError as exc:
@@ -94,11 +103,12 @@ def check_asset_config(defs: dg.Definitions, asset: str, partition: str | None =
 def _materialize(defs: dg.Definitions, asset: str, partition: str | None, config: dict | None,
                  instance: dg.DagsterInstance | None) -> dg.ExecuteInProcessResult:
     graph = defs.resolve_asset_graph()
-    key, node = _asset_node(graph, asset, partition, instance)
+    keys, nodes = _asset_nodes(defs, graph, asset, partition, instance)
+    node = nodes[0]
     # Upstream assets never materialised in this instance run first: the same partition where partitioned alike,
     # every missing partition of a partitioned parent of an unpartitioned asset (which reads them all). Dynamic
     # partitions (incoming batches) are the sensor's to fill: the asset reads the ones there are.
-    for parent in node.parent_keys:
+    for parent in sorted({p for n in nodes for p in n.parent_keys} - set(keys)):
         parent_node = graph.get(parent)
         if isinstance(parent_node.partitions_def, dg.DynamicPartitionsDefinition):
             continue
@@ -113,7 +123,7 @@ def _materialize(defs: dg.Definitions, asset: str, partition: str | None, config
                 result = _materialize(defs, parent.to_user_string(), parent_partition, None, instance)
                 if not result.success:
                     return result
-    selection = dg.AssetSelection.assets(key)
+    selection = dg.AssetSelection.assets(*keys)
     assets = list(defs.assets) + list(defs.asset_checks or [])
     run_config = {"ops": {asset: {"config": config}}} if config else {}
     return dg.materialize(assets, selection=selection, run_config=run_config, instance=instance,

@@ -97,7 +97,7 @@ def training_selection(config: SaeAssetConfig, storage: FreudStorage, activation
                                     include_incoming=config.include_incoming, hook=config.hook)
 
 
-def _splice_manifest(config: SaeAssetConfig, storage: FreudStorage, default_corpus: dict) -> str:
+def splice_manifest(config: SaeAssetConfig, storage: FreudStorage, default_corpus: dict) -> str:
     """The corpus whose held-out clips the SAE is spliced into: the named dataset's when it has a manifest (an SAE
     trained on the large corpus is judged on its held-out voices and speakers), else the default corpus'."""
     own = storage.root / "datasets" / config.dataset / "manifest.parquet" if config.dataset else None
@@ -115,7 +115,7 @@ def _tags(context: dg.AssetExecutionContext, config: SaeAssetConfig, model: str,
             "incoming_batches": str(sum(p.use == "split" for p in selection.partitions))}
 
 
-def _metadata(result: SaeRunResult, selection: TrainingSelection) -> dict:
+def run_metadata(result: SaeRunResult, selection: TrainingSelection) -> dict:
     registry, failures = result.registry, result.quality["failures"]
     metadata = {
         "selection_digest": selection.digest,
@@ -153,12 +153,12 @@ def topk_sae(context: dg.AssetExecutionContext, config: SaeAssetConfig, storage:
     runs_dir = storage.path("sae", f"{model}-{config.hook}-{config.architecture}")
     result = run_sae(cfg, selection.train_source(), selection.eval_source(), runs_dir=runs_dir,
                      tracking_uri=mlflow.uri, experiment=mlflow.experiment,
-                     corpus_manifest=_splice_manifest(config, storage, default_corpus), data_root=storage.root,
+                     corpus_manifest=splice_manifest(config, storage, default_corpus), data_root=storage.root,
                      tags=_tags(context, config, model, selection), resume_from=config.resume_from or None,
                      selection=selection)
     context.log.info(f"SAE run {result.run_id} in {result.checkpoint_dir}: quality check "
                      f"{'passed' if result.passed else 'failed: ' + '; '.join(result.quality['failures'])}")
-    context.add_output_metadata(_metadata(result, selection))
+    context.add_output_metadata(run_metadata(result, selection))
     return {**result.summary(), "hook": config.hook, "architecture": config.architecture,
             "runs_dir": str(runs_dir), "keep_runs": config.keep_runs,
             "selection": selection.records(), "selection_digest": selection.digest}
@@ -215,7 +215,7 @@ def sae_sweep(context: dg.AssetExecutionContext, config: SaeSweepConfig, storage
             tags = {**_tags(context, config, model, selection), "sweep": config.sweep_name}
             result = run_sae(cfg, selection.train_source(), selection.eval_source(), runs_dir=runs_dir,
                              tracking_uri=mlflow.uri, experiment=mlflow.experiment,
-                             corpus_manifest=_splice_manifest(config, storage, default_corpus),
+                             corpus_manifest=splice_manifest(config, storage, default_corpus),
                              data_root=storage.root, tags=tags, selection=selection)
             h = result.headline
             context.log.info(f"sweep {config.sweep_name}: {expansion}x, k {k}: FVU {h.get('fvu', float('nan')):.3f}, "

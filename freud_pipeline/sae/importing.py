@@ -468,7 +468,7 @@ def import_sae(path: str | Path, *, hook: str | None = None, model: str | None =
     from freud_pipeline.sae.checkpoint import checkpoint_sha256
     from freud_pipeline.sae.registry import CHECKPOINT_ARTIFACT, register_checkpoint, registered_model_name
     from freud_pipeline.sae.retention import PARTIAL_SUFFIX, REPORT_FILE
-    from freud_pipeline.sae.run import _complete
+    from freud_pipeline.sae.run import complete_partial
     from freud_pipeline.sae.tracking import TrainingRun
 
     sae, provenance = loaded or read_foreign_checkpoint(path, hook=hook, model=model)
@@ -496,7 +496,7 @@ def import_sae(path: str | Path, *, hook: str | None = None, model: str | None =
             "quality_check": "not measured (imported)"}, description=f"imported from {provenance['source']}")
         client.set_tag(run.run_id, "registered_model", name)
         client.set_tag(run.run_id, "registered_version", version)
-        _complete(partial, final)
+        complete_partial(partial, final)
         client.log_artifact(run.run_id, str(final / REPORT_FILE), "import")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

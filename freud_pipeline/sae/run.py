@@ -1,7 +1,8 @@
 """One SAE run, end to end: train → splice-evaluate → quality gate → register → promote → report.
 
 `run_sae` is the only implementation: the Dagster asset `topk_sae` (and through it `freud collect --config
-configs/train/*.yaml`, `make demo` and the weekly retraining) and benchmarks/train.py call it.
+configs/train/*.yaml`, `make demo` and the weekly retraining) and benchmarks/train.py call it. Its part after
+training, `complete_run`, also completes each SAE of `sae.multi.run_saes` (several hooks trained from one pass).
 
 Every run gets its own directory `<runs_dir>/<run id>/`. It is written as `<run id>.partial/` (where a killed run
 leaves `checkpoints/step_*/trainer_state.pt` to resume from) and renamed when the run is complete, after its quality
@@ -74,6 +75,7 @@ class SaeRunResult:
     frames_per_second: float
     seconds: dict[str, float] = field(default_factory=dict)  # train, splice
     sae: Any = None  # the trained SAE (eval mode)
+    parent_run_id: str = ""  # the MLflow run grouping SAEs trained together (sae.multi.run_saes)
 
     @property
     def passed(self) -> bool:
@@ -208,8 +210,6 @@ def run_sae(
     from one of its `checkpoints/step_*` (or a complete run directory, to extend it). `selection` (a
     `sae.selection.TrainingSelection`, whose sources `train` and `dev` are) is recorded as the MLflow run's
     input datasets (`selection_inputs`: one per partition) and its digest as the tag `freud.selection_digest`."""
-    from mlflow.tracking import MlflowClient
-
     from freud_pipeline.sae.train import train_sae
 
     runs_dir = Path(runs_dir)
@@ -217,17 +217,42 @@ def run_sae(
     model = cfg.model_name or getattr(train, "model_name", None)
     if not model:
         raise ValueError("run_sae needs the Whisper model of the frames: set model_name in the config")
-    client = MlflowClient(tracking_uri)
     tags = {**(tags or {}), **({SELECTION_TAG: selection.digest} if selection is not None else {})}
     started = time.perf_counter()
     trained = train_sae(train, cfg.train_config().model_copy(update={"model_name": model}),
                         out_dir=lambda run_id: runs_dir / f"{run_id}{PARTIAL_SUFFIX}", mlflow_tracking_uri=tracking_uri,
                         experiment=experiment, eval_source=dev, tags=tags, resume_from=resume_from)
-    train_s = time.perf_counter() - started
+    return complete_run(cfg, trained, runs_dir=runs_dir, tracking_uri=tracking_uri, model=model,
+                        corpus_manifest=corpus_manifest, data_root=data_root, tags=tags, selection=selection,
+                        train_seconds=time.perf_counter() - started)
+
+
+def complete_run(
+    cfg: SaeRunConfig,
+    trained,
+    *,
+    runs_dir: str | Path,
+    tracking_uri: str,
+    model: str,
+    corpus_manifest: str | Path | None = None,
+    data_root: str | Path | None = None,
+    tags: Mapping[str, str] | None = None,
+    selection=None,
+    train_seconds: float = float("nan"),
+) -> SaeRunResult:
+    """Everything of `run_sae` after training, for a finished `train.TrainResult` written to
+    `<runs_dir>/<run id>.partial/`: the selection as the run's input datasets, splice-evaluate, gate, register and
+    maybe promote, write the report and rename the directory to `<runs_dir>/<run id>/`. `sae.multi.run_saes` calls
+    it once per hook after training them together."""
+    from mlflow.tracking import MlflowClient
+
+    runs_dir = Path(runs_dir)
+    client = MlflowClient(tracking_uri)
     if selection is not None:
         log_datasets(client, trained.run_id, selection_inputs(selection))
+    started = time.perf_counter()
     splice = splice_metrics(cfg, trained.sae, model, corpus_manifest, data_root)
-    splice_s = time.perf_counter() - started - train_s
+    splice_s = time.perf_counter() - started
     headline = headline_metrics(trained.metrics, splice)
     failures = check_thresholds(headline, cfg.thresholds())  # the gate: before anything is promoted or indexed
     quality = {"metrics": headline, "thresholds": cfg.thresholds().model_dump(), "failures": failures,
@@ -246,18 +271,19 @@ def run_sae(
         run_id=trained.run_id, checkpoint_dir=final_dir, sha256=trained.sha256,
         experiment_id=client.get_run(trained.run_id).info.experiment_id, model=model, metrics=trained.metrics,
         headline=headline, splice=splice, quality=quality, registry=registry,
-        frames_per_second=trained.frames_per_second, seconds={"train": train_s, "splice": splice_s}, sae=trained.sae)
+        frames_per_second=trained.frames_per_second, seconds={"train": train_seconds, "splice": splice_s},
+        sae=trained.sae, parent_run_id=trained.parent_run_id)
     report = {**result.summary(), "hook": cfg.hook, "architecture": cfg.architecture, "tags": dict(tags or {}),
               "frames": {k.removeprefix("eval/"): v for k, v in trained.metrics.items() if k.startswith("eval/")},
               "splice": splice, "completed_at": time.time()}
     partial = Path(trained.checkpoint_dir)
     (partial / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-    _complete(partial, final_dir)
+    complete_partial(partial, final_dir)
     client.log_artifact(trained.run_id, str(final_dir / REPORT_FILE), "eval")
     return result
 
 
-def _complete(partial: Path, final: Path) -> None:
+def complete_partial(partial: Path, final: Path) -> None:
     """The run directory under its final name, in one rename (never over an existing run's directory)."""
     if final.exists():
         raise FileExistsError(f"{final} exists already: a run directory is never overwritten")

@@ -2,8 +2,10 @@
 shard directories (optionally some clips of each) as one source.
 
 A frame source is anything with `random_frames(hook, batch_size, seed) -> Iterator[Tensor[batch, d]]` and
-`width(hook)` (e.g. `ActivationReader`). Exact resume relies on a source replaying the same batches for the same
-seed; `FrameStream` counts what it consumed so a resumed run can skip to the same place.
+`width(hook)` (e.g. `ActivationReader`); sources of several hooks also have `random_frames_multi(hooks, batch_size,
+seed) -> Iterator[{hook: Tensor}]`, one draw of rows read for every hook (what `sae.multi.train_saes` steps on).
+Exact resume relies on a source replaying the same batches for the same seed; `FrameStream` counts what it
+consumed so a resumed run can skip to the same place.
 """
 
 from __future__ import annotations
@@ -62,31 +64,49 @@ def as_frame_source(source, hook: str | None = None) -> FrameSource:
     return source
 
 
-class FrameStream:
-    """Batches from a source, restarted with a new seed if it runs dry, with a count of batches consumed."""
+def multi_frames(source, hooks: list[str], batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    """Batches of several hooks for the same frames: the source's `random_frames_multi` (one read of each batch's
+    positions for all hooks) when it has one; else its per-hook `random_frames` side by side (a reader of one
+    hook, such as TensorFrameSource, or any source whose batches depend only on the seed)."""
+    if hasattr(source, "random_frames_multi"):
+        return iter(source.random_frames_multi(list(hooks), batch_size, seed))
+    iterators = {hook: iter(source.random_frames(hook, batch_size, seed)) for hook in hooks}
+    return ({hook: batch for hook, batch in zip(iterators, batches)} for batches in zip(*iterators.values()))
 
-    def __init__(self, source: FrameSource, hook: str, batch_size: int, seed: int, skip: int = 0):
+
+class FrameStream:
+    """Batches from a source, restarted with a new seed if it runs dry, with a count of batches consumed. With a
+    list of hooks (`hook=[...]`) each batch is {hook: frames} of the same rows (`multi_frames`)."""
+
+    def __init__(self, source: FrameSource, hook: str | list[str], batch_size: int, seed: int, skip: int = 0):
         self.source, self.hook, self.batch_size, self.seed = source, hook, batch_size, seed
         self.consumed = 0
         self._passes = 0
-        self._iterator = iter(source.random_frames(hook, batch_size, seed))
+        self._iterator = self._draw(seed)
         for _ in range(skip):  # replay rather than seek: the protocol has no seek, and this is exact
             next(self)
+
+    def _draw(self, seed: int):
+        if isinstance(self.hook, str):
+            return iter(self.source.random_frames(self.hook, self.batch_size, seed))
+        return multi_frames(self.source, self.hook, self.batch_size, seed)
 
     def __iter__(self) -> "FrameStream":
         return self
 
-    def __next__(self) -> Tensor:
+    def __next__(self) -> Tensor | dict[str, Tensor]:
         try:
             batch = next(self._iterator)
         except StopIteration:
             self._passes += 1
-            self._iterator = iter(self.source.random_frames(self.hook, self.batch_size, self.seed + self._passes))
+            self._iterator = self._draw(self.seed + self._passes)
             try:
                 batch = next(self._iterator)
             except StopIteration:
                 raise ValueError(f"frame source yields no batches for hook {self.hook!r}") from None
         self.consumed += 1
+        if isinstance(batch, dict):
+            return {hook: torch.as_tensor(frames) for hook, frames in batch.items()}
         return torch.as_tensor(batch)
 
 
@@ -120,7 +140,13 @@ class ShardFrameSource:
         return widths.pop()
 
     def random_frames(self, hook: str, batch_size: int, seed: int = 0) -> Iterator[Tensor]:
-        width, n = self.width(hook), self.n_frames
+        for batch in self.random_frames_multi([hook], batch_size, seed):
+            yield batch[hook]
+
+    def random_frames_multi(self, hooks: list[str], batch_size: int, seed: int = 0) -> Iterator[dict[str, Tensor]]:
+        """One draw of frame positions per batch, read for every hook: {hook: [batch, width]}, the same rows (for
+        each hook exactly `random_frames`' batches)."""
+        widths, n = {hook: self.width(hook) for hook in hooks}, self.n_frames
         batch_size = min(batch_size, n)
         rng = np.random.default_rng(seed)
         while True:
@@ -128,11 +154,13 @@ class ShardFrameSource:
             for start in range(0, n - batch_size + 1, batch_size):
                 chosen = np.sort(order[start : start + batch_size])
                 which = np.searchsorted(self._starts, chosen, side="right") - 1
-                out = np.empty((len(chosen), width), dtype=np.float32)
+                out = {hook: np.empty((len(chosen), widths[hook]), dtype=np.float32) for hook in hooks}
                 for r in np.unique(which):
                     mask = which == r
-                    out[mask] = self.readers[r].frames_at(hook, self._rows[r][chosen[mask] - self._starts[r]])
-                yield torch.from_numpy(out)
+                    rows = self._rows[r][chosen[mask] - self._starts[r]]
+                    for hook in hooks:
+                        out[hook][mask] = self.readers[r].frames_at(hook, rows)
+                yield {hook: torch.from_numpy(array) for hook, array in out.items()}
 
 
 def _kept_rows(reader, keep) -> np.ndarray:

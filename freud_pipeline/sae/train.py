@@ -4,6 +4,9 @@ Layout of `out_dir` after a run: sae_weights.safetensors + cfg.json (the final S
 trainer_state.pt (to resume or extend), eval_report.json, feature_density.png, checkpoints/step_XXXXXXXX/.
 `freud_pipeline.sae.run.run_sae` gives every run its own directory, written under a temporary name and renamed
 when the run is complete (docs/SAE_FORMAT.md, "Run directories").
+
+`SaeTrainer` is one SAE's training (step, evaluation, checkpoints, MLflow run); `train_sae` drives one on its own
+stream of batches, `sae.multi.train_saes` one per hook in lockstep on one shared read of the activations.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TrainResult:
     steps: int
     frames_per_second: float
     sha256: str = ""  # of the final weights file (checkpoint_sha256)
+    parent_run_id: str = ""  # the MLflow run grouping the SAEs trained together (sae.multi.train_saes)
 
 
 def lr_factor(cfg: TrainConfig):
@@ -126,11 +130,10 @@ def _step_metrics(out: ForwardOutput, x: torch.Tensor, tracker: FiringTracker, f
     }
 
 
-def _initial_scale(source, cfg: TrainConfig, sae: SparseAutoencoder, d_in: int) -> float:
-    """Input scale and data-dependent init from the first batches, read in a separate pass so that the training
-    stream's position stays equal to the step count (which is what resuming relies on)."""
-    batches = islice(source.random_frames(cfg.hook, cfg.batch_size, cfg.seed), cfg.scale_batches)
-    first = [torch.as_tensor(b).float() for b in batches]
+def _initial_scale(first: list[torch.Tensor], cfg: TrainConfig, sae: SparseAutoencoder, d_in: int) -> float:
+    """Input scale and data-dependent init from the first `cfg.scale_batches` batches, read in a separate pass so
+    that the training stream's position stays equal to the step count (which is what resuming relies on)."""
+    first = [torch.as_tensor(b).float() for b in first]
     scale = estimate_input_scale(first, d_in) if cfg.normalize_inputs else 1.0
     sae.init_from_data(torch.cat(first).to(sae.device) * scale)
     return scale
@@ -153,6 +156,162 @@ def _publish_final(run: TrainingRun, final: SparseAutoencoder, cfg: TrainConfig,
     return eval_metrics
 
 
+class SaeTrainer:
+    """One SAE's training: its model, optimiser, schedule, firing tracker, MLflow run and checkpoints, advanced one
+    batch at a time. `train_sae` drives one; `sae.multi.train_saes` drives one per hook in lockstep on a shared
+    batch. Everything an SAE's trajectory depends on is its own (`own_rng`: its own RNG state too, swapped in
+    around each step), so an SAE trained beside others ends with the weights it would have had alone.
+
+    `first_batches`: the first `cfg.scale_batches` batches of the source (input scale, init), when the caller read
+    them already; else they are read here. `resume_from`: a checkpoint directory (its trainer_state.pt)."""
+
+    def __init__(self, source, cfg: TrainConfig | dict, *, eval_source=None, resume_from: str | Path | None = None,
+                 first_batches: list[torch.Tensor] | None = None, own_rng: bool = False):
+        cfg = self.cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig(**cfg)
+        self.source = as_frame_source(source, cfg.hook)
+        self.eval_source = as_frame_source(eval_source, cfg.hook) if eval_source is not None else None
+        self.device = resolve_device(cfg.device)
+        self.d_in = self.source.width(cfg.hook)
+        self.n_latents = cfg.latents_for(self.d_in)
+        self.model_name = cfg.model_name or getattr(self.source, "model_name", None) or "unknown"
+        self.resume_from = resume_from
+        saved = self.saved = load_trainer_state(resume_from) if resume_from is not None else None
+        if saved is not None:
+            _check_resumable(saved["config"], cfg)
+        self.own_rng = own_rng
+        outer = capture_rng() if own_rng else None
+
+        torch.manual_seed(cfg.seed)
+        sae = self.sae = architecture_class(cfg.architecture).from_cfg(
+            {"d_in": self.d_in, "d_sae": self.n_latents, **cfg.model_dump()})
+        sae.metadata = {"hook_name": cfg.hook, "model_name": self.model_name}
+        sae.to(self.device)
+        self.optimizer = make_optimizer(cfg, sae)
+        self.scheduler = LambdaLR(self.optimizer, lr_factor(cfg))
+        self.tracker = FiringTracker(self.n_latents, cfg.dead_after_frames, self.device)
+        if saved is not None:
+            sae.load_state_dict(saved["sae"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.tracker.load_state_dict(saved["firing"])
+            self.scale, self.start = saved["input_scale"], saved["step"]
+            restore_rng(saved["rng"])
+        else:
+            if first_batches is None:
+                first_batches = list(islice(self.source.random_frames(cfg.hook, cfg.batch_size, cfg.seed),
+                                            cfg.scale_batches))
+            self.scale, self.start = _initial_scale(first_batches[: cfg.scale_batches], cfg, sae, self.d_in), 0
+        bf16 = self.device.type == "cuda" and cfg.bf16
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        if own_rng:  # this SAE's RNG state from here on; the caller's is left as it was
+            self.rng = capture_rng()
+            restore_rng(outer)
+        self.run: TrainingRun | None = None
+        self.out_dir: Path | None = None
+        self.metrics: dict[str, float] = {}
+        self.frames_done = 0
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def tracked(self, mlflow_tracking_uri: str | None = None, experiment: str = "freud-sae",
+                run_name: str | None = None, tags: dict | None = None,
+                out_dir: str | Path | Callable[[str], Path] | None = None):
+        """The SAE's MLflow run (FINISHED on a clean exit, FAILED or KILLED otherwise), params logged and the output
+        directory resolved (`out_dir` as in `train_sae`)."""
+        cfg, saved = self.cfg, self.saved
+        run_tags = {"model": self.model_name, "hook": cfg.hook, "architecture": cfg.architecture} | (tags or {})
+        if saved is not None:
+            run_tags |= {"resumed_from": self.resume_from, "resumed_from_run": saved.get("run_id"),
+                         "resumed_at_step": self.start}
+        run_name = run_name or f"{cfg.architecture}-{cfg.hook}-{self.n_latents}"
+        with TrainingRun(mlflow_tracking_uri or settings.mlflow_tracking_uri(), experiment, run_name,
+                         {k: str(v) for k, v in run_tags.items()}) as run:
+            self.run = run
+            run.log_params({
+                **cfg.model_dump(), "d_in": self.d_in, "n_latents_resolved": self.n_latents,
+                "input_scale": self.scale, "start_step": self.start, "device_resolved": str(self.device),
+            })  # fmt: skip
+            if callable(out_dir):
+                self.out_dir = Path(out_dir(run.run_id))
+            else:
+                self.out_dir = Path(out_dir) if out_dir is not None else settings.data_dir() / "sae" / run.run_id
+            self.started = time.perf_counter()
+            yield self
+
+    @contextlib.contextmanager
+    def _rng(self):
+        if not self.own_rng:
+            yield
+            return
+        outer = capture_rng()
+        restore_rng(self.rng)
+        try:
+            yield
+        finally:
+            self.rng = capture_rng()
+            restore_rng(outer)
+
+    def step(self, step: int, batch: torch.Tensor) -> None:
+        """Step number `step` (1-based) on `batch` (raw frames of this SAE's hook): train, log, evaluate and
+        checkpoint on the config's cadence (the last step's evaluation and checkpoint are `finish`'s)."""
+        cfg, run = self.cfg, self.run
+        x = batch.to(self.device, torch.float32) * self.scale
+        with self._rng():
+            out, grad_norm, fired_counts = training_step(
+                self.sae, x, self.optimizer, self.scheduler, self.tracker, cfg.grad_clip, self.autocast
+            )
+            self.frames_done += x.shape[0]
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                self.metrics = _step_metrics(out, x, self.tracker, fired_counts) | {
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "frames_per_s": self.frames_done / (time.perf_counter() - self.started),
+                }
+                run.log_metrics(self.metrics, step)
+                log.info("%s step %d/%d loss %.4g fvu %.4f", cfg.hook, step, cfg.steps, self.metrics["loss"],
+                         self.metrics["fvu"])
+            if self.eval_source is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                report = evaluate_sae(
+                    self.sae, self.eval_source, cfg.hook, cfg.eval_batches, batch_size=cfg.batch_size,
+                    seed=cfg.seed, input_scale=self.scale,
+                )  # fmt: skip
+                run.log_metrics({f"eval/{k}": v for k, v in report.scalars().items()}, step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.steps:
+                self._checkpoint(self.out_dir / "checkpoints" / f"step_{step:08d}", step)
+
+    def _checkpoint(self, directory: Path, step: int) -> SparseAutoencoder:
+        cfg, run = self.cfg, self.run
+        shipped = folded_copy(self.sae, self.scale)
+        save_checkpoint(shipped, directory, {"step": step, "mlflow_run_id": run.run_id,
+                                             "train_config": cfg.model_dump()})
+        save_trainer_state(directory, {
+            "step": step, "config": cfg.model_dump(), "run_id": run.run_id, "input_scale": self.scale,
+            "sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "firing": self.tracker.state_dict(), "rng": capture_rng(),
+        })  # fmt: skip
+        return shipped
+
+    def finish(self) -> TrainResult:
+        """The final checkpoint in the output directory, its digest, the evaluation of the shipped SAE."""
+        cfg, run, out_dir = self.cfg, self.run, self.out_dir
+        elapsed = time.perf_counter() - self.started
+        with self._rng():
+            final = self._checkpoint(out_dir, cfg.steps)
+        sha256 = checkpoint_sha256(out_dir)
+        run.client.set_tag(run.run_id, "checkpoint_sha256", sha256)
+        eval_metrics = _publish_final(run, final, cfg, self.source, self.eval_source, out_dir)
+        return TrainResult(
+            run_id=run.run_id,
+            checkpoint_dir=out_dir,
+            metrics={**self.metrics, **eval_metrics},
+            sae=final,
+            input_scale=self.scale,
+            steps=cfg.steps,
+            frames_per_second=self.frames_done / elapsed if elapsed > 0 else float("nan"),
+            sha256=sha256,
+        )
+
+
 def train_sae(
     source,
     cfg: TrainConfig | dict,
@@ -172,103 +331,10 @@ def train_sae(
     `resume_from`: a checkpoint directory of an earlier run (its trainer_state.pt); the run continues in a new
     MLflow run tagged with the old one and ends with the weights the uninterrupted run would have had.
     """
-    cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig(**cfg)
-    mlflow_tracking_uri = mlflow_tracking_uri or settings.mlflow_tracking_uri()
-    source = as_frame_source(source, cfg.hook)
-    eval_source = as_frame_source(eval_source, cfg.hook) if eval_source is not None else None
-    device = resolve_device(cfg.device)
-    d_in = source.width(cfg.hook)
-    n_latents = cfg.latents_for(d_in)
-    model_name = cfg.model_name or getattr(source, "model_name", None) or "unknown"
-    saved = load_trainer_state(resume_from) if resume_from is not None else None
-    if saved is not None:
-        _check_resumable(saved["config"], cfg)
-
-    torch.manual_seed(cfg.seed)
-    sae = architecture_class(cfg.architecture).from_cfg({"d_in": d_in, "d_sae": n_latents, **cfg.model_dump()})
-    sae.metadata = {"hook_name": cfg.hook, "model_name": model_name}
-    sae.to(device)
-    optimizer = make_optimizer(cfg, sae)
-    scheduler = LambdaLR(optimizer, lr_factor(cfg))
-    tracker = FiringTracker(n_latents, cfg.dead_after_frames, device)
-    if saved is not None:
-        sae.load_state_dict(saved["sae"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        tracker.load_state_dict(saved["firing"])
-        scale, start = saved["input_scale"], saved["step"]
-        restore_rng(saved["rng"])
-    else:
-        scale, start = _initial_scale(source, cfg, sae, d_in), 0
-    stream = FrameStream(source, cfg.hook, cfg.batch_size, cfg.seed, skip=start)
-    bf16 = device.type == "cuda" and cfg.bf16
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    run_tags = {"model": model_name, "hook": cfg.hook, "architecture": cfg.architecture}
-    run_tags |= tags or {}
-    if saved is not None:
-        run_tags |= {"resumed_from": resume_from, "resumed_from_run": saved.get("run_id"), "resumed_at_step": start}
-    run_name = run_name or f"{cfg.architecture}-{cfg.hook}-{n_latents}"
-
-    def checkpoint(directory: Path, step: int) -> SparseAutoencoder:
-        shipped = folded_copy(sae, scale)
-        extra = {"step": step, "mlflow_run_id": run.run_id, "train_config": cfg.model_dump()}
-        save_checkpoint(shipped, directory, extra)
-        save_trainer_state(directory, {
-            "step": step, "config": cfg.model_dump(), "run_id": run.run_id, "input_scale": scale,
-            "sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "firing": tracker.state_dict(), "rng": capture_rng(),
-        })  # fmt: skip
-        return shipped
-
-    with TrainingRun(mlflow_tracking_uri, experiment, run_name, {k: str(v) for k, v in run_tags.items()}) as run:
-        run.log_params({
-            **cfg.model_dump(), "d_in": d_in, "n_latents_resolved": n_latents, "input_scale": scale,
-            "start_step": start, "device_resolved": str(device),
-        })  # fmt: skip
-        if callable(out_dir):
-            out_dir = Path(out_dir(run.run_id))
-        else:
-            out_dir = Path(out_dir) if out_dir is not None else settings.data_dir() / "sae" / run.run_id
-        metrics: dict[str, float] = {}
-        started, frames_done = time.perf_counter(), 0
-        for step in range(start + 1, cfg.steps + 1):
-            x = next(stream).to(device, torch.float32) * scale
-            out, grad_norm, fired_counts = training_step(
-                sae, x, optimizer, scheduler, tracker, cfg.grad_clip, autocast
-            )
-            frames_done += x.shape[0]
-
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                metrics = _step_metrics(out, x, tracker, fired_counts) | {
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "frames_per_s": frames_done / (time.perf_counter() - started),
-                }
-                run.log_metrics(metrics, step)
-                log.info("step %d/%d loss %.4g fvu %.4f", step, cfg.steps, metrics["loss"], metrics["fvu"])
-            # The last step's evaluation is the final one below, on the shipped SAE.
-            if eval_source is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                report = evaluate_sae(
-                    sae, eval_source, cfg.hook, cfg.eval_batches, batch_size=cfg.batch_size, seed=cfg.seed,
-                    input_scale=scale,
-                )  # fmt: skip
-                run.log_metrics({f"eval/{k}": v for k, v in report.scalars().items()}, step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.steps:
-                checkpoint(out_dir / "checkpoints" / f"step_{step:08d}", step)
-        elapsed = time.perf_counter() - started
-        final = checkpoint(out_dir, cfg.steps)
-        sha256 = checkpoint_sha256(out_dir)
-        run.client.set_tag(run.run_id, "checkpoint_sha256", sha256)
-        eval_metrics = _publish_final(run, final, cfg, source, eval_source, out_dir)
-
-    return TrainResult(
-        run_id=run.run_id,
-        checkpoint_dir=out_dir,
-        metrics={**metrics, **eval_metrics},
-        sae=final,
-        input_scale=scale,
-        steps=cfg.steps,
-        frames_per_second=frames_done / elapsed if elapsed > 0 else float("nan"),
-        sha256=sha256,
-    )
+    trainer = SaeTrainer(source, cfg, eval_source=eval_source, resume_from=resume_from)
+    cfg = trainer.cfg
+    stream = FrameStream(trainer.source, cfg.hook, cfg.batch_size, cfg.seed, skip=trainer.start)
+    with trainer.tracked(mlflow_tracking_uri, experiment, run_name, tags, out_dir):
+        for step in range(trainer.start + 1, cfg.steps + 1):
+            trainer.step(step, next(stream))
+        return trainer.finish()
