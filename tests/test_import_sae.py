@@ -30,6 +30,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
 from freud_pipeline.cli import main
+
+try:
+    from test_app import _see, dash_duo  # the browser fixture (Debian chromium + chromedriver) and its checks
+except ImportError:  # tests collected as a package
+    from tests.test_app import _see, dash_duo
+
+__all__ = ["dash_duo"]  # a fixture: used by name
 from freud_pipeline.cli.legacy_config import read_run_config, translate
 from freud_pipeline.errors import HookError
 from freud_pipeline.sae import load_checkpoint
@@ -454,3 +461,28 @@ def test_collect_dry_run_prints_the_translation_and_checks_it(tmp_path, capsys):
                                  "autoencoder_variant": "gated"}))
     code, out, err = _cli(capsys, "collect", "--config", gated, "--dry-run")
     assert code == 2 and "config not accepted" in err and "architecture" in err
+
+
+def test_an_imported_jumprelu_sae_is_browsed_in_the_app(corpus, saelens, capsys, dash_duo):
+    """A JumpReLU SAE written by the real SAELens, imported and indexed, is a feature set like any other in the
+    app: the search page of its strongest latent shows its top clips, with its architecture on the set's label."""
+    from dash_app import create_app
+    from freud_pipeline.features import FeatureIndex
+
+    written, _ = saelens
+    code, out, err = _cli(capsys, "import-sae", written / "jumprelu", *_import_args(corpus), "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["architecture"] == "jumprelu" and got["set_id"]
+    index = FeatureIndex(corpus["index_uri"], read_consistency_interval=0)
+    ours = load_checkpoint(Path(got["checkpoint_dir"]))
+    with torch.no_grad():
+        peaks = np.stack([ours.encode(torch.from_numpy(a)).max(0).values.numpy() for a in corpus["clips"].values()])
+    feature = int(peaks.max(0).argmax())
+    dash_duo.start_server(create_app(index, data_dir=str(corpus["root"]), mlflow_uri=corpus["tracking_uri"]))
+    dash_duo.driver.get(dash_duo.server_url + f"/search?set={got['set_id']}&index={feature}&n=3")
+    dash_duo.wait_for_element("#result-0 .clip-graph .js-plotly-plot", timeout=60)
+    assert dash_duo.find_element("#feature-card .card-title").text.startswith(f"Feature {feature}")
+    assert dash_duo.find_element("#result-0 .clip-id").text == index.top_examples(got["set_id"], feature, n=1)[0][
+        "clip_id"]
+    _see(dash_duo, "search-imported-jumprelu", "#clip-graph-0")
