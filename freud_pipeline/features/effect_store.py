@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from freud_pipeline.errors import FeatureIndexError, FeatureSetError
-from freud_pipeline.features.store import FEATURE_SETS, connect, sql_str, table_names
+from freud_pipeline.features.store import FEATURE_SETS, connect, open_or_create, sql_str, table_names
 
 EFFECTS, EFFECT_SETS = "feature_effects", "feature_effect_sets"
 
@@ -49,12 +49,6 @@ EFFECT_SETS_SCHEMA = pa.schema([
 ])
 ROW_FIELDS = ("feature", "delta_ce", "ci_low", "ci_high", "n_clips", "delta_wer", "wer_clips", "chance_delta_ce",
               "clip_ids", "clip_delta_ce", "build_id", "sae_sha256", "computed_at")
-
-
-def _table(db, name: str, schema: pa.Schema):
-    if name in table_names(db):
-        return db.open_table(name)
-    return db.create_table(name, schema=schema, exist_ok=True)
 
 
 def _key(computation_id: str, feature: int) -> str:
@@ -83,11 +77,11 @@ def write_effects(set_row: dict, result: dict, uri: str | None = None) -> str:
         "clip_delta_ce": [float(v) for v in r["clip_delta_ce"]], "computed_at": now,
     } for r in result["features"]]
     db = connect(uri)
-    table = _table(db, EFFECTS, EFFECTS_SCHEMA)
+    table = open_or_create(db, EFFECTS, EFFECTS_SCHEMA)
     if rows:
         table.add(pa.Table.from_pylist(rows, schema=EFFECTS_SCHEMA))
         table.create_index("key", config=BTree(), replace=True)
-    pointers = _table(db, EFFECT_SETS, EFFECT_SETS_SCHEMA)
+    pointers = open_or_create(db, EFFECT_SETS, EFFECT_SETS_SCHEMA)
     old = pointers.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
     chance = result.get("chance") or {}
     pointer = {

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from freud_pipeline.errors import FeatureIndexError, FeatureSetError
-from freud_pipeline.features.store import FEATURE_SETS, connect, read_vectors, sql_str, table_names
+from freud_pipeline.features.store import FEATURE_SETS, connect, open_or_create, read_vectors, sql_str, table_names
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,6 @@ def run_set(run_id: str) -> str:
     return RUN_PREFIX + run_id
 
 
-def _table(db, name: str, schema: pa.Schema):
-    if name in table_names(db):
-        return db.open_table(name)
-    return db.create_table(name, schema=schema, exist_ok=True)
-
-
 def _key(match_id: str, feature: int) -> str:
     return f"{match_id}/{int(feature)}"
 
@@ -94,7 +88,7 @@ def write_matches(set_a: str, set_b: str, counterpart: np.ndarray, cosine: np.nd
     keep = counterpart.ravel() >= 0
     match_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"
     db = connect(uri)
-    rows = _table(db, MATCHES, MATCHES_SCHEMA)
+    rows = open_or_create(db, MATCHES, MATCHES_SCHEMA)
     rows.add(pa.table({
         "key": [_key(match_id, f) for f in features[keep]], "match_id": [match_id] * int(keep.sum()),
         "set_a": [set_a] * int(keep.sum()), "feature": features[keep], "set_b": [set_b] * int(keep.sum()),
@@ -102,7 +96,7 @@ def write_matches(set_a: str, set_b: str, counterpart: np.ndarray, cosine: np.nd
         "rank": ranks[keep], "kind": [kind] * int(keep.sum()),
     }, schema=MATCHES_SCHEMA))
     rows.create_index("key", config=_btree(), replace=True)
-    pairs = _table(db, MATCH_PAIRS, PAIRS_SCHEMA)
+    pairs = open_or_create(db, MATCH_PAIRS, PAIRS_SCHEMA)
     old = pairs.search().where(_pair_filter(set_a, set_b)).limit(None).to_list()
     closest = cosine[:, 0][counterpart[:, 0] >= 0]
     pairs.merge_insert(["set_a", "set_b"]).when_matched_update_all().when_not_matched_insert_all().execute(
@@ -278,7 +272,7 @@ def write_seed_stability(rows: list[dict], uri: str | None = None) -> None:
     now = datetime.now(timezone.utc)
     records = [{**{name: None for name in SEED_SCHEMA.names}, "created_at": now, **row,
                 "recipe": json.dumps(row.get("recipe") or {}, sort_keys=True, default=str)} for row in rows]
-    _table(connect(uri), SEED_STABILITY, SEED_SCHEMA).add(pa.Table.from_pylist(records, schema=SEED_SCHEMA))
+    open_or_create(connect(uri), SEED_STABILITY, SEED_SCHEMA).add(pa.Table.from_pylist(records, schema=SEED_SCHEMA))
 
 
 def seed_stability(uri: str | None = None) -> list[dict]:

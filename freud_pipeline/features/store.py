@@ -141,7 +141,7 @@ def table_names(db) -> set[str]:
     return set(db.list_tables(limit=None).tables) if hasattr(db, "list_tables") else set(db.table_names())
 
 
-def _open_or_create(db, name: str, schema: pa.Schema):
+def open_or_create(db, name: str, schema: pa.Schema):
     if name in table_names(db):
         return db.open_table(name)
     return db.create_table(name, schema=schema, exist_ok=True)
@@ -280,7 +280,7 @@ def upsert_clips(db, manifest: pd.DataFrame) -> None:
     frame["clip_id"] = frame["clip_id"].astype(str)
     frame = frame.drop_duplicates("clip_id", keep="last")
     data = pa.Table.from_pandas(frame, schema=CLIPS_SCHEMA, preserve_index=False)
-    tbl = _with_new_columns(_open_or_create(db, CLIPS, CLIPS_SCHEMA), CLIPS_SCHEMA)
+    tbl = _with_new_columns(open_or_create(db, CLIPS, CLIPS_SCHEMA), CLIPS_SCHEMA)
     tbl.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
     tbl.create_index("clip_id", config=BTree(), replace=True)
     try:
@@ -332,9 +332,9 @@ def write_feature_set(
 
     n_top = _kept_counts(mining.top, "+")
     n_bottom = _kept_counts(mining.bottom, "-")
-    features = _with_new_columns(_open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
+    features = _with_new_columns(open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
     features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
-    examples = _open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA)
+    examples = open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA)
     if changed_examples is None:
         written, top, bottom = np.arange(mining.n_features), mining.top, mining.bottom
         chain = [build_id]
@@ -355,7 +355,7 @@ def write_feature_set(
         tbl.create_index("key", config=BTree(), replace=True)
         tbl.create_index("build_id", config=Bitmap(), replace=True)
 
-    sets = _with_new_columns(_open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
+    sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
     current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
     history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
     row = {
