@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, quote, urlencode
 
 import numpy as np
 
+from freud_pipeline import objectstore
 from freud_pipeline.frames import MEL_FRAME_SECONDS, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -391,8 +392,10 @@ class IndexAccess:
             from freud_pipeline.features import FeatureIndex
         except ImportError as exc:  # the features package is not installed/built yet
             raise IndexUnavailable(f"The features package cannot be imported ({exc}). {EMPTY_INDEX_HINT}") from exc
-        uri = None
-        if self.data_dir is not None:
+        # FREUD_LANCEDB_URI (an index elsewhere: in a bucket on a cluster) wins over the data directory's own, as in
+        # the pipeline (FreudStorage.index_uri)
+        uri = os.environ.get("FREUD_LANCEDB_URI") or None
+        if uri is None and self.data_dir is not None:
             uri = str(self.data_dir / "lancedb")
         try:
             return FeatureIndex(uri) if uri else FeatureIndex()
@@ -507,7 +510,7 @@ class IndexAccess:
         the index's resolved `audio_path`."""
         raw = row.get("path")
         if raw and not Path(raw).is_absolute() and self.data_dir is not None:
-            return self.data_dir / raw
+            return objectstore.fetch(self.data_dir, raw)  # from the bucket on first use, on a cluster
         for key in ("audio_path", "abs_path", "absolute_path", "path"):
             value = row.get(key)
             if value:

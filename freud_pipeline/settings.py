@@ -31,9 +31,17 @@ def data_dir() -> Path:
     return path
 
 
+DAGSTER_POSTGRES_SETTING = "FREUD_DAGSTER_POSTGRES_URL"
+
+
 def dagster_instance_template() -> str:
-    """FREUD's Dagster instance settings (pool limits, run monitoring), shipped inside the package."""
-    return resources.files("freud_pipeline.defs").joinpath("dagster.yaml").read_text(encoding="utf-8")
+    """FREUD's Dagster instance settings (pool limits, run monitoring), shipped inside the package; with
+    FREUD_DAGSTER_POSTGRES_URL set, also its storage (runs, event logs, schedules, sensor cursors) in that PostgreSQL
+    database (dagster-postgres). The file names the variable, not its value: a password never lands on disk."""
+    text = resources.files("freud_pipeline.defs").joinpath("dagster.yaml").read_text(encoding="utf-8")
+    if os.environ.get(DAGSTER_POSTGRES_SETTING, "").strip():
+        text += f"\nstorage:\n  postgres:\n    postgres_url:\n      env: {DAGSTER_POSTGRES_SETTING}\n"
+    return text
 
 
 def model_cache_dir() -> Path:

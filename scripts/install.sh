@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(ffmpeg festival festvox-us-slt-hts asterisk-core-sounds-en-g722 asterisk-core-sounds-en
               festvox-kallpc16k festvox-kdlpc16k dict-devil dict-jargon
               asterisk-core-sounds-{fr,es,it,ru}-g722 asterisk-core-sounds-{fr,es,it,ru}
-              chromium chromium-driver redis-server)
+              chromium chromium-driver redis-server postgresql)
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from freud_pipeline.errors import FreudError
+from freud_pipeline.objectstore import configure_environment
 
 
 def _transcribe(args) -> int:
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_environment()  # the S3 endpoint under every library's name, inherited by the services it starts
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from freud_pipeline import settings
+from freud_pipeline import objectstore, settings
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -32,6 +32,10 @@ def dagster_home() -> Path:
     instance_yaml = home / "dagster.yaml"
     if not instance_yaml.exists():  # pool limits etc. (freud_pipeline/defs/dagster.yaml); an operator's file is kept
         instance_yaml.write_text(settings.dagster_instance_template(), encoding="utf-8")
+    elif os.environ.get(settings.DAGSTER_POSTGRES_SETTING) and "storage:" not in instance_yaml.read_text():
+        print(f"warning: {settings.DAGSTER_POSTGRES_SETTING} is set but {instance_yaml} (written before) keeps "
+              f"SQLite storage: add its postgres block (freud_pipeline/defs/dagster.yaml) or delete the file",
+              file=sys.stderr)
     os.environ["DAGSTER_HOME"] = str(home)  # Dagster requires an absolute path; children inherit it
     return home
 
@@ -39,6 +43,11 @@ def dagster_home() -> Path:
 def services(host: str, dagster_port: int, mlflow_port: int, app_port: int) -> list[Service]:
     bin_dir = Path(sys.executable).parent
     data = settings.data_dir()
+    bucket_root = objectstore.mlflow_artifact_root()
+    # One machine: the server stores (and proxies) artifacts under the data directory. A cluster: experiments
+    # created in the UI get the bucket, and clients (the pipeline's workers) write there directly.
+    artifacts = (["--default-artifact-root", bucket_root, "--no-serve-artifacts"] if bucket_root
+                 else ["--default-artifact-root", (data / "mlartifacts").as_uri()])
     return [
         Service(
             "dagster",
@@ -49,7 +58,7 @@ def services(host: str, dagster_port: int, mlflow_port: int, app_port: int) -> l
         Service(
             "mlflow",
             [str(bin_dir / "mlflow"), "server", "--backend-store-uri", settings.mlflow_tracking_uri(),
-             "--default-artifact-root", (data / "mlartifacts").as_uri(), "--host", host, "--port", str(mlflow_port),
+             *artifacts, "--host", host, "--port", str(mlflow_port),
              "--workers", "1"],  # one worker: the UI needs no more, and each costs a Python start
             f"http://{host}:{mlflow_port}", f"http://{host}:{mlflow_port}/health",
         ),

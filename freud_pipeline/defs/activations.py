@@ -4,6 +4,7 @@ import dagster as dg
 
 from freud_pipeline.activations.collect import collect_activations
 from freud_pipeline.audio.datasets import load_manifest
+from freud_pipeline.defs.executors import GPU_STEP_TAGS
 from freud_pipeline.defs.partitions import audioset_partitions, librispeech_partitions, split_partitions
 from freud_pipeline.defs.resources import FreudStorage
 from freud_pipeline.devices import resolve_device
@@ -66,7 +67,7 @@ def collect_partition(context: dg.AssetExecutionContext, config: ActivationsConf
 def activations_asset(name: str, dataset: str, partitions: dg.PartitionsDefinition, same_partitions: bool):
     """An activations asset over `dataset`; `same_partitions` when the dataset asset is partitioned alike."""
 
-    @dg.asset(name=name, group_name="activations", kinds={"arrow", "pytorch"}, pool="model",
+    @dg.asset(name=name, group_name="activations", kinds={"arrow", "pytorch"}, pool="model", op_tags=GPU_STEP_TAGS,
               partitions_def=partitions, ins={"dataset": dg.AssetIn(dataset)},
               description=f"Whisper encoder activations (real frames only) of {dataset}, one split per partition, "
                           "as Arrow IPC shards.")

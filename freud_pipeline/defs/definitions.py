@@ -3,11 +3,12 @@
 
 import dagster as dg
 
-from freud_pipeline import settings
+from freud_pipeline import objectstore, settings
 from freud_pipeline.defs import activations, datasets, effects, features, latents, sae, stability
 from freud_pipeline.defs import multi_sae  # one SAE per hook from one pass (on request)
 from freud_pipeline.defs.partitions import SPLITS, split_partitions
-from freud_pipeline.defs.resources import FreudStorage, MlflowTracking
+from freud_pipeline.defs.io import ObjectStoreIOManager
+from freud_pipeline.defs.resources import ClusterStorage, FreudStorage, MlflowTracking
 from freud_pipeline.defs import checks, executors, incoming, runner, schedules, sensors
 
 CORPUS_ASSETS = [datasets.asterisk_prompts, datasets.festival_speech, datasets.default_corpus]
@@ -45,16 +46,21 @@ STAGES = [(corpus_job, None), (activations_job, SPLITS), (index_job, None)]
 
 
 def resources() -> dict:
-    storage = FreudStorage(
+    objectstore.configure_environment()
+    object_store = objectstore.object_store_uri()
+    storage = (ClusterStorage if object_store else FreudStorage)(
         data_dir=dg.EnvVar("FREUD_DATA_DIR").get_value("") or "",
         mlflow_tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI").get_value("") or "",
         lancedb_uri=dg.EnvVar("FREUD_LANCEDB_URI").get_value("") or "",
+        object_store=object_store,
     )
     return {
         "storage": storage,
         "mlflow": MlflowTracking(storage=storage),  # the SAE run's MLflow store, through an explicit client
-        # Outputs (small dicts of paths) persist under the data directory, so any later run can load them.
-        "io_manager": dg.FilesystemIOManager(base_dir=str(settings.data_dir() / "dagster_storage")),
+        # Outputs (small dicts of paths) persist under the data directory, so any later run can load them; with an
+        # object store, in the bucket, their paths written relative to the data directory (defs/io.py).
+        "io_manager": (ObjectStoreIOManager(storage=storage) if storage.object_store else
+                       dg.FilesystemIOManager(base_dir=str(settings.data_dir() / "dagster_storage"))),
     }
 
 

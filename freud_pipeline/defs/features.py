@@ -187,7 +187,7 @@ def sae_feature_index(
     summary = build_feature_set(
         encoded_clips(clips, encode), set_id=set_id, model=topk_sae["model"], hook=topk_sae["hook"], kind="sae",
         manifest_df=manifest, alignments_df=alignments, index_uri=storage.index_uri,
-        sae_run_id=run_id, sae_checkpoint=topk_sae["checkpoint_dir"], sae_sha256=sha256,
+        sae_run_id=run_id, sae_checkpoint=storage.portable(topk_sae["checkpoint_dir"]), sae_sha256=sha256,
         decoder=decoder_directions(sae), data_root=storage.root, label_split=corpus_label_split(default_corpus),
         coverage=cov.extended(None, [s.coverage_entry(r) for s, r in zip(sources, readers)]),
     )

@@ -24,6 +24,7 @@ import pydantic
 
 from freud_pipeline.activations.writer import MANIFEST
 from freud_pipeline.defs.activations import ActivationsConfig, collect_partition
+from freud_pipeline.defs.executors import GPU_STEP_TAGS
 from freud_pipeline.defs.partitions import split_partitions
 from freud_pipeline.defs.resources import FreudStorage, MlflowTracking
 from freud_pipeline.defs.sae import SaeAssetConfig, run_metadata, splice_manifest, training_selection
@@ -44,7 +45,8 @@ class AllBlocksActivationsConfig(ActivationsConfig):
     hooks: list[str] = list(ALL_BLOCKS)
 
 
-@dg.asset(group_name="activations", kinds={"arrow", "pytorch"}, pool="model", partitions_def=split_partitions,
+@dg.asset(group_name="activations", kinds={"arrow", "pytorch"}, pool="model", op_tags=GPU_STEP_TAGS,
+          partitions_def=split_partitions,
           ins={"default_corpus": dg.AssetIn("default_corpus")},
           description="Whisper encoder activations of the default corpus at every block's residual stream, one split "
                       f"per partition, in their own directory (activations/<model>/{ALL_BLOCKS_DATASET}): the frames "
@@ -90,7 +92,7 @@ def multi_sae_asset(name: str, hooks: tuple[str, ...], activations_asset: str):
                     f"activations; its run in MLflow (a child of the multi run), registered as "
                     f"freud-sae.<model>.{hook.replace('.', '_')}.<architecture>.") for hook in hooks}
 
-    @dg.multi_asset(name=name, outs=outs, can_subset=True, pool="model",
+    @dg.multi_asset(name=name, outs=outs, can_subset=True, pool="model", op_tags=GPU_STEP_TAGS,
                     ins={"activations": dg.AssetIn(activations_asset), "default_corpus": dg.AssetIn("default_corpus")},
                     description=f"One SAE per hook ({', '.join(hooks)}), all trained in lockstep from one read of "
                                 "the activations per step; materialise a subset to train only those hooks.")

@@ -26,6 +26,7 @@ import pandas as pd
 import pydantic
 
 from freud_pipeline.defs.activations import split_dirs
+from freud_pipeline.defs.executors import GPU_STEP_TAGS
 from freud_pipeline.defs.resources import FreudStorage, MlflowTracking
 from freud_pipeline.features.runs import model_version_url, run_url
 from freud_pipeline.sae.config import demo_config
@@ -140,7 +141,7 @@ def run_metadata(result: SaeRunResult, selection: TrainingSelection) -> dict:
     return metadata
 
 
-@dg.asset(group_name="sae", kinds={"pytorch", "mlflow"}, pool="model",
+@dg.asset(group_name="sae", kinds={"pytorch", "mlflow"}, pool="model", op_tags=GPU_STEP_TAGS,
           deps=["incoming_activations"],  # lineage: it also trains on every collected batch (include_incoming)
           description="A sparse autoencoder on the residual stream, evaluated on held-out frames and clips; its run "
                       "and checkpoint in MLflow, registered as freud-sae.<model>.<hook>.<architecture>. Trains on the "
@@ -199,7 +200,7 @@ class SaeSweepConfig(SaeAssetConfig):
     register_model: bool = False  # sweep runs are compared on the runs page, not promoted over the champion
 
 
-@dg.asset(group_name="sae", kinds={"pytorch", "mlflow"}, pool="model",
+@dg.asset(group_name="sae", kinds={"pytorch", "mlflow"}, pool="model", op_tags=GPU_STEP_TAGS,
           description="A sweep over SAE width and k: one run of the SAE config per pair, each trained, spliced into "
                       "held-out clips (ΔWER, ΔCE with CIs) and logged to MLflow with the sweep's tag.")
 def sae_sweep(context: dg.AssetExecutionContext, config: SaeSweepConfig, storage: FreudStorage,

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from freud_pipeline import objectstore
 from freud_pipeline.errors import EmptyAudioError, FeatureSetError, FreudError
 from freud_pipeline.frames import FRAME_SECONDS, SAMPLE_RATE
 
@@ -148,7 +149,7 @@ def load_sae(checkpoint: str | Path, device: str = "cpu", sha256: str | None = N
     (`sae.checkpoint.load_verified`): verified against `sha256`, the digest its feature set recorded."""
     from freud_pipeline.sae.checkpoint import WEIGHTS_FILE, CheckpointError, load_verified, weights_path
 
-    path = Path(checkpoint)
+    path = objectstore.resolve(checkpoint)  # '@data/...' as a cluster stores it: this machine's copy
     if weights_path(path) is None:  # either layout: sae_weights.safetensors, or the legacy sae.safetensors
         raise EditError(f"the SAE checkpoint {path} is missing ({WEIGHTS_FILE} not found); retrain or rebuild the set")
     try:

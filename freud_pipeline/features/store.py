@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import FTS, BTree, Bitmap, IvfFlat
 
+from freud_pipeline import objectstore
 from freud_pipeline.features.labels import LabelResult
 from freud_pipeline.features.mining import MiningResult
 from freud_pipeline.frames import FRAME_SECONDS
@@ -112,7 +113,10 @@ CLIPS_SCHEMA = pa.schema([
 
 
 def connect(uri: str | None = None, **kwargs) -> lancedb.DBConnection:
-    return lancedb.connect(uri or lancedb_uri(), **kwargs)
+    uri = uri or lancedb_uri()
+    if objectstore.is_remote(uri):
+        objectstore.configure_environment()  # an S3-compatible endpoint other than AWS, from FREUD_S3_ENDPOINT_URL
+    return lancedb.connect(uri, **kwargs)
 
 
 def sql_str(value: str) -> str:
@@ -468,26 +472,35 @@ def peak_time_s(frame: int | np.ndarray) -> float | np.ndarray:
 # ---------------------------------------------------------------- merge state and reading a build back
 
 
-def state_dir(uri: str | None) -> Path:
-    """Where merge states live: beside the LanceDB directory (local indexes only)."""
-    return Path(uri or lancedb_uri()).parent / "index_state"
+def state_dir(uri: str | None) -> str:
+    """Where merge states live: beside the LanceDB directory (`index_state/`), in the same bucket for an index in
+    object storage."""
+    uri = str(uri or lancedb_uri()).rstrip("/")
+    if objectstore.is_remote(uri):
+        return uri.rsplit("/", 1)[0] + "/index_state"
+    return str(Path(uri).parent / "index_state")
 
 
-def _state_path(uri: str | None, build_id: str) -> Path:
-    return state_dir(uri) / f"{vectors_table_name(build_id).removeprefix('vectors_')}.npz"
+def _state_path(uri: str | None, build_id: str) -> str:
+    return f"{state_dir(uri)}/{vectors_table_name(build_id).removeprefix('vectors_')}.npz"
 
 
 def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) -> tuple[str, str]:
-    """Save a build's merge state (numpy arrays only) under a temporary name, then rename it into place.
-    Returns (path, sha256 of the file)."""
+    """Save a build's merge state (numpy arrays only) under a temporary name, then rename it into place (an
+    object store's PUT is atomic by itself). Returns (path or URI, sha256 of the file)."""
     path = _state_path(uri, build_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.partial")
-    with open(partial, "wb") as handle:
-        np.savez(handle, **arrays)
-    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    if objectstore.is_remote(path):
+        objectstore.write_uri(path, data)
+        return path, digest
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(f"{path}.{uuid.uuid4().hex[:8]}.partial")
+    partial.write_bytes(data)
     os.replace(partial, path)
-    return str(path), digest
+    return path, digest
 
 
 def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -497,8 +510,8 @@ def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
         raise StateError(f"feature set {set_row['set_id']!r} (build {set_row['build_id']}) has no merge state: it "
                          "was built before merges were possible; rebuild it once, later batches then merge")
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
+        data = objectstore.read_uri(path) if objectstore.is_remote(path) else Path(path).read_bytes()
+    except (OSError, FileNotFoundError) as exc:
         raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); rebuild the set") from None
     if hashlib.sha256(data).hexdigest() != expected:
         raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it was "
@@ -509,8 +522,13 @@ def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _delete_state(db, build_id: str) -> None:
     uri = getattr(db, "uri", None)
-    if uri is not None and "://" not in str(uri):
-        _state_path(str(uri), build_id).unlink(missing_ok=True)
+    if uri is None:
+        return
+    path = _state_path(str(uri), build_id)
+    if objectstore.is_remote(path):
+        objectstore.delete_uri(path)
+    else:
+        Path(path).unlink(missing_ok=True)
 
 
 class StateError(RuntimeError):

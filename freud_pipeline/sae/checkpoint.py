@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from freud_pipeline import objectstore
 from freud_pipeline.devices import resolve_device
 from freud_pipeline.errors import FreudError
 from freud_pipeline.sae.architectures import architecture_class
@@ -124,7 +125,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
                     sha256: str | None = None) -> SparseAutoencoder:
     """The SAE of a checkpoint directory. With `sha256`, the weights must have that digest (checked on the very
     bytes that are loaded), else CheckpointDigestError."""
-    directory = Path(directory)
+    directory = objectstore.resolve(directory)
     weights, cfg_path = weights_path(directory), directory / CFG_FILE
     if weights is None or not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not an SAE checkpoint: it needs both {WEIGHTS_FILE} and {CFG_FILE}")
@@ -161,7 +162,7 @@ def load_verified(directory: str | Path, sha256: str | None, device: str | torch
     A cached SAE stays valid however the file changes later: its key is the digest it was verified against.
     `sha256` None (sets built before digests were recorded) keys on the weights file's size and modification
     time instead, so a rewritten file is reloaded, never served stale. Returned SAEs are shared: read only."""
-    directory = Path(directory).resolve()
+    directory = objectstore.resolve(directory).resolve()
     if sha256:
         version = sha256
     else:

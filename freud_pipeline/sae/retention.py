@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from freud_pipeline import objectstore
 from freud_pipeline.sae.checkpoint import weights_path
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def prune_runs(runs_dir: str | Path, keep_last: int, keep: Iterable[str | None] 
         if index_uri is not None:
             store.delete_sets_of_run(run.run_id, uri=index_uri)
         shutil.rmtree(run.path)
+        objectstore.forget(run.path)  # on a cluster, the bucket's copy too
         removed.append(run.run_id)
         log.info("retention: removed SAE run %s (%s) and its feature sets", run.run_id, run.path)
     return removed

@@ -19,6 +19,8 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from freud_pipeline import objectstore
+
 log = logging.getLogger(__name__)
 
 _BATCH_LIMIT = 100  # params per log_batch call accepted by every store
@@ -26,6 +28,11 @@ _DATASETS_LIMIT = 1000  # dataset inputs per log_inputs call
 
 
 def _artifact_root_for(tracking_uri: str, experiment: str) -> str | None:
+    """Artifact location of a new experiment: `<FREUD_MLFLOW_ARTIFACTS or FREUD_OBJECT_STORE/mlflow>/<experiment>`
+    on a cluster (whatever the tracking store: every worker reaches the bucket); None lets MLflow choose."""
+    root = objectstore.mlflow_artifact_root()
+    if root:
+        return f"{root}/{experiment}"
     # For a sqlite store MLflow would put artifacts under ./mlruns of whatever the current directory is;
     # keep them next to the database instead.
     if tracking_uri.startswith("sqlite:///"):
@@ -36,6 +43,7 @@ def _artifact_root_for(tracking_uri: str, experiment: str) -> str | None:
 
 class TrainingRun:
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: dict[str, str]):
+        objectstore.configure_environment()  # MLflow's S3 client reads the endpoint from MLFLOW_S3_ENDPOINT_URL
         self.client = MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
