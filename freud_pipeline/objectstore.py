@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from freud_pipeline.digests import file_sha256
 from freud_pipeline.errors import FreudError
 
 # Top-level entries of the data directory that never travel: per-machine caches and single-machine stores.
@@ -88,14 +89,6 @@ def _client():
     except ImportError:  # pragma: no cover - boto3 is a dependency
         raise FreudError("object storage needs boto3 (pip install boto3)") from None
     return boto3.client("s3", endpoint_url=os.environ.get("FREUD_S3_ENDPOINT_URL") or None)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _travels(rel: Path) -> bool:
@@ -177,7 +170,7 @@ class ObjectStore:
                 continue  # unchanged since it was last sent or received
             pending.append((path.name in INDEX_NAMES, key, path, stat))
         for _, key, path, stat in sorted(pending, key=lambda item: (item[0], item[1])):
-            digest = _sha256(path)
+            digest = file_sha256(path)
             if remote.get(key) == stat.st_size and self._remote_sha(key) == digest:
                 ledger[key] = [stat.st_size, stat.st_mtime_ns, digest]
                 continue
@@ -219,14 +212,14 @@ class ObjectStore:
                 stat = target.stat()
                 if seen and seen[0] == stat.st_size == size and seen[1] == stat.st_mtime_ns:
                     continue
-                if stat.st_size == size and self._remote_sha(key) == _sha256(target):
+                if stat.st_size == size and self._remote_sha(key) == file_sha256(target):
                     ledger[key] = [stat.st_size, stat.st_mtime_ns, self._remote_sha(key)]
                     continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.partial")
             self.client.download_file(self.bucket, self.key(key), str(tmp))
             expected = self._remote_sha(key)
-            if expected and _sha256(tmp) != expected:
+            if expected and file_sha256(tmp) != expected:
                 tmp.unlink(missing_ok=True)
                 raise FreudError(f"{self.uri}/{key} does not match its recorded sha256: refusing the download")
             os.replace(tmp, target)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +24,10 @@ import yaml
 
 try:
     from conftest import require_extra
+    from services import redis_server, stop
 except ImportError:  # tests collected as a package
     from tests.conftest import require_extra
+    from tests.services import redis_server, stop
 
 pytestmark = pytest.mark.slow
 
@@ -43,45 +43,10 @@ SUBSET = {"asterisk_prompts": {"config": {"limit": 8, "align": False}},
 WORKERS = ("freud-w1", "freud-w2")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, group: bool = False) -> None:
-    if proc.poll() is not None:
-        return
-    (os.killpg(proc.pid, signal.SIGTERM) if group else proc.terminate())
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        (os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill())
-        proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    import redis
-
-    workdir = tmp_path_factory.mktemp("redis")
-    port = _free_port()
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=open(workdir / "redis.log", "wb"), stderr=subprocess.STDOUT)
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.time() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.time() > deadline or proc.poll() is not None:
-                _stop(proc)
-                pytest.fail(f"redis-server did not start: {(workdir / 'redis.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0"
-    _stop(proc)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +74,7 @@ def celery_setup(redis_url, tmp_path_factory):
             yield {"instance": instance, "data": data, "broker": redis_url, "workers": workers, "root": root}
         finally:
             for proc in workers:
-                _stop(proc, group=True)
+                stop(proc, group=True)
 
 
 def _wait_for_workers(broker: str, workers: list, root: Path, timeout: float = 150.0) -> set[str]:

@@ -151,7 +151,7 @@ def _import_args(corpus) -> list[str]:
 
 def test_saelens_topk_imports_registers_and_is_indexed(corpus, saelens, capsys):
     from freud_pipeline.features import FeatureIndex
-    from freud_pipeline.sae.importing import _sha256
+    from freud_pipeline.digests import file_sha256 as _sha256
     from freud_pipeline.validation import check_feature_set
 
     written, outputs = saelens

@@ -37,7 +37,6 @@ feature set over the default corpus' activations of the hook.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -50,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from freud_pipeline.digests import file_sha256
 from freud_pipeline.errors import DatasetUnavailableError, HookError, ModelError
 from freud_pipeline.sae.base import SparseAutoencoder
 from freud_pipeline.sae.checkpoint import (
@@ -170,19 +170,13 @@ def read_foreign_checkpoint(path: str | Path, *, hook: str | None = None,
     sae.metadata = {**sae.metadata, "hook_name": hook, "model_name": model}
     provenance = {
         "source": str(path), "layout": layout, "source_architecture": source_arch,
-        "source_sha256": _sha256(weights), "source_cfg": cfg, "source_hook": source_hook,
+        "source_sha256": file_sha256(weights), "source_cfg": cfg, "source_hook": source_hook,
         "source_model": source_model, "hook": hook, "model": model, "architecture": sae.architecture,
         "d_in": sae.d_in, "d_sae": sae.n_latents,
     }  # fmt: skip
     return sae, provenance
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _saelens_equations(directory: Path, cfg: dict) -> Equations:

@@ -11,7 +11,6 @@ any operation that registers hooks or runs the model (capture, splice, decode); 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -26,6 +25,7 @@ import torch
 import whisper
 
 from freud_pipeline.devices import resolve_device
+from freud_pipeline.digests import file_sha256
 from freud_pipeline.errors import ModelUnavailableError, UnknownModelError
 from freud_pipeline.settings import model_cache_dir
 
@@ -68,14 +68,6 @@ def offline_models() -> list[str]:
     cached = [name for name in available_models() if _cached_checkpoint(name) is not None]
     bundled = [name for name, (pkg, _) in OFFLINE_BUNDLES.items() if importlib.util.find_spec(pkg)]
     return sorted(set(cached) | set(bundled))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download_root() -> Path:

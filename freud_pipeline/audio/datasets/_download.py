@@ -3,7 +3,6 @@ DatasetUnavailableError that says what to fetch by hand and where to put it."""
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
+from freud_pipeline.digests import file_sha256
 from freud_pipeline.errors import DatasetUnavailableError
 
 log = logging.getLogger(__name__)
@@ -22,14 +22,6 @@ log = logging.getLogger(__name__)
 # Applies to connecting and to each read: an unreachable host or a stalled transfer fails fast; rerunning resumes.
 TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: Path, *, sha256: str | None = None, manual_hint: str = "") -> Path:
@@ -59,7 +51,7 @@ def download(url: str, dest: Path, *, sha256: str | None = None, manual_hint: st
             raise DatasetUnavailableError(f"{unavailable} (HTTP {exc.code})") from exc
     except (URLError, OSError, http.client.HTTPException) as exc:
         raise DatasetUnavailableError(f"{unavailable} ({exc})") from exc
-    if sha256 is not None and (actual := sha256_of(partial)) != sha256:
+    if sha256 is not None and (actual := file_sha256(partial)) != sha256:
         partial.unlink()
         raise DatasetUnavailableError(f"{url} arrived corrupted (sha256 {actual}, expected {sha256}); run again to retry.")
     os.replace(partial, dest)
