@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -218,10 +219,14 @@ def default_set(sets: list[dict]) -> dict | None:
     return sets[0]
 
 
+_SAE_ARCH = re.compile(r"/sae-([a-z0-9_]+)-[0-9a-f]{8}$")  # pipeline set ids: <model>/<hook>/sae-<arch>-<run8>
+
+
 def set_label(s: dict) -> str:
     kind = s.get("kind")
     n = s.get("n_features")
-    what = f"SAE, {n} latents" if kind == "sae" else f"neurons, {n}"
+    arch = s.get("architecture") or (m.group(1) if (m := _SAE_ARCH.search(str(s.get("set_id", "")))) else "")
+    what = (f"SAE {arch}, {n} latents" if arch else f"SAE, {n} latents") if kind == "sae" else f"neurons, {n}"
     run = s.get("sae_run_id")
     if kind == "sae" and run:
         what += f", run {str(run)[:8]}"

@@ -50,6 +50,9 @@ def test_default_set_prefers_the_newest_sae_and_labels_say_what_it_is():
     assert default_set(SETS[:1])["set_id"] == "n1"
     assert default_set([]) is None
     assert "SAE, 6144 latents, run abcdef12" in set_label(SETS[1])
+    # the architecture, where the set id names it (as every set the pipeline builds does)
+    assert "SAE jumprelu, 16 latents" in set_label({"kind": "sae", "n_features": 16,
+                                                    "set_id": "tiny.en/encoder.blocks.2/sae-jumprelu-0123abcd"})
     assert "neurons, 1536" in set_label(SETS[0])
 
 
