@@ -237,3 +237,14 @@ def redis_server(tmp_dir: str | os.PathLike, wait_s: float = 20.0) -> Iterator[s
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop(proc)
+
+
+def s3_environment(monkeypatch, endpoint: str, **settings: str) -> None:
+    """FREUD's S3 settings for `endpoint` (plus `settings`, e.g. FREUD_OBJECT_STORE), through `monkeypatch`, with
+    every variable `objectstore.configure_environment()` would derive set too: all restored when the test ends,
+    and none left over from an earlier test's (stopped) server."""
+    values = {**S3_CREDENTIALS, "AWS_DEFAULT_REGION": S3_CREDENTIALS["AWS_REGION"], "FREUD_S3_ENDPOINT_URL": endpoint,
+              "AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT": endpoint,
+              "AWS_ALLOW_HTTP": "true", **settings}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)

@@ -30,10 +30,12 @@ import pytest
 
 try:
     from conftest import require_extra
-    from services import bucket, create_database, free_port, postgres_server, redis_server, s3_server, stop
+    from services import (bucket, create_database, free_port, postgres_server, redis_server, require_services,
+                          s3_environment, s3_server, stop)
 except ImportError:  # tests collected as a package
     from tests.conftest import require_extra
-    from tests.services import bucket, create_database, free_port, postgres_server, redis_server, s3_server, stop
+    from tests.services import (bucket, create_database, free_port, postgres_server, redis_server, require_services,
+                                s3_environment, s3_server, stop)
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +43,7 @@ VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 require_extra(bool(shutil.which("redis-server")), "redis-server (apt-get install redis-server)", module_level=True)
+require_services(postgres=True, s3=True, module_level=True)
 
 WORKERS = ("freud-c1", "freud-c2")
 SUBSET = {"asterisk_prompts": {"config": {"limit": 8, "align": True}},
@@ -159,7 +162,7 @@ def _objects(cluster, prefix: str) -> dict[str, int]:
     return out
 
 
-def test_default_slice_on_postgres_s3_and_two_celery_workers(cluster):
+def test_default_slice_on_postgres_s3_and_two_celery_workers(cluster, monkeypatch):
     started = time.time()
     _wait_for_workers(cluster)
     orchestrator = cluster["root"] / "orchestrator"
@@ -215,8 +218,7 @@ def test_default_slice_on_postgres_s3_and_two_celery_workers(cluster):
 
     app_dir = cluster["root"] / "app"
     app_dir.mkdir()
-    os.environ.update({k: cluster["env"][k] for k in ("FREUD_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                      "AWS_SECRET_ACCESS_KEY", "AWS_REGION")})
+    s3_environment(monkeypatch, cluster["endpoint"])  # for this process's FeatureIndex, undone afterwards
     index = FeatureIndex("s3://freud/lancedb")
     sets = {s["set_id"]: s for s in index.sets()}
     sae_set = next(s for s in sets if "/sae-" in s)

@@ -12,9 +12,11 @@ from freud_pipeline import objectstore
 from freud_pipeline.errors import FreudError
 
 try:
-    from services import bucket, s3_server
+    from services import bucket, require_services, s3_environment, s3_server
 except ImportError:  # tests collected as a package
-    from tests.services import bucket, s3_server
+    from tests.services import bucket, require_services, s3_environment, s3_server
+
+require_services(s3=True, module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +30,7 @@ def cluster_env(endpoint, monkeypatch):
     """FREUD's object-store settings for one fresh bucket."""
     name = f"b{os.urandom(4).hex()}"
     bucket(endpoint, name)
-    for key, value in {"FREUD_OBJECT_STORE": f"s3://{name}/data", "FREUD_S3_ENDPOINT_URL": endpoint,
-                       "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "AWS_ALLOW_HTTP"):
-        monkeypatch.delenv(key, raising=False)
-    objectstore.configure_environment()
+    s3_environment(monkeypatch, endpoint, FREUD_OBJECT_STORE=f"s3://{name}/data")
     return name
 
 

@@ -5,23 +5,19 @@ artifacts in an S3 bucket (moto). The services come from tests/services.py and s
 from __future__ import annotations
 
 import json
-import os
 
 import dagster as dg
 import pytest
 
 try:
-    from services import (S3_CREDENTIALS, bucket, create_database, postgres_server, query, require_services,
+    from services import (bucket, create_database, postgres_server, query, require_services, s3_environment,
                           s3_client, s3_server)
 except ImportError:  # tests collected as a package
-    from tests.services import (S3_CREDENTIALS, bucket, create_database, postgres_server, query, require_services,
+    from tests.services import (bucket, create_database, postgres_server, query, require_services, s3_environment,
                                 s3_client, s3_server)
 
 require_services(postgres=True, module_level=True)
 
-# What objectstore.configure_environment() exports: restored after each test like any monkeypatched variable.
-EXPORTED = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT", "AWS_ALLOW_HTTP", "AWS_REGION",
-            "AWS_DEFAULT_REGION")
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +70,7 @@ def test_mlflow_tracks_in_postgres_with_artifacts_in_the_bucket(postgres, s3, tm
 
     db = create_database(postgres, "mlflow")
     bucket(s3, "freud")
-    for name in EXPORTED:  # recorded as they are now, so the values configure_environment() adds are undone
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-        if not os.environ[name]:
-            monkeypatch.delenv(name)
-    for name, value in {**S3_CREDENTIALS, "FREUD_OBJECT_STORE": "s3://freud/cluster",
-                        "FREUD_S3_ENDPOINT_URL": s3}.items():
-        monkeypatch.setenv(name, value)
+    s3_environment(monkeypatch, s3, FREUD_OBJECT_STORE="s3://freud/cluster")
     monkeypatch.delenv("FREUD_MLFLOW_ARTIFACTS", raising=False)
 
     checkpoint = tmp_path / "checkpoint"
