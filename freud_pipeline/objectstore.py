@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +83,24 @@ def _split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
+_CLIENTS: dict[tuple, object] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _client():
+    """One S3 client per process and setting. Made under a lock, in a session of its own: creating clients through
+    boto3's shared default session from several threads at once (the app's background callbacks) is not safe;
+    a client, once made, is."""
     configure_environment()
-    try:
-        import boto3
-    except ImportError:  # pragma: no cover - boto3 is a dependency
-        raise FreudError("object storage needs boto3 (pip install boto3)") from None
-    return boto3.client("s3", endpoint_url=os.environ.get("FREUD_S3_ENDPOINT_URL") or None)
+    key = tuple(os.environ.get(name, "") for name in ("FREUD_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_REGION"))
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            try:
+                import boto3
+            except ImportError:  # pragma: no cover - boto3 is a dependency
+                raise FreudError("object storage needs boto3 (pip install boto3)") from None
+            _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=key[0] or None)
+        return _CLIENTS[key]
 
 
 def _travels(rel: Path) -> bool:

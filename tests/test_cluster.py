@@ -267,8 +267,10 @@ def _browser_search(cluster, app_dir: Path, set_id: str, clip_id: str) -> None:
                 WebDriverWait(driver, 180).until(
                     ec.presence_of_element_located((By.CSS_SELECTOR, "#result-0 .clip-graph .js-plotly-plot")))
             except Exception:
-                pytest.fail("no search result in the app: page text:\n" + driver.find_element(By.TAG_NAME, "body").text[:3000]
-                            + "\napp log:\n" + (app_dir / "app.log").read_text()[-4000:])
+                pytest.fail("no search result drawn in the app: first result:\n" + driver.execute_script(
+                    "var r = document.querySelector('#result-0'); return r ? r.outerHTML.slice(0, 4000) : 'none';")
+                    + f"\nbrowser log:\n{driver.get_log('browser')}"
+                    + "\napp log:\n" + (app_dir / "app.log").read_text()[-4000:])
             assert driver.find_element(By.CSS_SELECTOR, "#feature-card .card-title").text.startswith("Feature 0")
         finally:
             driver.quit()
