@@ -489,20 +489,25 @@ def test_upload_wav_shows_top_features(dash_duo, feature_index, upload_wav):
     # stand still (a resize or redraw moving them between finding a bar and clicking it made the click land on a
     # neighbour: the loose check of the link's text then passed for feature 12 when 1 was meant)
     _click_still(dash_duo, "#upload-bars .bars .point", 2)
-    from dash.testing.wait import until
 
+    # read in the page (the link is re-rendered by the click's response: an element found before may be stale)
+    linked = "var e = document.querySelector('#upload-feature-link strong'); return e ? e.textContent : null;"
     deadline = time.monotonic() + 30
-    while dash_duo.find_element("#upload-feature-link strong").text != str(third) and time.monotonic() < deadline:
+    while dash_duo.driver.execute_script(linked) != str(third) and time.monotonic() < deadline:
         time.sleep(0.2)
-    shown = dash_duo.find_element("#upload-feature-link").text
-    assert dash_duo.find_element("#upload-feature-link strong").text == str(third), \
+    shown = dash_duo.driver.execute_script("return document.querySelector('#upload-feature-link').textContent;")
+    assert dash_duo.driver.execute_script(linked) == str(third), \
         f"clicked the bar of feature {third}; the link shows {shown!r}"
     # the link and the figure patch come in one response, but Plotly redraws the figure asynchronously; the
     # overlay is the trace named after the feature
-    until(lambda: dash_duo.driver.execute_script(
-        "var want = arguments[0], gd = document.querySelector('#upload-graph .js-plotly-plot');"
-        "return !!gd && (gd.data || []).some(function (d) { return d.name === want; });",
-        f"feature {third}"), 60)
+    names = "var gd = document.querySelector('#upload-graph .js-plotly-plot'); " \
+            "return gd ? (gd.data || []).map(function (d) { return d.name; }) : null;"
+    deadline = time.monotonic() + 60
+    while f"feature {third}" not in (dash_duo.driver.execute_script(names) or []):
+        assert time.monotonic() < deadline, (
+            f"the overlay of feature {third} was not drawn: traces {dash_duo.driver.execute_script(names)}; "
+            f"browser log {dash_duo.driver.get_log('browser')}")
+        time.sleep(0.2)
     assert f"index={third}" in dash_duo.find_element("#upload-search-link").get_attribute("href")
     _see(dash_duo, "upload-top-features", "#upload-graph", "#upload-bars", "#upload-player")
 
