@@ -41,7 +41,7 @@ class _BucketPickleIOManager(dg.UPathIOManager):
         return self.storage.store().get_bytes(self._rel(path)) is not None
 
     def make_directory(self, path: UPath) -> None:
-        pass  # an object store has no directories
+        """Nothing to make: an object store has no directories (a key's prefix exists once an object has it)."""
 
     def unlink(self, path: UPath) -> None:
         store = self.storage.store()
