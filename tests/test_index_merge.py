@@ -212,6 +212,52 @@ def test_many_small_merges_carry_unchanged_examples_over_and_equal_the_rebuild(c
     assert stored == {*chains[-1], *chains[-2]} and previous in chains[-2]
 
 
+def test_a_merge_stores_only_the_new_clips_traces_and_readers_resolve_the_others(corpus, halves, tmp_path,
+                                                                                 monkeypatch):
+    """Traces by reference: a small merge reads no example row back, writes the traces of its new clips only (the
+    other entries name the build whose row holds theirs), and both read paths of FeatureIndex (all examples held
+    in memory, and one query per feature) give the rebuild's traces."""
+    merged_uri, rebuilt_uri = str(tmp_path / "m" / "lancedb"), str(tmp_path / "r" / "lancedb")
+    _build(corpus, halves, merged_uri, halves["a"])
+    base = store.current_set("s", merged_uri)["build_id"]
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("a merge that carries rows over must not read examples back")
+
+    piece = halves["b"][:3]
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "read_ranked_examples", no_read_back)
+        summary = _merge(corpus, halves, merged_uri, piece)
+    assert 0 < summary["n_changed_features"] < 1536
+    build = summary["build_id"]
+    rows = store.connect(merged_uri).open_table(store.EXAMPLES).search().where(
+        f"build_id = {store.sql_str(build)}").limit(None).to_arrow().to_pylist()
+    assert len(rows) == 2 * summary["n_changed_features"]
+    n_new = n_old = 0
+    for row in rows:
+        for clip, trace, holder, slot in zip(row["clip_ids"], row["traces"], row["trace_builds"], row["trace_slots"]):
+            if clip in piece:
+                assert holder == build and len(trace) > 0 and slot == row["clip_ids"].index(clip)
+                n_new += 1
+            else:
+                assert holder == base and trace == []  # the base build's row holds it
+                n_old += 1
+    assert n_new and n_old
+
+    _build(corpus, halves, rebuilt_uri, halves["a"] + piece)
+    rebuilt, held, queried = FeatureIndex(rebuilt_uri), FeatureIndex(merged_uri), FeatureIndex(merged_uri)
+    queried.EXAMPLES_IN_MEMORY_BYTES = 0  # one query per feature, as for sets too large to hold
+    changed = sorted({row["feature"] for row in rows})
+    for index in [*changed[:40], 0, 1, 2, 1535]:
+        for negative in (False, True):
+            want = rebuilt.top_examples("s", index, n=TOP_K, negative=negative)
+            for index_ in (held, queried):
+                got = index_.top_examples("s", index, n=TOP_K, negative=negative)
+                assert [(e["clip_id"], e["value"]) for e in got] == [(e["clip_id"], e["value"]) for e in want]
+                for x, y in zip(got, want):
+                    np.testing.assert_array_equal(np.asarray(x["trace"]), np.asarray(y["trace"]))
+
+
 def test_examples_across_activation_levels_are_drawn_per_octave_and_merge_exactly(corpus, halves, tmp_path):
     """Typical examples: per octave of the per-clip peak, clips drawn by a per-clip hash (order-free). Each one's
     stored value is the clip's true peak and lies in its octave; the merged set's draws equal the rebuilt set's;

@@ -167,48 +167,106 @@ def decoder_directions(sae, batch: int = 2048) -> np.ndarray:
 
 
 _LIST_FIELDS = ("values", "clip_index", "peak_frame", "trace_offset", "trace_len")
+Refs = dict[str, tuple[np.ndarray, np.ndarray]]  # per sign: (build position, slot), each [F, K] in rank order
 
 
-def _state_arrays(mining: MiningResult, collector: LabelCollector | None) -> dict[str, np.ndarray]:
+def _state_arrays(mining: MiningResult, collector: LabelCollector | None, refs: Refs | None = None
+                  ) -> dict[str, np.ndarray]:
     """What a later merge continues from: the miner's accumulators, its ranked lists without traces (which features
-    a new clip changes is decided on them; only those features' traces are read back) and the label collector's."""
+    a new clip changes is decided on them), where each entry's trace is stored, and the label collector's state.
+    refs: per sign, the position in the example chain of the build whose row holds each entry's trace (-1: the build
+    this state belongs to) and its slot there (store: "Traces by reference"); default every trace in the build's own
+    rows at its rank."""
     arrays = {f"mining.{k}": v for k, v in mining.state.to_arrays().items()}
     for sign, lists in (("+", mining.top), ("-", mining.bottom)):
         rows = lists.rows(0, mining.n_features, traces=False)
         arrays.update({f"lists.{sign}.{k}": rows[k] for k in _LIST_FIELDS})
+        shape = rows["values"].shape
+        where, slot = refs[sign] if refs else (np.full(shape, -1), np.tile(np.arange(shape[1]), (shape[0], 1)))
+        arrays[f"lists.{sign}.trace_build"] = np.asarray(where, np.int16)
+        arrays[f"lists.{sign}.trace_slot"] = np.asarray(slot, np.int32)
     if collector is not None:
         arrays.update({f"labels.{k}": v for k, v in collector.state().items()})
     return arrays
 
 
 def _stored_mining(row: dict[str, Any], arrays: dict[str, np.ndarray],
-                   index_uri: str | None) -> tuple[MiningResult, bool]:
-    """The current build of a set as a MiningResult: its saved state and ranked lists, without traces when the
-    state holds the lists (second value True), else read back whole from the examples (states saved before)."""
+                   index_uri: str | None) -> tuple[MiningResult, Refs | None]:
+    """The current build of a set as a MiningResult and where its examples' traces are stored (`_state_arrays`'
+    refs with -1 resolved to the build's position in its chain). Without traces when the state holds the lists,
+    else read back whole from the examples (states saved before); refs None when the state does not say (states
+    saved before traces by reference: the next merge rewrites every row)."""
     state = MiningState.from_arrays({k.removeprefix("mining."): v for k, v in arrays.items()
                                      if k.startswith("mining.")})
-    if all(f"lists.{sign}.values" in arrays for sign in store.SIGNS):
-        def lists(sign: str) -> ExampleLists:
-            fields = {k: arrays[f"lists.{sign}.{k}"] for k in _LIST_FIELDS}
-            return ExampleLists.ranked(**fields, traces=np.zeros((*fields["values"].shape, 0), np.float16))
+    if not all(f"lists.{sign}.values" in arrays for sign in store.SIGNS):
+        position = {clip: i for i, clip in enumerate(state.clip_ids)}
 
-        return result_from_state(state, lists("+"), lists("-")), True
-    position = {clip: i for i, clip in enumerate(state.clip_ids)}
+        def read(sign: str, k: int) -> ExampleLists:
+            return ExampleLists.ranked(**store.read_ranked_examples(row, sign, k, position, uri=index_uri))
 
-    def read(sign: str, k: int) -> ExampleLists:
-        return ExampleLists.ranked(**store.read_ranked_examples(row, sign, k, position, uri=index_uri))
+        return result_from_state(state, read("+", state.top_k), read("-", state.bottom_k)), None
 
-    return result_from_state(state, read("+", state.top_k), read("-", state.bottom_k)), False
+    def lists(sign: str) -> ExampleLists:
+        fields = {k: arrays[f"lists.{sign}.{k}"] for k in _LIST_FIELDS}
+        return ExampleLists.ranked(**fields, traces=np.zeros((*fields["values"].shape, 0), np.float16))
+
+    result = result_from_state(state, lists("+"), lists("-"))
+    chain = store.example_builds(row)
+    refs: Refs = {}
+    for sign in store.SIGNS:
+        if f"lists.{sign}.trace_build" not in arrays:
+            return result, None
+        where = arrays[f"lists.{sign}.trace_build"].astype(np.int64)
+        if (where < 0).any():
+            if row["build_id"] not in chain:
+                return result, None  # not expected: a build that wrote no rows holds no trace
+            where[where < 0] = chain.index(row["build_id"])
+        refs[sign] = (where, arrays[f"lists.{sign}.trace_slot"].astype(np.int64))
+    return result, refs
 
 
-def _changed_examples(row: dict[str, Any], old: MiningResult, batch: MiningResult, merged: MiningResult,
-                      index_uri: str | None, everything: bool) -> tuple[np.ndarray, ExampleLists, ExampleLists, list]:
-    """The features whose top or bottom list took one of the batch's clips (every feature with `everything`),
-    and their merged lists with traces: the stored rows of those features read back and merged with the
-    batch's. Returns (features, top, bottom, spills to clean up)."""
+def _referenced_examples(old: MiningResult, batch: MiningResult, merged: MiningResult, refs: Refs
+                         ) -> tuple[np.ndarray, ExampleLists, ExampleLists, Refs, Refs]:
+    """The features whose top or bottom list took one of the batch's clips, their merged lists holding the new
+    clips' traces only, and where each entry's trace is (store: "Traces by reference"): an old entry's where `refs`
+    (the old state's) says, a new one's in the build being written (-1). No example row is read. Returns (features,
+    top, bottom, refs of their rows [n, K], refs of every feature [F, K] for the new build's state)."""
     offset = old.n_clips
     took = (merged.top.clip_index >= offset).any(axis=1) | (merged.bottom.clip_index >= offset).any(axis=1)
-    features = np.arange(merged.n_features) if everything else np.flatnonzero(took)
+    features = np.flatnonzero(took)
+    out, row_refs, state_refs = [], {}, {}
+    for sign, before, fresh_lists, after in (("+", old.top, batch.top, merged.top),
+                                             ("-", old.bottom, batch.bottom, merged.bottom)):
+        clip = after.clip_index[features]  # the lists of a merge and of a state are in rank order
+        n, k = clip.shape
+        fresh = fresh_lists.subset(features, traces=False)
+        traces = np.zeros((n, k, fresh_lists.traces.shape[-1]), np.float16)
+        where_old, slot_old = refs[sign]
+        where, slot = np.full((n, k), -1, np.int64), np.tile(np.arange(k), (n, 1))
+        if k:
+            is_old, is_new = (clip >= 0) & (clip < offset), clip >= offset
+            source = np.argmax(clip[:, :, None] == before.clip_index[features][:, None, :], axis=2)
+            rows = features[:, None]
+            where = np.where(is_old, where_old[rows, source], -1)
+            slot = np.where(is_old, slot_old[rows, source], slot)
+            position = np.argmax((clip - offset)[:, :, None] == fresh.clip_index[:, None, :], axis=2)
+            f, r = np.nonzero(is_new)
+            traces[f, r] = fresh_lists.traces_at(features[f], position[f, r])
+        fields = {name: getattr(after, name)[features] for name in _LIST_FIELDS}
+        out.append(ExampleLists.ranked(**fields, traces=traces))
+        row_refs[sign] = (where, slot)
+        every_where, every_slot = where_old.copy(), slot_old.copy()
+        every_where[features], every_slot[features] = where, slot
+        state_refs[sign] = (every_where, every_slot)
+    return features, out[0], out[1], row_refs, state_refs
+
+
+def _all_examples(row: dict[str, Any], old: MiningResult, batch: MiningResult,
+                  index_uri: str | None) -> tuple[np.ndarray, ExampleLists, ExampleLists, list]:
+    """Every feature's merged lists with their traces: the stored rows read back (traces resolved) and merged with
+    the batch's, for a merge that rewrites every row. Returns (features, top, bottom, spills to clean up)."""
+    offset = old.n_clips
+    features = np.arange(old.n_features)
     position = {clip: i for i, clip in enumerate(old.clip_ids)}
     out, spills = [], []
     for sign, k, lists, direction in (("+", old.top_k, batch.top, 1), ("-", old.state.bottom_k, batch.bottom, -1)):
@@ -242,7 +300,7 @@ def merge_into_feature_set(
         raise MiningError(f"no feature set {set_id!r} in {index_uri or store.lancedb_uri()} to merge into; build it "
                           "first")
     arrays = store.load_state(row)
-    old, carry = _stored_mining(row, arrays, index_uri)
+    old, refs = _stored_mining(row, arrays, index_uri)
     label_state = {k.removeprefix("labels."): v for k, v in arrays.items() if k.startswith("labels.")}
     old_labels = LabelCollector.from_state(label_state) if label_state else None
     known, skipped = set(old.clip_ids), []
@@ -273,12 +331,17 @@ def merge_into_feature_set(
         return {**base, "n_new_clips": 0, "n_skipped_clips": len(skipped), "n_clips": old.n_clips, "reason": reason}
     spills = []
     try:
-        # Ranked without traces: only the features whose lists took a new clip get new example rows (with their
-        # stored rows read back), the others' rows are carried over (store: "Examples carried over"), unless the
-        # chain of builds holding them is full or the state predates the lists.
+        # Ranked without traces: only the features whose lists took a new clip get new example rows, holding the
+        # new clips' traces and naming where the others' are; the other features' rows are carried over (store:
+        # "Examples carried over", "Traces by reference"), unless the chain of builds holding them is full or the
+        # state predates the lists or the references: then every row is rewritten with its traces read back.
         merged = merge_mining(old, batch, traces=False)
-        everything = not carry or len(store.example_builds(row)) >= store.MAX_EXAMPLE_BUILDS
-        changed, top, bottom, spills = _changed_examples(row, old, batch, merged, index_uri, everything)
+        everything = refs is None or len(store.example_builds(row)) >= store.MAX_EXAMPLE_BUILDS
+        if everything:
+            changed, top, bottom, spills = _all_examples(row, old, batch, index_uri)
+            row_refs = state_refs = None
+        else:
+            changed, top, bottom, row_refs, state_refs = _referenced_examples(old, batch, merged, refs)
         labels_state = old_labels.merge(collector) if collector is not None else old_labels
         labels = labels_state.result() if labels_state is not None else None
         decoder = row["vector_kind"] == "decoder"  # an SAE's decoder directions do not change: its table is shared
@@ -287,8 +350,8 @@ def merge_into_feature_set(
             set_id=set_id, model=row["model"], hook=row["hook"], kind=row["kind"], mining=merged, labels=labels,
             manifest=manifest_df, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
             sae_checkpoint=row["sae_checkpoint"], sae_sha256=row["sae_sha256"], shard_dir=row["shard_dir"],
-            uri=index_uri, coverage=new_coverage, merge_state=_state_arrays(merged, labels_state),
-            changed_examples=(changed, top, bottom), carried_from=None if everything else row,
+            uri=index_uri, coverage=new_coverage, merge_state=_state_arrays(merged, labels_state, state_refs),
+            changed_examples=(changed, top, bottom, row_refs), carried_from=None if everything else row,
             vectors_table=row["vectors_table"] if decoder else None)
     finally:
         for result in (old, batch):

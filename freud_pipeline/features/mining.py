@@ -77,7 +77,8 @@ class ExampleLists:
     peak_frame: np.ndarray  # [F, K] int32 frame of the value within the whole clip
     trace_offset: np.ndarray  # [F, K] int32 first clip frame of the stored trace
     trace_len: np.ndarray  # [F, K] int32
-    traces: np.ndarray  # [F, K, L] float16 (possibly a memmap); only [:trace_len] is meaningful
+    traces: np.ndarray  # [F, K', L] float16 (possibly a memmap), K' <= K: a pass over fewer than K clips fills
+    # only K' slots (the others are empty); only [:trace_len] is meaningful
     order: np.ndarray  # [F, K] slot order, best first (traces are not reordered in place: may be on disk)
     count: np.ndarray  # [F] valid entries
 
@@ -99,22 +100,35 @@ class ExampleLists:
         """Features [start, stop) with every array put in rank order (traces [n, K, 0] with traces=False)."""
         return self._gathered(slice(start, stop), traces)
 
-    def subset(self, features: np.ndarray) -> ExampleLists:
-        """The lists of `features` only (in that order), ranked, traces included."""
-        rows = self._gathered(np.asarray(features, np.int64), True)
+    def subset(self, features: np.ndarray, traces: bool = True) -> ExampleLists:
+        """The lists of `features` only (in that order), ranked, traces included unless traces=False ([n, K, 0])."""
+        rows = self._gathered(np.asarray(features, np.int64), traces)
         return ExampleLists.ranked(**{k: v for k, v in rows.items() if k != "count"})
+
+    def traces_at(self, features: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        """[m, L] traces of the entries at (features[i], ranks[i]), without gathering whole lists."""
+        features = np.asarray(features, np.int64)
+        return np.asarray(self.traces[features, self.order[features, ranks]])
 
     def _gathered(self, which: slice | np.ndarray, with_traces: bool) -> dict[str, np.ndarray]:
         order = self.order[which]
-        if (order == np.arange(order.shape[1])).all():  # already ranked (lists read back): copies, no gather
+        k, slots = order.shape[1], self.traces.shape[1]
+        ranked = (order == np.arange(k)).all()
+        if ranked:  # already ranked (lists read back): copies, no gather
             take = lambda a: np.array(a[which])  # noqa: E731
-            traces = np.array(self.traces[which]) if with_traces else None
         else:
             take = lambda a: np.take_along_axis(a[which], order, axis=1)  # noqa: E731
-            traces = (np.take_along_axis(np.asarray(self.traces[which]), order[:, :, None], axis=1)
-                      if with_traces else None)
-        if traces is None:
+        if not with_traces:
             traces = np.zeros((*order.shape, 0), np.float16)
+        elif ranked and slots == k:
+            traces = np.array(self.traces[which])
+        elif slots == k:
+            traces = np.take_along_axis(np.asarray(self.traces[which]), order[:, :, None], axis=1)
+        else:  # slots beyond the buffer's are empty: their traces stay zero
+            traces = np.zeros((*order.shape, self.traces.shape[-1]), np.float16)
+            held = order < slots
+            traces[held] = np.take_along_axis(np.asarray(self.traces[which]),
+                                              np.minimum(order, max(slots - 1, 0))[:, :, None], axis=1)[held]
         return {
             "values": take(self.values),
             "clip_index": take(self.clip_index),
@@ -256,8 +270,9 @@ class _Spill:
 
 
 class _TraceBuffer:
-    """[F, K, L] float16 traces; L grows with the longest clip (<= max_frames); a memory-mapped temp file
-    instead of RAM beyond ram_bytes."""
+    """[F, K, L] float16 traces; L grows with the longest clip (<= max_frames) and the slots with the clips seen
+    (a batch of a few clips holds [F, few, L]: the memory its traces need, not a sparsely touched [F, K, L]); a
+    memory-mapped temp file instead of RAM beyond ram_bytes."""
 
     def __init__(self, n_features: int, k: int, max_frames: int, ram_bytes: int, spill: _Spill, name: str):
         self.shape = (n_features, k)
@@ -265,23 +280,27 @@ class _TraceBuffer:
         self.ram_bytes = ram_bytes
         self.spill = spill
         self.name = name
-        self.array = np.zeros((*self.shape, 0), np.float16)
+        self.array = np.zeros((n_features, 0, 0), np.float16)
 
-    def _allocate(self, length: int) -> np.ndarray:
-        shape = (*self.shape, length)
+    def _allocate(self, slots: int, length: int) -> np.ndarray:
+        shape = (self.shape[0], slots, length)
         if math.prod(shape) * 2 <= self.ram_bytes:
             return np.zeros(shape, np.float16)
-        path = self.spill.path(f"{self.name}-{length}.npy")
+        path = self.spill.path(f"{self.name}-{slots}-{length}.npy")
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
 
-    def ensure(self, frames: int) -> None:
-        length = self.array.shape[-1]
+    def ensure(self, frames: int, slots: int | None = None) -> None:
+        """Room for traces of `frames` frames in slots [0, slots) (default all K); each dimension grows by doubling."""
+        k = self.shape[1]
+        slots = k if slots is None else min(slots, k)
+        _, have, length = self.array.shape
         # Clamped first: a clip longer than max_frames must not re-create a full buffer (on disk, the same file).
-        if min(frames, self.max_frames) <= length:
+        frames = min(frames, self.max_frames)
+        if frames <= length and slots <= have:
             return
-        new_length = min(self.max_frames, max(frames, 2 * length))
-        grown = self._allocate(new_length)
-        grown[..., :length] = self.array
+        new_length = length if frames <= length else min(self.max_frames, max(frames, 2 * length))
+        grown = self._allocate(have if slots <= have else min(k, max(slots, 2 * have)), new_length)
+        grown[:, :have, :length] = self.array
         old, self.array = self.array, grown
         if isinstance(old, np.memmap):
             Path(old.filename).unlink(missing_ok=True)
@@ -374,7 +393,7 @@ class _RankedLists:
         offsets = np.clip(frame[features].astype(np.int64) - length // 2, 0, n_frames - length)
         self.trace_offset[features, slots] = offsets
         self.trace_len[features, slots] = length
-        self.traces.ensure(n_frames)
+        self.traces.ensure(n_frames, slots=int(slots.max()) + 1)  # slots fill in clip order: few for a few clips
         traces = self.traces.array
         traces[features, slots, :length] = _gather_traces(acts, features, offsets, length)
         traces[features, slots, length:] = 0

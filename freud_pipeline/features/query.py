@@ -264,17 +264,13 @@ class FeatureIndex:
                 table, positions = held
                 rows = [positions.get((index, s)) for s in signs]
                 return None if None in rows else table.take(rows)
+            # The feature's rows in every build of the chain: the newest holds it, older ones hold traces it names.
             chain = store.example_builds(set_row)
             keys = ", ".join(sql_str(store.example_key(b, index, s)) for b in chain for s in signs)
-            table = self._rows(EXAMPLES, f"key IN ({keys})", [*EXAMPLE_COLUMNS, "build_id"], len(signs) * len(chain))
-            if len(chain) > 1:  # rows of this feature in several builds of the chain: the newest holds it
-                age, newest = {b: i for i, b in enumerate(chain)}, {}
-                for i, (sign, build) in enumerate(zip(table.column("sign").to_pylist(),
-                                                      table.column("build_id").to_pylist())):
-                    if sign not in newest or age[build] > newest[sign][0]:
-                        newest[sign] = (age[build], i)
-                table = table.take([newest[s][1] for s in signs if s in newest])
-            return table if table.num_rows == len(signs) else None
+            present = set(self._table(EXAMPLES).schema.names)
+            columns = [*EXAMPLE_COLUMNS, "feature", "build_id", *(c for c in store.REF_COLUMNS if c in present)]
+            table = store.newest_rows(self._rows(EXAMPLES, f"key IN ({keys})", columns, len(signs) * len(chain)), chain)
+            return table.select(EXAMPLE_COLUMNS) if table.num_rows == len(signs) else None  # sorted: "+" first
 
         table = self._lookup(set_id, index, read)
         entries = []

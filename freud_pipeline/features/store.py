@@ -27,6 +27,12 @@ ones in the newest of them that holds a row for it (`example_rows`): each of the
 current one and rewrote exactly the features that changed then. Rows of older builds stay while a kept build
 names them.
 
+Traces by reference: a row a merge rewrites stores the traces of its new clips only. Each entry names the build
+whose row (same feature and sign) holds its trace and the position there (`trace_builds`, `trace_slots`; the row's
+own build for the new clips; both null in a row that holds every trace itself, at its rank). Those builds are in the
+chain, whose rows are kept whole; readers resolve the traces (`newest_rows`), so a merge never reads traces back.
+The merge state keeps where each entry's trace is (`build.STATE_REFS`).
+
 Publishing: every row of a build is written first (readers keep resolving the set to the old build_id and
 never see them), then the pointer row is upserted in one commit. The previous build is kept so a reader that
 resolved the pointer just before the flip still finds its rows; older builds are deleted afterwards. One
@@ -103,6 +109,8 @@ EXAMPLES_SCHEMA = pa.schema([
     ("sign", pa.string()), ("clip_ids", pa.list_(pa.string())), ("values", pa.list_(pa.float32())),
     ("peak_frames", pa.list_(pa.int32())), ("trace_offsets", pa.list_(pa.int32())),
     ("traces", pa.list_(pa.list_(pa.float16()))),
+    # Traces by reference (see above): per entry, the build whose row holds its trace and its position there.
+    ("trace_builds", pa.list_(pa.string())), ("trace_slots", pa.list_(pa.int32())),
 ])
 CLIPS_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("path", pa.string()), ("duration_s", pa.float64()), ("sample_rate", pa.int32()),
@@ -153,7 +161,8 @@ def open_or_create(db, name: str, schema: pa.Schema):
 
 def _with_new_columns(table, schema: pa.Schema):
     """A table written by an older version gets the columns added since (null in its old rows)."""
-    missing = [field for field in schema if field.name not in table.schema.names]
+    present = set(table.schema.names)
+    missing = [field for field in schema if field.name not in present]
     if missing:
         table.add_columns(missing)
     return table
@@ -221,8 +230,12 @@ def _kept_counts(lists, sign: str) -> np.ndarray:
 
 
 def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, bottom, features: np.ndarray,
-                     batch: int) -> Iterator[pa.RecordBatch]:
-    """Rows of ranked lists `top`/`bottom` ([n, K] each, `ExampleLists`) whose row i is feature features[i]."""
+                     batch: int, refs: dict[str, tuple[list[str], np.ndarray, np.ndarray]] | None = None
+                     ) -> Iterator[pa.RecordBatch]:
+    """Rows of ranked lists `top`/`bottom` ([n, K] each, `ExampleLists`) whose row i is feature features[i].
+    refs (a merge's rows): per sign, (chain, position [n, K] in chain of the build holding each entry's trace, or -1
+    for this row, slot [n, K] there), in rank order; only this row's own traces are written ("Traces by
+    reference")."""
     clip_ids = np.asarray(clip_ids, dtype=object)
     for start in range(0, len(features), batch):
         stop = min(start + batch, len(features))
@@ -233,6 +246,16 @@ def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, botto
             valid = np.arange(k)[None, :] < count[:, None]
             outer = pa.array(np.concatenate([[0], np.cumsum(count)]), pa.int32())
             lens = np.where(valid, rows["trace_len"], 0)
+            ref_builds = ref_slots = pa.nulls(stop - start, pa.list_(pa.string()))
+            if refs is not None:
+                chain, where, slot = refs[sign]
+                where, slot = where[start:stop], slot[start:stop]
+                lens = np.where(where < 0, lens, 0)  # referenced traces stay where they are
+                names = np.asarray([*chain, build_id], dtype=object)  # -1: this build
+                ref_builds = pa.ListArray.from_arrays(outer, pa.array(names[where[valid]].tolist(), pa.string()))
+                own_slot = np.broadcast_to(np.arange(k), where.shape)
+                ref_slots = pa.ListArray.from_arrays(
+                    outer, pa.array(np.where(where < 0, own_slot, slot)[valid].astype(np.int32)))
             width = rows["traces"].shape[2]
             flat = rows["traces"][np.arange(width)[None, None, :] < lens[:, :, None]]
             inner = pa.array(np.concatenate([[0], np.cumsum(lens[valid])]), pa.int32())
@@ -249,6 +272,8 @@ def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, botto
                 "peak_frames": listed(rows["peak_frame"][valid].astype(np.int32)),
                 "trace_offsets": listed(rows["trace_offset"][valid].astype(np.int32)),
                 "traces": pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(inner, pa.array(flat))),
+                "trace_builds": ref_builds,
+                "trace_slots": ref_slots if refs is not None else pa.nulls(stop - start, pa.list_(pa.int32())),
             }, schema=EXAMPLES_SCHEMA)
 
 
@@ -322,8 +347,9 @@ def write_feature_set(
 ) -> dict[str, Any]:
     """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row.
     coverage: what the build covers (`features.coverage`); merge_state: arrays a later merge continues from
-    (`save_state`). A merge passes `changed_examples` (features, top lists, bottom lists: the rows to write, the
-    lists' row i being features[i]; `mining`'s own lists then need no traces) and `carried_from` (the pointer row of
+    (`save_state`). A merge passes `changed_examples` (features, top lists, bottom lists, refs: the rows to write, the
+    lists' row i being features[i]; `mining`'s own lists then need no traces; refs as `_example_batches` takes them,
+    positions in the carried chain, or None when the lists hold every trace) and `carried_from` (the pointer row of
     the build the other features' rows come from: see "Examples carried over"), and may pass the `vectors_table` of
     that build to share when its vectors did not change (SAE decoder directions)."""
     if kind not in KINDS:
@@ -338,18 +364,20 @@ def write_feature_set(
     n_bottom = _kept_counts(mining.bottom, "-")
     features = _with_new_columns(open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
     features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
-    examples = open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA)
+    examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
+    refs, carried = None, []
     if changed_examples is None:
         written, top, bottom = np.arange(mining.n_features), mining.top, mining.bottom
         chain = [build_id]
     else:
-        written, top, bottom = changed_examples
+        written, top, bottom, refs = changed_examples
         carried = example_builds(carried_from) if carried_from is not None else []
         chain = [*carried, build_id] if len(written) or not carried else carried
     if len(written):
         examples.add(pa.RecordBatchReader.from_batches(
             EXAMPLES_SCHEMA, _example_batches(build_id, set_id, mining.clip_ids, top, bottom, written,
-                                              batch_features)))
+                                              batch_features, None if refs is None else
+                                              {sign: (carried, *refs[sign]) for sign in SIGNS})))
     if vectors_table is None:
         vectors = mining.signature if vectors is None else vectors
         vectors_table = vectors_table_name(build_id)
@@ -397,20 +425,73 @@ def example_rows(set_row: dict[str, Any], where: str | None = None, columns: lis
     db = db if db is not None else connect(uri)
     chain = example_builds(set_row)
     condition = f"build_id IN ({', '.join(map(sql_str, chain))})" + (f" AND ({where})" if where else "")
-    wanted = list(dict.fromkeys([*(columns or EXAMPLES_SCHEMA.names), "feature", "sign", "build_id"]))
-    rows = db.open_table(EXAMPLES).search().where(condition).select(wanted).limit(None).to_arrow()
+    table = db.open_table(EXAMPLES)
+    wanted = [*(columns or [c for c in EXAMPLES_SCHEMA.names if c not in REF_COLUMNS]), "feature", "sign", "build_id"]
+    if "traces" in wanted:
+        wanted += [c for c in REF_COLUMNS if c in table.schema.names]
+    rows = table.search().where(condition).select(list(dict.fromkeys(wanted))).limit(None).to_arrow()
+    rows = newest_rows(rows, chain)
+    return rows.select(columns) if columns else rows
+
+
+REF_COLUMNS = ("trace_builds", "trace_slots")
+
+
+def newest_rows(rows: pa.Table, chain: list[str]) -> pa.Table:
+    """Of `rows` (examples rows of builds in `chain`, oldest first, with feature, sign and build_id), the newest
+    one per (feature, sign), sorted by feature then sign. When they carry traces, each entry's trace is resolved
+    from the row among `rows` that holds it ("Traces by reference": read every build of the chain for the features
+    wanted, as `example_rows` does)."""
+    key = rows["feature"].to_numpy().astype(np.int64) * 2 + (rows["sign"].to_numpy(zero_copy_only=False) == "-")
     if len(chain) > 1 and rows.num_rows:
         position = {b: i for i, b in enumerate(chain)}
         age = np.array([position[b] for b in rows["build_id"].to_pylist()])
-        key = rows["feature"].to_numpy().astype(np.int64) * 2 + (rows["sign"].to_numpy(zero_copy_only=False) == "-")
         order = np.lexsort((-age, key))  # by (feature, sign), newest build first
         first = np.ones(len(order), bool)
         first[1:] = key[order][1:] != key[order][:-1]
-        rows = rows.take(order[first])
+        newest = rows.take(order[first])
     else:
-        key = rows["feature"].to_numpy().astype(np.int64) * 2 + (rows["sign"].to_numpy(zero_copy_only=False) == "-")
-        rows = rows.take(np.argsort(key, kind="stable"))
-    return rows.select(columns) if columns else rows
+        newest = rows.take(np.argsort(key, kind="stable"))
+    if "traces" in rows.column_names and "trace_builds" in rows.column_names and newest.num_rows \
+            and newest["trace_builds"].null_count < newest.num_rows:
+        newest = newest.set_column(newest.schema.get_field_index("traces"), "traces",
+                                   _resolved_traces(newest, rows, chain))
+    return newest
+
+
+def _resolved_traces(newest: pa.Table, pool: pa.Table, chain: list[str]) -> pa.Array:
+    """The `traces` column of `newest` with every entry's trace taken from the row of `pool` that holds it."""
+    n_features = int(pc.max(pool["feature"]).as_py()) + 1
+    position = {b: i for i, b in enumerate(chain)}
+
+    def feature_sign(table: pa.Table) -> np.ndarray:  # one int64 per (feature, sign)
+        return table["feature"].to_numpy().astype(np.int64) * 2 + (table["sign"].to_numpy(zero_copy_only=False) == "-")
+
+    def row_key(build: np.ndarray, feature_and_sign: np.ndarray) -> np.ndarray:  # one int64 per (build, feature, sign)
+        return build * (2 * n_features) + feature_and_sign
+
+    pool_key = row_key(np.array([position[b] for b in pool["build_id"].to_pylist()], np.int64), feature_sign(pool))
+    pool_traces = pool["traces"].combine_chunks()
+    pool_counts = pc.fill_null(pc.list_value_length(pool_traces), 0).to_numpy().astype(np.int64)
+    pool_starts = np.cumsum(pool_counts) - pool_counts
+    counts = pc.list_value_length(newest["values"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    row_of = np.repeat(np.arange(newest.num_rows), counts)  # one entry per stored example, in row order
+    rank = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    own = np.array([position[b] for b in newest["build_id"].to_pylist()], np.int64)
+    build, slot = own[row_of], rank
+    referenced = pc.is_valid(newest["trace_builds"]).to_numpy(zero_copy_only=False)[row_of]
+    named = pc.index_in(pc.list_flatten(newest["trace_builds"]), value_set=pa.array(chain, pa.string()))
+    if named.null_count:
+        raise StateError("an example's trace lies in a build outside the set's chain; rebuild the set")
+    build[referenced] = named.to_numpy(zero_copy_only=False)
+    slot[referenced] = pc.list_flatten(newest["trace_slots"]).to_numpy(zero_copy_only=False)
+    entry_key = row_key(build, feature_sign(newest)[row_of])
+    order = np.argsort(pool_key, kind="stable")
+    found = order[np.minimum(np.searchsorted(pool_key, entry_key, sorter=order), len(order) - 1)]
+    if not (pool_key[found] == entry_key).all() or not (slot < pool_counts[found]).all():
+        raise StateError("an example's trace is missing from the build that should hold it; rebuild the set")
+    taken = pc.list_flatten(pool_traces).take(pa.array(pool_starts[found] + slot))
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()), taken)
 
 
 def _delete_builds(db, set_id: str, keep: list[str], newest: str, keep_examples: set[str] = frozenset(),
