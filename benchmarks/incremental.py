@@ -85,7 +85,9 @@ def _step(case: str, step: str, uri: str, args) -> dict:
         _corpus_parts(Path(args.data_dir), args.share) if case == "corpus" else
         _synthetic_parts(args.synthetic_clips, args.share))
     which = {"base": old, "merge": new, "rebuild": old | new}[step]
+    # Each step gets the manifest rows and alignments of the clips it mines (a batch brings its own, as in the pipeline).
     rows = manifest[manifest["clip_id"].isin(which)] if manifest is not None else None
+    alignments = alignments[alignments["clip_id"].isin(which)] if alignments is not None else None
     started = time.perf_counter()
     if step == "merge":
         summary = merge_into_feature_set(clips(which), set_id="bench", manifest_df=rows, alignments_df=alignments,
