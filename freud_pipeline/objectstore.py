@@ -24,6 +24,7 @@ local LanceDB directory (a cluster sets FREUD_LANCEDB_URI and MLFLOW_TRACKING_UR
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import urlparse
 
 from freud_pipeline.digests import file_sha256
@@ -160,14 +162,25 @@ class ObjectStore:
         except (OSError, ValueError):
             return {}
 
-    def _save_ledger(self, ledger: dict) -> None:
-        tmp = self._ledger_path.with_name(f".freud-sync.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(ledger))
-        os.replace(tmp, self._ledger_path)
+    def _record(self, entries: dict[str, list], removed: Iterable[str] = ()) -> None:
+        """Merge `entries` into the ledger and drop `removed`, on the ledger as it is now: read, changed and
+        replaced under an exclusive lock on the data directory, so that threads and processes syncing the same
+        cache at once (the app's callbacks, a step) never lose each other's entries."""
+        removed = set(removed)
+        if not entries and not removed:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".freud-sync.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # per open file: excludes other threads of this process too
+            ledger = {k: v for k, v in self._ledger().items() if k not in removed}
+            ledger.update(entries)
+            tmp = self._ledger_path.with_name(f".freud-sync.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps(ledger))
+            os.replace(tmp, self._ledger_path)
 
     def push(self) -> SyncReport:
         """Upload every complete local file the bucket lacks or holds in another version; index files last."""
-        report, ledger = SyncReport(), self._ledger()
+        report, ledger, recorded = SyncReport(), self._ledger(), {}
         remote = self.listing()
         pending = []
         for path in sorted(self.root.rglob("*")):
@@ -183,14 +196,13 @@ class ObjectStore:
             pending.append((path.name in INDEX_NAMES, key, path, stat))
         for _, key, path, stat in sorted(pending, key=lambda item: (item[0], item[1])):
             digest = file_sha256(path)
+            recorded[key] = [stat.st_size, stat.st_mtime_ns, digest]
             if remote.get(key) == stat.st_size and self._remote_sha(key) == digest:
-                ledger[key] = [stat.st_size, stat.st_mtime_ns, digest]
                 continue
             self.client.upload_file(str(path), self.bucket, self.key(key), ExtraArgs={"Metadata": {"sha256": digest}})
-            ledger[key] = [stat.st_size, stat.st_mtime_ns, digest]
             report.sent += 1
             report.bytes += stat.st_size
-        self._save_ledger(ledger)
+        self._record(recorded)
         return report
 
     def delete(self, under: str) -> int:
@@ -199,9 +211,8 @@ class ObjectStore:
         for start in range(0, len(keys), 1000):
             self.client.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": self.key(k)} for k in keys[start:start + 1000]], "Quiet": True})
-        ledger = self._ledger()
-        if any(k in ledger for k in keys):
-            self._save_ledger({k: v for k, v in ledger.items() if k not in set(keys)})
+        if any(k in self._ledger() for k in keys):
+            self._record({}, removed=keys)
         return len(keys)
 
     def _remote_sha(self, key: str) -> str | None:
@@ -213,7 +224,7 @@ class ObjectStore:
 
     def pull(self, under: str = "") -> SyncReport:
         """Download every object (under `under`) the local cache lacks or holds in another version."""
-        report, ledger = SyncReport(), self._ledger()
+        report, ledger, recorded = SyncReport(), self._ledger(), {}
         for key, size in sorted(self.listing(under).items()):
             rel = Path(key)
             if not _travels(rel):
@@ -225,7 +236,7 @@ class ObjectStore:
                 if seen and seen[0] == stat.st_size == size and seen[1] == stat.st_mtime_ns:
                     continue
                 if stat.st_size == size and self._remote_sha(key) == file_sha256(target):
-                    ledger[key] = [stat.st_size, stat.st_mtime_ns, self._remote_sha(key)]
+                    recorded[key] = [stat.st_size, stat.st_mtime_ns, self._remote_sha(key)]
                     continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.partial")
@@ -236,10 +247,10 @@ class ObjectStore:
                 raise FreudError(f"{self.uri}/{key} does not match its recorded sha256: refusing the download")
             os.replace(tmp, target)
             stat = target.stat()
-            ledger[key] = [stat.st_size, stat.st_mtime_ns, expected]
+            recorded[key] = [stat.st_size, stat.st_mtime_ns, expected]
             report.received += 1
             report.bytes += size
-        self._save_ledger(ledger)
+        self._record(recorded)
         return report
 
 

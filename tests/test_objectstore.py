@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -36,7 +37,7 @@ def cluster_env(endpoint, monkeypatch):
 
 def _tree(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
-            and p.name != ".freud-sync.json"}
+            and not p.name.startswith(".freud-sync")}
 
 
 def test_two_caches_share_files_through_the_bucket_only(cluster_env, tmp_path):
@@ -92,6 +93,26 @@ def test_fetch_pulls_one_missing_file_on_demand(cluster_env, tmp_path):
     assert objectstore.fetch(b, "datasets/c/x.wav").read_bytes() == b"x.wav"
     assert not (b / "datasets" / "c" / "y.wav").exists()  # only what was asked for
     assert objectstore.fetch(b, "datasets/c").is_dir() and (b / "datasets" / "c" / "y.wav").exists()
+
+
+def test_threads_fetching_into_one_cache_at_once_keep_every_ledger_entry(cluster_env, tmp_path):
+    """The app's callbacks fetch clips into one data directory from several threads: each fetch records what it
+    received in the cache's ledger, and none of those entries is lost to another thread's write (a lost entry would
+    cost a size-and-sha256 check of that file on the next pull)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "datasets" / "c").mkdir(parents=True)
+    names = [f"clip{i:02d}.wav" for i in range(24)]
+    for name in names:
+        (a / "datasets" / "c" / name).write_bytes(os.urandom(2000))
+    objectstore.store_for(a).push()
+    with ThreadPoolExecutor(8) as pool:
+        fetched = list(pool.map(lambda n: objectstore.fetch(b, f"datasets/c/{n}"), names))
+    assert [p.read_bytes() for p in fetched] == [(a / "datasets" / "c" / n).read_bytes() for n in names]
+    ledger = json.loads((b / ".freud-sync.json").read_text())
+    assert {f"datasets/c/{n}" for n in names} <= set(ledger)
+    assert objectstore.store_for(b).pull().received == 0  # every file known: nothing fetched again
 
 
 def test_portable_paths_resolve_on_another_machine(tmp_path):
