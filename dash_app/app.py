@@ -24,6 +24,7 @@ from dash_app import security
 from dash_app.background import manager_for
 from dash_app.data import ClipNotFound, IndexAccess, IndexUnavailable
 from dash_app.pages import edit, runs, search, upload
+from freud_pipeline.errors import AudioError
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +154,25 @@ def _fast_json() -> None:
     pio.json.config.default_engine = "orjson"
 
 
+def _unplayable(app: dash.Dash, clip_id: str, exc: AudioError):
+    """422 with the reason, for a clip whose file exists but cannot be decoded (not a 500: the rest works)."""
+    log.warning("clip %s cannot be decoded: %s", clip_id, exc)
+    response = app.server.response_class(f"clip {clip_id!r} cannot be decoded: {exc}\n", status=422,
+                                         mimetype="text/plain")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
 def _register_audio_route(app: dash.Dash, access: IndexAccess) -> None:
     @app.server.route("/audio/<path:clip_id>")
     def clip_audio(clip_id: str):
         """A manifest clip's audio as 16-bit WAV, by id only; ?download=1 makes it an attachment."""
         try:
             data = access.clip_wav(clip_id)
-        except (ClipNotFound, IndexUnavailable):
+        except (ClipNotFound, IndexUnavailable, FileNotFoundError):
             abort(404)
-        except FileNotFoundError:
-            abort(404)
+        except AudioError as exc:
+            return _unplayable(app, clip_id, exc)
         download = request.args.get("download") in ("1", "true", "yes")
         name = (_SAFE_NAME.sub("_", clip_id).strip("._") or "clip") + ".wav"
         response = send_file(io.BytesIO(data), mimetype="audio/wav", as_attachment=download, download_name=name,
@@ -179,6 +189,8 @@ def _register_audio_route(app: dash.Dash, access: IndexAccess) -> None:
             spectrogram = access.clip_spectrogram(clip_id)
         except (ClipNotFound, IndexUnavailable, FileNotFoundError):
             abort(404)
+        except AudioError as exc:
+            return _unplayable(app, clip_id, exc)
         response = app.server.response_class(spectrogram.png_top_down, mimetype="image/png")
         response.headers["X-Content-Type-Options"] = "nosniff"
         if request.args.get("v") == spectrogram.version:

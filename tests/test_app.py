@@ -628,6 +628,32 @@ def test_audio_route_serves_by_id_only(feature_index):
         assert page.mimetype == "text/html" and b"root:" not in page.data, bad
 
 
+def test_a_clip_whose_file_cannot_be_decoded_gets_its_reason_not_a_server_error(tmp_path):
+    """A dataset clip whose file was damaged after indexing: /audio and /spectrogram answer 422 with the decoder's
+    reason (a 500 before), and a good clip beside it still plays."""
+    import pandas as pd
+
+    from dash_app import create_app
+    from freud_pipeline.features import FeatureIndex, store
+
+    clips = tmp_path / "datasets" / "c"
+    clips.mkdir(parents=True)
+    (clips / "broken.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + os.urandom(64))
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "g722", "-i", str(ASTERISK / f"{PROMPTS[0]}.g722"), "-ar",
+                    "16000", "-ac", "1", str(clips / "good.wav")], check=True)
+    uri = str(tmp_path / "lancedb")
+    store.upsert_clips(store.connect(uri), pd.DataFrame([
+        {"clip_id": name, "path": f"datasets/c/{name}.wav", "duration_s": 1.0, "sample_rate": 16000,
+         "transcript": "", "source": "test", "split": "test"} for name in ("broken", "good")]))
+    client = create_app(FeatureIndex(uri), data_dir=tmp_path).server.test_client()
+    for route in ("/audio/broken", "/spectrogram/broken.png"):
+        answer = client.get(route)
+        assert answer.status_code == 422, (route, answer.status_code)
+        assert b"'broken' cannot be decoded" in answer.data and b"Traceback" not in answer.data
+    good = client.get("/audio/good")
+    assert good.status_code == 200 and good.data[:4] == b"RIFF"
+
+
 def test_main_parses_flags(monkeypatch):
     import dash
 
