@@ -183,9 +183,10 @@ class FeatureIndex:
         build_id = set_row["build_id"]
         if build_id in self._examples_cache:
             return self._examples_cache[build_id]
-        where = f"build_id IN ({', '.join(map(sql_str, store.example_builds(set_row)))})"
+        # The size estimate comes from a row of the chain's first build, which holds all its traces (a merge's rows
+        # hold only their new clips' and would under-estimate).
         held = None
-        sample = self._rows(EXAMPLES, where, EXAMPLE_COLUMNS, 1)
+        sample = self._rows(EXAMPLES, f"build_id = {sql_str(store.example_builds(set_row)[0])}", EXAMPLE_COLUMNS, 1)
         if sample.num_rows:
             signs = 2 if set_row["kind"] == "neuron" else 1
             if sample.nbytes * set_row["n_features"] * signs <= self.EXAMPLES_IN_MEMORY_BYTES:
