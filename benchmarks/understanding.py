@@ -98,11 +98,10 @@ def feature_table(db, build_id: str) -> pd.DataFrame:
     return table.sort_values("index").reset_index(drop=True)
 
 
-def top_peaks(db, build_id: str, fire_threshold: float) -> dict[int, list[tuple[str, int]]]:
-    """feature -> [(clip_id, peak frame)] of its stored top examples whose value exceeds the fire threshold."""
-    where = f"build_id = {store.sql_str(build_id)} AND sign = '+'"
-    table = (db.open_table(store.EXAMPLES).search().where(where)
-             .select(["feature", "clip_ids", "values", "peak_frames"]).limit(None).to_arrow())
+def top_peaks(db, set_row: dict, fire_threshold: float) -> dict[int, list[tuple[str, int]]]:
+    """feature -> [(clip_id, peak frame)] of its stored top examples whose value exceeds the fire threshold (the
+    rows the set's build reads: a merged set's unchanged features keep rows of earlier builds)."""
+    table = store.example_rows(set_row, "sign = '+'", ["feature", "clip_ids", "values", "peak_frames"], db=db)
     out = {}
     for f, clips, values, frames in zip(*(table.column(c).to_pylist()
                                           for c in ("feature", "clip_ids", "values", "peak_frames"))):
@@ -372,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"index_uri": uri, "corpus": str(corpus_dir), "split": corpus.split, "seeds": args.seeds, "sets": []}
     for set_row in set_rows(db, args.sets):
         rows = feature_table(db, set_row["build_id"])
-        result = assess(rows, top_peaks(db, set_row["build_id"], float(set_row["fire_threshold"] or 0.0)), corpus,
+        result = assess(rows, top_peaks(db, set_row, float(set_row["fire_threshold"] or 0.0)), corpus,
                         args.seeds)
         result.update(set_id=set_row["set_id"], kind=set_row["kind"],
                       label_summary=json.loads(set_row["label_summary"] or "{}"))
