@@ -59,6 +59,7 @@ import pyarrow.compute as pc
 from lancedb.index import FTS, BTree, Bitmap, IvfFlat
 
 from freud_pipeline import objectstore
+from freud_pipeline.digests import file_sha256
 from freud_pipeline.features.labels import LabelResult
 from freud_pipeline.features.mining import MiningResult
 from freud_pipeline.frames import FRAME_SECONDS
@@ -570,16 +571,18 @@ def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) ->
     """Save a build's merge state (numpy arrays only) under a temporary name, then rename it into place (an
     object store's PUT is atomic by itself). Returns (path or URI, sha256 of the file)."""
     path = _state_path(uri, build_id)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    data = buffer.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
     if objectstore.is_remote(path):
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        data = buffer.getvalue()
         objectstore.write_uri(path, data)
-        return path, digest
+        return path, hashlib.sha256(data).hexdigest()
+    # Straight to the file and hashed from it: no in-memory copy of a state of tens of MB.
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{path}.{uuid.uuid4().hex[:8]}.partial")
-    partial.write_bytes(data)
+    with open(partial, "wb") as handle:
+        np.savez(handle, **arrays)
+    digest = file_sha256(partial)
     os.replace(partial, path)
     return path, digest
 
@@ -591,14 +594,17 @@ def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
         raise StateError(f"feature set {set_row['set_id']!r} (build {set_row['build_id']}) has no merge state: it "
                          "was built before merges were possible; rebuild it once, later batches then merge")
     try:
-        data = objectstore.read_uri(path) if objectstore.is_remote(path) else Path(path).read_bytes()
+        # A local state is hashed and parsed through one open handle (no in-memory copy of the file).
+        handle = io.BytesIO(objectstore.read_uri(path)) if objectstore.is_remote(path) else open(path, "rb")
     except (OSError, FileNotFoundError) as exc:
         raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); rebuild the set") from None
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it was "
-                         "changed after the build; rebuild the set")
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
+    with handle:
+        if hashlib.file_digest(handle, "sha256").hexdigest() != expected:
+            raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it "
+                             "was changed after the build; rebuild the set")
+        handle.seek(0)
+        with np.load(handle, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
 
 
 def _delete_state(db, build_id: str) -> None:
