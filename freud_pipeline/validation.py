@@ -281,7 +281,8 @@ def check_feature_set(index_uri: str, set_id: str, expected_n_features: int | No
 
 def check_coverage(index_uri: str, set_id: str) -> CheckOutcome:
     """A set built or grown by merges: its saved state names every clip once, the clip count of the pointer row,
-    of the state and of the coverage agree, and every clip its examples name is in the clips table."""
+    of the state and of the coverage agree, every clip its examples name is in the clips table, and every
+    example's trace reference names a row and position holding that clip's trace."""
     from freud_pipeline.features import store
 
     row = store.current_set(set_id, index_uri)
@@ -310,6 +311,8 @@ def check_coverage(index_uri: str, set_id: str) -> CheckOutcome:
     unknown = sorted(named - set(clip_ids))
     if unknown:
         problems.append(f"{len(unknown)} example clip(s) the set does not cover, e.g. {unknown[:3]}")
+    if examples.num_rows:
+        problems += store.broken_trace_references(row, db)  # a merge's rows name where their traces are
     metadata = {"set_id": set_id, "build_id": row["build_id"], **{f"n_clips_{k.split()[0]}": v for k, v in
                                                                    counts.items()},
                 "partitions": len(coverage.get("partitions", [])), "example_clips": len(named)}

@@ -256,6 +256,15 @@ def test_a_merge_stores_only_the_new_clips_traces_and_readers_resolve_the_others
                 assert [(e["clip_id"], e["value"]) for e in got] == [(e["clip_id"], e["value"]) for e in want]
                 for x, y in zip(got, want):
                     np.testing.assert_array_equal(np.asarray(x["trace"]), np.asarray(y["trace"]))
+    assert check_coverage(merged_uri, "s").passed, check_coverage(merged_uri, "s").problems
+
+    # A holder row that disappeared (a damaged index): the check says so, and readers refuse rather than guess.
+    lost = next(row["feature"] for row in rows if row["sign"] == "+" and base in row["trace_builds"])
+    store.connect(merged_uri).open_table(store.EXAMPLES).delete(f"key = {store.sql_str(store.example_key(base, lost, '+'))}")
+    outcome = check_coverage(merged_uri, "s")
+    assert not outcome.passed and any("missing from the build" in p for p in outcome.problems), outcome.problems
+    with pytest.raises(store.StateError, match="rebuild the set"):
+        FeatureIndex(merged_uri).top_examples("s", lost, n=TOP_K)
 
 
 def test_examples_across_activation_levels_are_drawn_per_octave_and_merge_exactly(corpus, halves, tmp_path):

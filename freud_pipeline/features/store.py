@@ -429,7 +429,7 @@ def example_rows(set_row: dict[str, Any], where: str | None = None, columns: lis
     table = db.open_table(EXAMPLES)
     wanted = [*(columns or [c for c in EXAMPLES_SCHEMA.names if c not in REF_COLUMNS]), "feature", "sign", "build_id"]
     if "traces" in wanted:
-        wanted += [c for c in REF_COLUMNS if c in table.schema.names]
+        wanted += ["clip_ids", *(c for c in REF_COLUMNS if c in table.schema.names)]
     rows = table.search().where(condition).select(list(dict.fromkeys(wanted))).limit(None).to_arrow()
     rows = newest_rows(rows, chain)
     return rows.select(columns) if columns else rows
@@ -462,6 +462,18 @@ def newest_rows(rows: pa.Table, chain: list[str]) -> pa.Table:
 
 def _resolved_traces(newest: pa.Table, pool: pa.Table, chain: list[str]) -> pa.Array:
     """The `traces` column of `newest` with every entry's trace taken from the row of `pool` that holds it."""
+    pool_traces = pool["traces"].combine_chunks()
+    pool_counts = pc.fill_null(pc.list_value_length(pool_traces), 0).to_numpy().astype(np.int64)
+    found, slot, counts = _trace_sources(newest, pool, chain, pool_counts)
+    taken = pc.list_flatten(pool_traces).take(pa.array(np.cumsum(pool_counts)[found] - pool_counts[found] + slot))
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()), taken)
+
+
+def _trace_sources(newest: pa.Table, pool: pa.Table, chain: list[str], pool_counts: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per entry of `newest` (rows in order, entries in rank order): the row of `pool` that holds its trace and
+    the position there, and the entries per row of `newest`. pool_counts: entries per row of `pool`. Raises
+    StateError when a holder row or position does not exist."""
     n_features = int(pc.max(pool["feature"]).as_py()) + 1
     position = {b: i for i, b in enumerate(chain)}
 
@@ -472,10 +484,7 @@ def _resolved_traces(newest: pa.Table, pool: pa.Table, chain: list[str]) -> pa.A
         return build * (2 * n_features) + feature_and_sign
 
     pool_key = row_key(np.array([position[b] for b in pool["build_id"].to_pylist()], np.int64), feature_sign(pool))
-    pool_traces = pool["traces"].combine_chunks()
-    pool_counts = pc.fill_null(pc.list_value_length(pool_traces), 0).to_numpy().astype(np.int64)
-    pool_starts = np.cumsum(pool_counts) - pool_counts
-    counts = pc.list_value_length(newest["values"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    counts = pc.list_value_length(newest["clip_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
     row_of = np.repeat(np.arange(newest.num_rows), counts)  # one entry per stored example, in row order
     rank = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     own = np.array([position[b] for b in newest["build_id"].to_pylist()], np.int64)
@@ -491,8 +500,31 @@ def _resolved_traces(newest: pa.Table, pool: pa.Table, chain: list[str]) -> pa.A
     found = order[np.minimum(np.searchsorted(pool_key, entry_key, sorter=order), len(order) - 1)]
     if not (pool_key[found] == entry_key).all() or not (slot < pool_counts[found]).all():
         raise StateError("an example's trace is missing from the build that should hold it; rebuild the set")
-    taken = pc.list_flatten(pool_traces).take(pa.array(pool_starts[found] + slot))
-    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()), taken)
+    return found, slot, counts
+
+
+def broken_trace_references(set_row: dict[str, Any], db=None) -> list[str]:
+    """Problems with the trace references of a pointer row's build (see "Traces by reference"): a holder row or
+    position that does not exist, or a position holding another clip than the entry. Reads no traces."""
+    db = db if db is not None else connect()
+    chain = example_builds(set_row)
+    table = db.open_table(EXAMPLES)
+    if "trace_builds" not in table.schema.names:
+        return []
+    pool = table.search().where(f"build_id IN ({', '.join(map(sql_str, chain))})").select(
+        ["feature", "sign", "build_id", "clip_ids", *REF_COLUMNS]).limit(None).to_arrow()
+    newest = newest_rows(pool, chain)
+    if not newest.num_rows or newest["trace_builds"].null_count == newest.num_rows:
+        return []
+    pool_clips = pool["clip_ids"].combine_chunks()
+    pool_counts = pc.list_value_length(pool_clips).to_numpy(zero_copy_only=False).astype(np.int64)
+    try:
+        found, slot, _ = _trace_sources(newest, pool, chain, pool_counts)
+    except StateError as exc:
+        return [str(exc)]
+    held = pc.list_flatten(pool_clips).take(pa.array(np.cumsum(pool_counts)[found] - pool_counts[found] + slot))
+    wrong = int(pc.sum(pc.invert(pc.equal(held, pc.list_flatten(newest["clip_ids"])))).as_py() or 0)
+    return [f"{wrong} example(s) name a trace of another clip; rebuild the set"] if wrong else []
 
 
 def _delete_builds(db, set_id: str, keep: list[str], newest: str, keep_examples: set[str] = frozenset(),
