@@ -124,11 +124,12 @@ class ExampleLists:
             traces = np.array(self.traces[which])
         elif slots == k:
             traces = np.take_along_axis(np.asarray(self.traces[which]), order[:, :, None], axis=1)
-        else:  # slots beyond the buffer's are empty: their traces stay zero
+        else:  # slots beyond the buffer's are empty (none at all if no clip entered): their traces stay zero
             traces = np.zeros((*order.shape, self.traces.shape[-1]), np.float16)
             held = order < slots
-            traces[held] = np.take_along_axis(np.asarray(self.traces[which]),
-                                              np.minimum(order, max(slots - 1, 0))[:, :, None], axis=1)[held]
+            if slots:
+                traces[held] = np.take_along_axis(np.asarray(self.traces[which]),
+                                                  np.minimum(order, slots - 1)[:, :, None], axis=1)[held]
         return {
             "values": take(self.values),
             "clip_index": take(self.clip_index),
