@@ -265,7 +265,9 @@ def check_feature_set(index_uri: str, set_id: str, expected_n_features: int | No
     if n_vectors != n:
         problems.append(f"vectors table {vectors!r} has {n_vectors} rows, expected {n}")
     missing_indexes = []
-    for name, columns in {**REQUIRED_SCALAR_INDEXES, **({vectors: ("index",)} if vectors else {})}.items():
+    # A vectors table smaller than store.INDEX_SLACK_ROWS is scanned: as quick as its index would be.
+    indexed_vectors = {vectors: ("index",)} if vectors and n >= store.INDEX_SLACK_ROWS else {}
+    for name, columns in {**REQUIRED_SCALAR_INDEXES, **indexed_vectors}.items():
         if name not in tables:
             missing_indexes.append(f"{name} (no table)")
             continue

@@ -557,33 +557,36 @@ class _PeakHistogram:
 
     def add(self, peaks: np.ndarray) -> None:
         half = self.bins // 2
-        while True:
-            grow = np.flatnonzero(np.abs(peaks) >= half * self.width)
-            if grow.size == 0:
-                break
-            self.counts[grow] = _doubled(self.counts[grow])
-            self.width[grow] *= 2
+        grow = np.flatnonzero((np.abs(peaks) >= half * self.width) & np.isfinite(peaks))
+        if grow.size:
+            # The doublings each feature needs at once (the first clip needs about 20): the fewest d with
+            # |peak| < half x width x 2^d.
+            steps = np.floor(np.log2(np.abs(peaks[grow]) / (half * self.width[grow]))).astype(np.int64) + 1
+            steps += np.abs(peaks[grow]) >= half * np.ldexp(self.width[grow], steps)  # log2 rounded down a step
+            self.counts[grow] = _coarsened(self.counts[grow], steps)
+            self.width[grow] = np.ldexp(self.width[grow], steps)
         index = np.floor(peaks / self.width).astype(np.int64) + half
         self.counts[np.arange(peaks.size), np.clip(index, 0, self.bins - 1)] += 1
 
 
-def _doubled(counts: np.ndarray) -> np.ndarray:
-    """Peak histograms [n, B] at twice their bin width: bins 2j, 2j+1 (relative to 0) merge into bin j. Exact,
-    no re-binning error: the bins are floor(peak / width) with width a power of two times 2^-20."""
+def _coarsened(counts: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Peak histograms [n, B], row i at 2^steps[i] times its bin width: bin r (relative to 0) becomes
+    floor(r / 2^steps[i]), i.e. doubling the width steps[i] times. Exact, no re-binning error: the bins are
+    floor(peak / width) with width a power of two times 2^-20."""
     n, bins = counts.shape
     half = bins // 2
     out = np.zeros_like(counts)
-    out[:, half // 2 : half // 2 + half] = counts.reshape(n, half, 2).sum(axis=2)
+    for step in np.unique(steps):
+        rows = np.flatnonzero(steps == step)
+        target = half + np.floor_divide(np.arange(bins) - half, 2 ** min(int(step), 62))  # non-decreasing
+        starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
+        out[np.ix_(rows, target[starts])] = np.add.reduceat(counts[rows], starts, axis=1)
     return out
 
 
 def _widened(counts: np.ndarray, width: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Peak histograms brought to the (wider or equal) bin widths `target`."""
-    counts, width = counts.copy(), width.copy()
-    while (grow := np.flatnonzero(width < target)).size:
-        counts[grow] = _doubled(counts[grow])
-        width[grow] *= 2
-    return counts
+    """Peak histograms brought to the (wider or equal) bin widths `target` (both powers of two times 2^-20)."""
+    return _coarsened(counts, np.rint(np.log2(target / width)).astype(np.int64))
 
 
 def encoded_clips(clips: Iterable[tuple[str, Any]], encode: Callable[[Any], Any]) -> Iterator[tuple[str, Any]]:

@@ -71,6 +71,9 @@ FEATURE_SETS, FEATURES, EXAMPLES, CLIPS = "feature_sets", "features", "examples"
 VECTOR_INDEX_MIN_ROWS = 10_000
 KINDS = ("neuron", "sae")
 MAX_EXAMPLE_BUILDS = 8
+# Rows a scalar or full-text index may leave unindexed: LanceDB scans them beside the index, as quickly as a lookup
+# in tables this small, so a write re-indexes a table only once this many rows have been added since (`_refresh_index`).
+INDEX_SLACK_ROWS = 20_000
 SIGNS = ("+", "-")
 
 FEATURE_SETS_SCHEMA = pa.schema([
@@ -293,7 +296,8 @@ def _write_vectors(db, name: str, vectors: np.ndarray, labels: list[str | None])
         "label": labels,
     })
     tbl = db.create_table(name, data=table)  # a fresh name per build
-    tbl.create_index("index", config=BTree())
+    if n >= INDEX_SLACK_ROWS:
+        tbl.create_index("index", config=BTree())
     if n >= VECTOR_INDEX_MIN_ROWS:
         # IVF_FLAT, not IVF_PQ: no PQ training (far quicker to build), answers well within the query target
         # (benchmarks/RESULTS.md) and keeps exact distances within the probed partitions.
@@ -312,11 +316,19 @@ def upsert_clips(db, manifest: pd.DataFrame) -> None:
     data = pa.Table.from_pandas(frame, schema=CLIPS_SCHEMA, preserve_index=False)
     tbl = _with_new_columns(open_or_create(db, CLIPS, CLIPS_SCHEMA), CLIPS_SCHEMA)
     tbl.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
-    tbl.create_index("clip_id", config=BTree(), replace=True)
+    _refresh_index(tbl, "clip_id", BTree())
     try:
-        tbl.create_index("transcript", config=FTS(), replace=True)
+        _refresh_index(tbl, "transcript", FTS())
     except Exception as exc:  # FTS is native Lance (no tantivy) and works offline; query falls back to LIKE
         log.warning("no full-text index on clips.transcript (%s); search_clips will use LIKE", exc)
+
+
+def _refresh_index(tbl, column: str, config) -> None:
+    """Index `column` (default index name) if it has no index, and rebuild the index once INDEX_SLACK_ROWS rows are
+    not in it. Queries stay exact either way: LanceDB answers from the index and scans the rows added since."""
+    stats = tbl.index_stats(f"{column}_idx")
+    if stats is None or stats.num_unindexed_rows >= INDEX_SLACK_ROWS:
+        tbl.create_index(column, config=config, replace=True)
 
 
 # ---------------------------------------------------------------- publishing
@@ -383,10 +395,9 @@ def write_feature_set(
         vectors = mining.signature if vectors is None else vectors
         vectors_table = vectors_table_name(build_id)
         _write_vectors(db, vectors_table, vectors, labels.label if labels else [None] * mining.n_features)
-    # Whole-table index rebuilds: cheap (few rows per feature) and leave no unindexed rows to scan.
     for tbl in (features, examples):
-        tbl.create_index("key", config=BTree(), replace=True)
-        tbl.create_index("build_id", config=Bitmap(), replace=True)
+        _refresh_index(tbl, "key", BTree())
+        _refresh_index(tbl, "build_id", Bitmap())
 
     sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
     current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
