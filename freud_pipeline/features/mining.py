@@ -219,15 +219,22 @@ class MiningResult:
     def n_clips(self) -> int:
         return len(self.clip_ids)
 
-    def peak_histogram(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
-        """(edges [B+1], counts [B]) of per-clip maxima, trimmed to the non-empty span."""
-        counts = self.peak_hist_counts[feature]
-        nonzero = np.flatnonzero(counts)
-        if nonzero.size == 0:
-            return np.zeros(0, np.float64), np.zeros(0, np.int64)
-        lo, hi = nonzero[0], nonzero[-1] + 1
-        edges = (np.arange(lo, hi + 1) - PEAK_HIST_BINS // 2) * self.peak_hist_width[feature]
-        return edges, counts[lo:hi]
+    def peak_histograms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every feature's histogram of per-clip maxima trimmed to its non-empty span, as flat lists: (counts,
+        count offsets [F+1], edges, edge offsets [F+1]); feature f has counts[co[f]:co[f+1]] (B_f bins) and B_f + 1
+        edges, or none of either when it has no clip."""
+        counts = self.peak_hist_counts
+        n, bins = counts.shape
+        nonzero = counts != 0
+        filled = nonzero.any(axis=1)
+        lo = np.where(filled, nonzero.argmax(axis=1), 0)
+        hi = np.where(filled, bins - nonzero[:, ::-1].argmax(axis=1), 0)  # one past the last non-empty bin
+        column = np.arange(bins + 1)
+        in_counts = (column[:-1] >= lo[:, None]) & (column[:-1] < hi[:, None])
+        in_edges = (column >= lo[:, None]) & (column <= hi[:, None]) & filled[:, None]
+        edges = (column - PEAK_HIST_BINS // 2)[None, :] * self.peak_hist_width[:, None]
+        offsets = lambda mask: np.concatenate([[0], np.cumsum(mask.sum(axis=1))])  # noqa: E731
+        return counts[in_counts], offsets(in_counts), edges[in_edges], offsets(in_edges)
 
     def level_examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Examples across activation levels of every feature, strongest first: (clip_index, value, frame), each
@@ -282,6 +289,7 @@ class _TraceBuffer:
         self.spill = spill
         self.name = name
         self.array = np.zeros((n_features, 0, 0), np.float16)
+        self.written = np.zeros(n_features, bool)  # rows a trace was written to (growing copies only these)
 
     def _allocate(self, slots: int, length: int) -> np.ndarray:
         shape = (self.shape[0], slots, length)
@@ -301,7 +309,11 @@ class _TraceBuffer:
             return
         new_length = length if frames <= length else min(self.max_frames, max(frames, 2 * length))
         grown = self._allocate(have if slots <= have else min(k, max(slots, 2 * have)), new_length)
-        grown[:, :have, :length] = self.array
+        if self.written.all():
+            grown[:, :have, :length] = self.array
+        else:  # only the rows written: the others are zeros, and the new buffer's pages for them stay untouched
+            rows = np.flatnonzero(self.written)
+            grown[rows, :have, :length] = self.array[rows]
         old, self.array = self.array, grown
         if isinstance(old, np.memmap):
             Path(old.filename).unlink(missing_ok=True)
@@ -364,7 +376,7 @@ def clip_priority(seed: int, clip_id: str) -> int:
 class _RankedLists:
     """Streaming top-K per feature of a per-clip score (peak, or -minimum for the bottom list)."""
 
-    def __init__(self, n_features: int, k: int, traces: _TraceBuffer):
+    def __init__(self, n_features: int, k: int, traces: _TraceBuffer, floor: np.ndarray | None = None):
         self.score = np.full((n_features, k), -np.inf, np.float32)
         self.value = np.zeros((n_features, k), np.float32)
         self.clip_index = np.full((n_features, k), -1, np.int64)
@@ -373,8 +385,10 @@ class _RankedLists:
         self.trace_len = np.zeros((n_features, k), np.int32)
         self.traces = traces
         self.weakest_slot = np.zeros(n_features, np.int64)
+        # A clip enters only with a score above the floor (default none; see mine_features' floors).
+        self.floor = np.full(n_features, -np.inf, np.float32) if floor is None else np.asarray(floor, np.float32)
         # k == 0 (bottom lists switched off): nothing ever enters.
-        self.weakest = np.full(n_features, -np.inf if k else np.inf, np.float32)
+        self.weakest = self.floor.copy() if k else np.full(n_features, np.inf, np.float32)
 
     def update(self, clip_index: int, score: np.ndarray, value: np.ndarray, frame: np.ndarray, acts: Any) -> None:
         # Clips come in index order. Strict '>' keeps the earlier clip on ties, and the slot evicted is the weakest
@@ -398,11 +412,12 @@ class _RankedLists:
         traces = self.traces.array
         traces[features, slots, :length] = _gather_traces(acts, features, offsets, length)
         traces[features, slots, length:] = 0
+        self.traces.written[features] = True
         rows = self.score[features]
         weakest = rows.min(axis=1)
         latest = np.where(rows == weakest[:, None], self.clip_index[features], -2)
         self.weakest_slot[features] = latest.argmax(axis=1)
-        self.weakest[features] = weakest
+        self.weakest[features] = np.maximum(weakest, self.floor[features])
 
     def finish(self) -> ExampleLists:
         order = _rank(self.score, self.clip_index)
@@ -609,12 +624,16 @@ def mine_features(
     trace_ram_bytes: int = 2 << 30,
     spill_dir: str | Path | None = None,
     seed: int = 0,
+    floors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> MiningResult:
     """Mine ranked examples and statistics in one pass.
 
     Clips longer than 2*trace_radius frames keep a window of that many frames around the peak (default 1500
     frames = one 30 s Whisper window, so Whisper clips are always kept whole). bottom_k (default top_k) sizes
     the most-negative lists; 0 skips them (SAE latents are never negative). `observers` see every clip.
+    floors: per-feature scores (peak for the top lists, -minimum for the bottom ones) a clip must beat to enter the
+    lists, as `list_floors` gives for lists this pass will be merged after: a clip that cannot enter the merged
+    lists then costs no trace (the statistics still see every clip).
     """
     if top_k < 1:
         raise MiningError(f"top_k must be >= 1, got {top_k}")
@@ -625,7 +644,8 @@ def mine_features(
         if miner is None:
             n_features = int(n_features or acts.shape[1])
             miner = _Miner(n_features, top_k, top_k if bottom_k is None else bottom_k, 2 * trace_radius,
-                           fire_threshold, sample_frames, signature_dim, trace_ram_bytes, _spill_for(spill_dir), seed)
+                           fire_threshold, sample_frames, signature_dim, trace_ram_bytes, _spill_for(spill_dir), seed,
+                           floors)
         if acts.shape[1] != n_features:
             raise MiningError(f"clip {clip_id!r} has {acts.shape[1]} features; expected {n_features} like the others")
         if acts.shape[0] == 0:
@@ -640,6 +660,20 @@ def mine_features(
     if miner is None or not miner.clip_ids:
         raise MiningError("no clips with activations to mine (empty input, or every clip had 0 frames)")
     return miner.finish()
+
+
+def list_floors(result: MiningResult) -> tuple[np.ndarray, np.ndarray]:
+    """mine_features' floors for a pass whose result will be merged after `result` (`merge_mining`): the score of
+    each full list's last entry (-inf where a list has room). A later clip with an equal score would rank after it
+    (ties go to the earlier clip), so only a higher one can enter."""
+    def floor(lists: ExampleLists, sign: int) -> np.ndarray:
+        n, k = lists.values.shape
+        if not k:
+            return np.full(n, np.inf, np.float32)
+        last = np.take_along_axis(lists.values, lists.order[:, k - 1 :], axis=1)[:, 0]
+        return np.where(lists.count >= k, sign * last, -np.inf).astype(np.float32)
+
+    return floor(result.top, 1), floor(result.bottom, -1)
 
 
 def _spill_for(spill_dir: str | Path | None) -> _Spill:
@@ -669,13 +703,15 @@ def clip_rng(seed: int, clip_id: str) -> np.random.Generator:
 
 class _Miner:
     def __init__(self, n_features, top_k, bottom_k, max_frames, fire_threshold, sample_frames, signature_dim,
-                 trace_ram_bytes, spill, seed):
+                 trace_ram_bytes, spill, seed, floors=None):
         self.n_features, self.top_k, self.bottom_k, self.max_frames = n_features, top_k, bottom_k, max_frames
         self.fire_threshold, self.sample_frames, self.signature_dim = fire_threshold, sample_frames, signature_dim
         self.seed = seed
         self.spill = spill
         top, bottom = _trace_buffers(n_features, top_k, bottom_k, max_frames, trace_ram_bytes, spill)
-        self.top, self.bottom = _RankedLists(n_features, top_k, top), _RankedLists(n_features, bottom_k, bottom)
+        top_floor, bottom_floor = floors if floors is not None else (None, None)
+        self.top = _RankedLists(n_features, top_k, top, top_floor)
+        self.bottom = _RankedLists(n_features, bottom_k, bottom, bottom_floor)
         self.clip_ids: list[str] = []
         self.n_frames = 0
         self.total = np.zeros(n_features, np.float64)

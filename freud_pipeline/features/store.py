@@ -178,7 +178,7 @@ def _with_new_columns(table, schema: pa.Schema):
 def _feature_rows(build_id: str, set_id: str, mining: MiningResult, labels: LabelResult | None,
                   n_top: np.ndarray, n_bottom: np.ndarray) -> pa.Table:
     n = mining.n_features
-    hist = [mining.peak_histogram(i) for i in range(n)]
+    counts, count_offsets, edges, edge_offsets = mining.peak_histograms()
     none = [None] * n
     nan = np.full(n, np.nan, np.float32)
     return pa.table({
@@ -189,8 +189,8 @@ def _feature_rows(build_id: str, set_id: str, mining: MiningResult, labels: Labe
         "density": mining.density, "mean": mining.mean, "max": mining.max, "min": mining.min,
         "quantiles": pa.FixedSizeListArray.from_arrays(pa.array(mining.quantiles.ravel()),
                                                        mining.quantiles.shape[1]).cast(pa.list_(pa.float32())),
-        "hist_counts": [c.tolist() for _, c in hist],
-        "hist_edges": [e.tolist() for e, _ in hist],
+        "hist_counts": pa.ListArray.from_arrays(pa.array(count_offsets, pa.int32()), pa.array(counts, pa.int64())),
+        "hist_edges": pa.ListArray.from_arrays(pa.array(edge_offsets, pa.int32()), pa.array(edges, pa.float64())),
         "label": labels.label if labels else none,
         "label_kind": labels.kind if labels else none,
         "label_precision": labels.precision if labels else nan,
