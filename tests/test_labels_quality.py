@@ -204,6 +204,21 @@ def test_frame_loudness_is_the_rms_level_of_each_20_ms_frame():
     assert frame_loudness_db(np.zeros(10)).tolist() == [-200.0] and frame_loudness_db(np.zeros(0)).size == 0
 
 
+def test_recall_compares_float16_samples_with_thresholds_exactly():
+    """Recall counts sampled occurrences above a threshold without converting the float16 reservoir: the result
+    equals the float comparison for every kind of value (ties, +-0, +-inf, NaN, thresholds beyond float16's range)."""
+    from freud_pipeline.features.labels import _above
+
+    rng = np.random.default_rng(0)
+    sample = (rng.standard_normal((64, 3000)) * rng.exponential(1, 3000)).astype(np.float16)
+    sample[0, :5] = [np.nan, np.inf, -np.inf, 0.0, -0.0]
+    threshold = rng.standard_normal(3000) * 0.5
+    threshold[10:20] = sample[3, 10:20]  # exactly on a sample
+    threshold[20:30] = np.nextafter(sample[3, 20:30].astype(np.float32), np.float32(-1))  # just below one
+    threshold[30:40] = [0.0, -0.0, np.nan, 7e4, -7e4, 1e-9, -1e-9, 65504.0, 0.1, 0.5 * (0.1 + 0.3)]
+    assert np.array_equal(_above(sample, threshold), sample.astype(np.float32) > threshold)
+
+
 def test_heldout_split_by_speaker_or_by_clip():
     manifest = pd.DataFrame({"clip_id": [f"c{i}" for i in range(40)],
                              "speaker": ["a"] * 20 + ["b"] * 12 + ["c"] * 8})

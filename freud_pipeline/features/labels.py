@@ -674,7 +674,7 @@ class LabelCollector:
         fired = np.zeros((len(self.phones), self.n_features), np.float32)
         for phone, sample in self.reservoir.items():
             kept = min(self.seen[phone], self.per_phone)
-            fired[phone] = (sample[:kept].astype(np.float32) > threshold).mean(axis=0)
+            fired[phone] = _above(sample[:kept], threshold).mean(axis=0)
         weights = label_phones * self.seen[None, :]
         with np.errstate(invalid="ignore", divide="ignore"):
             return (weights * fired.T).sum(axis=1) / weights.sum(axis=1)
@@ -730,6 +730,21 @@ def _shuffled_validated(label_rows: np.ndarray, held: _Peaks, n_held: np.ndarray
         ok = (n_held >= MIN_SUPPORT) & (hits >= VALIDATED_PRECISION * np.maximum(n_held, 1))
         shares.append(ok.mean() if len(ok) else 0.0)
     return np.asarray(shares, np.float64)
+
+
+def _above(sample: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """sample [S, F] float16 > threshold [F], without converting the samples to float32 (the bulk of labelling a
+    merge): x > t equals x > (the largest float16 <= t) for a float16 x, and float16s >= 0 order like their bits."""
+    t = np.asarray(threshold, np.float64)
+    with np.errstate(over="ignore"):  # beyond float16's range: +-inf, then the largest float16 below
+        t16 = t.astype(np.float16)
+    t16 = np.where(t16.astype(np.float64) > t, np.nextafter(t16, np.float16(-np.inf)), t16)
+    bits, floor = sample.view(np.int16), t16.view(np.int16)
+    above = (bits > floor) & (bits <= 0x7C00)  # above 0x7C00 (+inf): NaN, never above
+    signed = floor < 0  # a threshold below +0: negative samples do not order like their bits, compared as floats
+    if signed.any():
+        above[:, signed] = sample[:, signed].astype(np.float32) > t[signed]
+    return above
 
 
 def p_values(k: np.ndarray, n: np.ndarray, q: np.ndarray, tested: int) -> np.ndarray:

@@ -59,7 +59,7 @@ import pyarrow.compute as pc
 from lancedb.index import FTS, BTree, Bitmap, IvfFlat
 
 from freud_pipeline import objectstore
-from freud_pipeline.digests import file_sha256
+from freud_pipeline.digests import Sha256Writer
 from freud_pipeline.features.labels import LabelResult
 from freud_pipeline.features.mining import MiningResult
 from freud_pipeline.frames import FRAME_SECONDS
@@ -620,14 +620,14 @@ def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) ->
         data = buffer.getvalue()
         objectstore.write_uri(path, data)
         return path, hashlib.sha256(data).hexdigest()
-    # Straight to the file and hashed from it: no in-memory copy of a state of tens of MB.
+    # Straight to the file, hashed on the way: no in-memory copy of a state of tens of MB, no second read.
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{path}.{uuid.uuid4().hex[:8]}.partial")
     with open(partial, "wb") as handle:
-        np.savez(handle, **arrays)
-    digest = file_sha256(partial)
+        writer = Sha256Writer(handle)
+        np.savez(writer, **arrays)
     os.replace(partial, path)
-    return path, digest
+    return path, writer.hexdigest()
 
 
 def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
