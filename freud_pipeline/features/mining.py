@@ -591,8 +591,12 @@ def _coarsened(counts: np.ndarray, steps: np.ndarray) -> np.ndarray:
     n, bins = counts.shape
     half = bins // 2
     out = np.zeros_like(counts)
+    steps = np.where(counts.any(axis=1), steps, 0)  # an empty histogram stays empty at any width
     for step in np.unique(steps):
         rows = np.flatnonzero(steps == step)
+        if step == 0:
+            out[rows] = counts[rows]
+            continue
         target = half + np.floor_divide(np.arange(bins) - half, 2 ** min(int(step), 62))  # non-decreasing
         starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
         out[np.ix_(rows, target[starts])] = np.add.reduceat(counts[rows], starts, axis=1)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -158,9 +159,10 @@ def table_names(db) -> set[str]:
 
 
 def open_or_create(db, name: str, schema: pa.Schema):
-    if name in table_names(db):
-        return db.open_table(name)
-    return db.create_table(name, schema=schema, exist_ok=True)
+    try:
+        return db.open_table(name)  # one call, not a listing of every table first
+    except ValueError:  # "Table ... was not found"
+        return db.create_table(name, schema=schema, exist_ok=True)
 
 
 def _with_new_columns(table, schema: pa.Schema):
@@ -387,10 +389,9 @@ def write_feature_set(
         carried = example_builds(carried_from) if carried_from is not None else []
         chain = [*carried, build_id] if len(written) or not carried else carried
     if len(written):
-        examples.add(pa.RecordBatchReader.from_batches(
-            EXAMPLES_SCHEMA, _example_batches(build_id, set_id, mining.clip_ids, top, bottom, written,
-                                              batch_features, None if refs is None else
-                                              {sign: (carried, *refs[sign]) for sign in SIGNS})))
+        examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(
+            build_id, set_id, mining.clip_ids, top, bottom, written, batch_features,
+            None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})))
     if vectors_table is None:
         vectors = mining.signature if vectors is None else vectors
         vectors_table = vectors_table_name(build_id)
@@ -423,6 +424,19 @@ def write_feature_set(
                    keep_examples=set(chain) | (set(example_builds(previous)) if previous else set()),
                    keep_vectors={vectors_table, *([previous["vectors_table"]] if previous else [])})
     return row
+
+
+def _buffered(schema: pa.Schema, batches: Iterator[pa.RecordBatch], limit: int = 64 << 20) -> pa.Table | pa.RecordBatchReader:
+    """The batches as one table when they come to at most `limit` bytes (a merge's few rows), else as a stream that
+    LanceDB pulls batch by batch (a build's traces may not fit in memory). Batches made while LanceDB pulls them
+    cost several times as long as made beforehand (about 70 ms against 25 ms for a merge's examples)."""
+    held, size = [], 0
+    for batch in batches:
+        held.append(batch)
+        size += batch.nbytes
+        if size > limit:
+            return pa.RecordBatchReader.from_batches(schema, itertools.chain(held, batches))
+    return pa.Table.from_batches(held, schema=schema)
 
 
 def example_builds(set_row: dict[str, Any]) -> list[str]:
