@@ -177,6 +177,30 @@ def test_a_changed_merge_state_is_refused(corpus, halves, tmp_path):
     assert json.loads(row["coverage"])["partitions"][0]["partition"] == "A"
 
 
+def test_a_merge_state_keeps_every_array_exactly_and_states_saved_as_npz_still_load(tmp_path):
+    """The state file (safetensors, strings and 0-d shapes in its metadata) gives back every array with its dtype
+    and shape, writable (a merge may update them); the .npz states of earlier versions load too."""
+    import hashlib
+
+    arrays = {"f64": np.linspace(0, 1, 12).reshape(3, 4), "f16": np.arange(6, dtype=np.float16), "i16": np.int16([-3]),
+              "u64": np.uint64([2**64 - 1, 0]), "flag": np.array(True), "n": np.array(1536), "x": np.array(0.25),
+              "ids": np.array(["clip/é", "b"]), "none": np.array([], dtype=str), "json": np.array('{"a": [1]}'),
+              "empty": np.zeros((0, 5), np.int32)}
+    path, digest = store.save_state(str(tmp_path / "lancedb"), "s@1", arrays)
+    assert path.endswith(".safetensors") and hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+    loaded = store.load_state({"set_id": "s", "build_id": "s@1", "merge_state": path, "merge_state_sha256": digest})
+    assert set(loaded) == set(arrays)
+    for name, array in arrays.items():
+        got = loaded[name]
+        assert got.dtype == array.dtype and got.shape == array.shape and np.array_equal(got, array), name
+        assert got.flags.writeable, name
+    legacy = tmp_path / "old.npz"
+    np.savez(legacy, **arrays)
+    row = {"set_id": "s", "build_id": "s@0", "merge_state": str(legacy),
+           "merge_state_sha256": hashlib.sha256(legacy.read_bytes()).hexdigest()}
+    assert all(np.array_equal(store.load_state(row)[k], v) for k, v in arrays.items())
+
+
 def test_many_small_merges_carry_unchanged_examples_over_and_equal_the_rebuild(corpus, halves, tmp_path):
     """B merged a few clips at a time: each merge writes example rows only for the features whose lists took a
     new clip and reads the others' rows from the builds before (`example_builds`), until the chain is full and a

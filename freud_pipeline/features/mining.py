@@ -542,8 +542,16 @@ class _LogHistogram:
 
     @classmethod
     def quantiles(cls, counts: np.ndarray, levels: Sequence[float], clamp_lo: np.ndarray,
-                  clamp_hi: np.ndarray) -> np.ndarray:
-        """Interpolated quantiles of `counts` [F, _LOG_BINS], clamped to [clamp_lo, clamp_hi]."""
+                  clamp_hi: np.ndarray, block: int = 256) -> np.ndarray:
+        """Interpolated quantiles of `counts` [F, _LOG_BINS], clamped to [clamp_lo, clamp_hi]; in blocks of features
+        (temporaries of a block, not of all 24,576 features' 100 MB of counts)."""
+        return np.concatenate([cls._quantiles(counts[a : a + block], levels, clamp_lo[a : a + block],
+                                              clamp_hi[a : a + block]) for a in range(0, len(counts), block)]
+                              or [np.zeros((0, len(levels)), np.float32)])
+
+    @classmethod
+    def _quantiles(cls, counts: np.ndarray, levels: Sequence[float], clamp_lo: np.ndarray,
+                   clamp_hi: np.ndarray) -> np.ndarray:
         lower, upper = cls.bin_bounds()
         n_features = counts.shape[0]
         cumulative = np.cumsum(counts, axis=1)

@@ -16,9 +16,9 @@ Tables (all sets share them; rows carry the build that wrote them):
   that arrived later (dataset, batch, arrival time).
 
 Merging (`features.build.merge_into_feature_set`): each build also saves the small state a merge continues from
-(the miner's accumulators and the label collector's, no traces: those are the `examples` rows) as one .npz under
-`<index>/../index_state/` (written to a temporary name, renamed, its sha256 in the pointer row and verified on
-load), and its `coverage` (`features.coverage`).
+(the miner's accumulators and the label collector's, no traces: those are the `examples` rows) as one safetensors
+file under `<index>/../index_state/` (written to a temporary name, renamed, its sha256 in the pointer row and
+verified on load; states saved before are .npz and still read), and its `coverage` (`features.coverage`).
 
 Examples carried over: a merge rewrites the `examples` rows of the features whose lists took a new clip and
 keeps the others' rows where an earlier build wrote them. The pointer row's `example_builds` names those builds
@@ -57,10 +57,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import safetensors.numpy
 from lancedb.index import FTS, BTree, Bitmap, IvfFlat
 
 from freud_pipeline import objectstore
-from freud_pipeline.digests import Sha256Writer
+from freud_pipeline.digests import file_sha256
 from freud_pipeline.features.labels import LabelResult
 from freud_pipeline.features.mining import MiningResult
 from freud_pipeline.frames import FRAME_SECONDS
@@ -620,59 +621,93 @@ def state_dir(uri: str | None) -> str:
     return str(Path(uri).parent / "index_state")
 
 
-def _state_path(uri: str | None, build_id: str) -> str:
-    return f"{state_dir(uri)}/{vectors_table_name(build_id).removeprefix('vectors_')}.npz"
+def _state_path(uri: str | None, build_id: str, suffix: str = ".safetensors") -> str:
+    return f"{state_dir(uri)}/{vectors_table_name(build_id).removeprefix('vectors_')}{suffix}"
+
+
+STATE_STRINGS = "freud.strings"  # metadata key of a state's string arrays (safetensors holds numbers only)
+STATE_SCALARS = "freud.scalars"  # and of the names of its 0-d arrays
+_SAFETENSORS_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+                       "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16,
+                       "F32": np.float32, "F64": np.float64}
 
 
 def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) -> tuple[str, str]:
-    """Save a build's merge state (numpy arrays only) under a temporary name, then rename it into place (an
-    object store's PUT is atomic by itself). Returns (path or URI, sha256 of the file)."""
+    """Save a build's merge state (numpy arrays only) as a safetensors file (string arrays in its metadata), under
+    a temporary name, then rename it into place (an object store's PUT is atomic by itself). Returns (path or URI,
+    sha256 of the file)."""
     path = _state_path(uri, build_id)
+    numbers = {k: np.ascontiguousarray(v) for k, v in arrays.items() if v.dtype.kind in "biuf"}  # 0-d: [1]
+    strings = {k: np.asarray(v).tolist() for k, v in arrays.items() if v.dtype.kind not in "biuf"}
+    # safetensors stores a 0-d array as shape [1]: their names are kept to restore the shape.
+    metadata = {STATE_STRINGS: json.dumps(strings),
+                STATE_SCALARS: json.dumps([k for k in numbers if np.ndim(arrays[k]) == 0])}
     if objectstore.is_remote(path):
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        data = buffer.getvalue()
+        data = safetensors.numpy.save(numbers, metadata=metadata)
         objectstore.write_uri(path, data)
         return path, hashlib.sha256(data).hexdigest()
-    # Straight to the file, hashed on the way: no in-memory copy of a state of tens of MB, no second read.
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{path}.{uuid.uuid4().hex[:8]}.partial")
-    with open(partial, "wb") as handle:
-        writer = Sha256Writer(handle)
-        np.savez(writer, **arrays)
+    safetensors.numpy.save_file(numbers, str(partial), metadata=metadata)
+    digest = file_sha256(partial)
     os.replace(partial, path)
-    return path, writer.hexdigest()
+    return path, digest
 
 
 def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The merge state of the build a pointer row names, verified against its recorded sha256."""
+    """The merge state of the build a pointer row names, verified against its recorded sha256 (a safetensors file,
+    or the .npz of states saved before)."""
     path, expected = set_row.get("merge_state"), set_row.get("merge_state_sha256")
     if not path:
         raise StateError(f"feature set {set_row['set_id']!r} (build {set_row['build_id']}) has no merge state: it "
                          "was built before merges were possible; rebuild it once, later batches then merge")
     try:
-        # A local state is hashed and parsed through one open handle (no in-memory copy of the file).
-        handle = io.BytesIO(objectstore.read_uri(path)) if objectstore.is_remote(path) else open(path, "rb")
+        if objectstore.is_remote(path):
+            data = bytearray(objectstore.read_uri(path))
+        else:  # read once into memory of our own: what is hashed is what is parsed, and the arrays are writable
+            with open(path, "rb") as handle:
+                data = bytearray(os.fstat(handle.fileno()).st_size)
+                handle.readinto(data)
     except (OSError, FileNotFoundError) as exc:
         raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); rebuild the set") from None
-    with handle:
-        if hashlib.file_digest(handle, "sha256").hexdigest() != expected:
-            raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it "
-                             "was changed after the build; rebuild the set")
-        handle.seek(0)
-        with np.load(handle, allow_pickle=False) as npz:
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it "
+                         "was changed after the build; rebuild the set")
+    if data[:4] == b"PK\x03\x04":  # a zip: np.savez, states saved before the safetensors format
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
+    return _safetensors_arrays(data)
+
+
+def _safetensors_arrays(data: bytearray) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors file read into `data`, as views into it (no copy), with the string arrays of
+    its metadata. The layout: an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range after the header, then the tensors' bytes."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8 : 8 + size]))
+    metadata = header.pop("__metadata__", None) or {}
+    out = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        out[name] = np.frombuffer(data, dtype, (end - begin) // dtype.itemsize, 8 + size + begin).reshape(entry["shape"])
+    for name in json.loads(metadata.get(STATE_SCALARS, "[]")):
+        out[name] = out[name].reshape(())
+    for name, value in json.loads(metadata.get(STATE_STRINGS, "{}")).items():
+        out[name] = np.array(value, dtype=str)
+    return out
 
 
 def _delete_state(db, build_id: str) -> None:
     uri = getattr(db, "uri", None)
     if uri is None:
         return
-    path = _state_path(str(uri), build_id)
-    if objectstore.is_remote(path):
-        objectstore.delete_uri(path)
-    else:
-        Path(path).unlink(missing_ok=True)
+    for suffix in (".safetensors", ".npz"):  # .npz: states saved before the safetensors format
+        path = _state_path(str(uri), build_id, suffix)
+        if objectstore.is_remote(path):
+            objectstore.delete_uri(path)
+        else:
+            Path(path).unlink(missing_ok=True)
 
 
 class StateError(RuntimeError):
