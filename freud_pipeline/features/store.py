@@ -243,11 +243,11 @@ def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, botto
     refs (a merge's rows): per sign, (chain, position [n, K] in chain of the build holding each entry's trace, or -1
     for this row, slot [n, K] there), in rank order; only this row's own traces are written ("Traces by
     reference")."""
-    clip_ids = np.asarray(clip_ids, dtype=object)
+    clip_names = pa.array(clip_ids, pa.string())  # taken by index (no Python string per entry)
     for start in range(0, len(features), batch):
         stop = min(start + batch, len(features))
         for sign, lists in (("+", top), ("-", bottom)):
-            rows = lists.rows(start, stop)
+            rows = lists.rows(start, stop, traces=False)  # the traces written are gathered alone, below
             count = np.minimum(rows["count"], _kept_counts(lists, sign)[start:stop])
             k = rows["values"].shape[1]
             valid = np.arange(k)[None, :] < count[:, None]
@@ -258,13 +258,16 @@ def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, botto
                 chain, where, slot = refs[sign]
                 where, slot = where[start:stop], slot[start:stop]
                 lens = np.where(where < 0, lens, 0)  # referenced traces stay where they are
-                names = np.asarray([*chain, build_id], dtype=object)  # -1: this build
-                ref_builds = pa.ListArray.from_arrays(outer, pa.array(names[where[valid]].tolist(), pa.string()))
+                names = pa.array([*chain, build_id], pa.string())  # -1: this build
+                ref_builds = pa.ListArray.from_arrays(
+                    outer, names.take(pa.array(np.where(where < 0, len(chain), where)[valid])))
                 own_slot = np.broadcast_to(np.arange(k), where.shape)
                 ref_slots = pa.ListArray.from_arrays(
                     outer, pa.array(np.where(where < 0, own_slot, slot)[valid].astype(np.int32)))
-            width = rows["traces"].shape[2]
-            flat = rows["traces"][np.arange(width)[None, None, :] < lens[:, :, None]]
+            # The samples of every trace written, back to back in row, rank, frame order.
+            f, r = np.nonzero(lens)
+            held = lists.traces_at(start + f, r) if f.size else np.zeros((0, 0), np.float16)
+            flat = held[np.arange(held.shape[1])[None, :] < lens[f, r][:, None]]
             inner = pa.array(np.concatenate([[0], np.cumsum(lens[valid])]), pa.int32())
             listed = lambda values: pa.ListArray.from_arrays(outer, pa.array(values))  # noqa: E731
             chunk = np.asarray(features[start:stop])
@@ -274,7 +277,7 @@ def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, botto
                 "set_id": [set_id] * len(chunk),
                 "feature": pa.array(chunk.astype(np.int32)),
                 "sign": [sign] * len(chunk),
-                "clip_ids": listed(clip_ids[rows["clip_index"][valid]].tolist()),
+                "clip_ids": pa.ListArray.from_arrays(outer, clip_names.take(pa.array(rows["clip_index"][valid]))),
                 "values": listed(rows["values"][valid].astype(np.float32)),
                 "peak_frames": listed(rows["peak_frame"][valid].astype(np.int32)),
                 "trace_offsets": listed(rows["trace_offset"][valid].astype(np.int32)),
