@@ -250,7 +250,11 @@ class _Peaks:
         return cls.of(**{name: np.take_along_axis(a, rank, axis=1) for name, a in fields.items()})
 
     def ranked(self) -> _Peaks:
-        """A copy in rank order: what `result` reads, the same however the slots were filled."""
+        """These peaks in rank order: what `result` reads, the same however the slots were filled (itself when
+        already ranked, as a merge leaves them; a copy otherwise)."""
+        peak, order = self.peak, self.order
+        if ((peak[:, 1:] < peak[:, :-1]) | ((peak[:, 1:] == peak[:, :-1]) & (order[:, 1:] >= order[:, :-1]))).all():
+            return self
         return self.best(self.peak.shape[1], self.fields())
 
     @property
@@ -560,17 +564,25 @@ class LabelCollector:
         names, kinds, members, base = self._candidates()
         m = len(names) + (5 if self.loudness_tested else 4)  # phone and class candidates, artefact tests
         phone_counts = _row_counts(np.where(valid, train.phone, -1), n_phones)
-        hits = phone_counts @ members  # [F, C]
+        hits = (phone_counts.astype(np.float64) @ members).astype(np.int64)  # [F, C]; exact (counts <= top_k), BLAS
         with np.errstate(invalid="ignore", divide="ignore"):
             precision = hits / n[:, None]
             lift = precision / base
-        p = p_values(hits, n[:, None], base[None, :], m)
+        # p only where the other rules hold (the binomial tail is the costly part), then for each feature's chosen
+        # candidate, the one its reason names.
+        eligible = (n[:, None] >= MIN_SUPPORT) & (lift >= MIN_LIFT) & (precision >= MIN_PRECISION)
+        p = np.full(hits.shape, np.nan)
+        rows, columns = np.nonzero(eligible)
+        p[rows, columns] = p_values(hits[rows, columns], n[rows], base[columns], m)
         score = _kl_bits(np.nan_to_num(precision), base[None, :])
-        passing = (n[:, None] >= MIN_SUPPORT) & (p < ALPHA) & (lift >= MIN_LIFT) & (precision >= MIN_PRECISION)
+        passing = eligible & (p < ALPHA)
         best = np.where(passing, score, -np.inf).argmax(axis=1) if names else np.zeros(n_features, np.int64)
         labelled = passing.any(axis=1) if names else np.zeros(n_features, bool)
         runner_up = np.nan_to_num(score, nan=-np.inf).argmax(axis=1) if names else best
         chosen = np.where(labelled, best, runner_up)
+        if names:
+            rows = np.flatnonzero(np.isnan(p[np.arange(n_features), chosen]))
+            p[rows, chosen[rows]] = p_values(hits[rows, chosen[rows]], n[rows], base[chosen[rows]], m)
 
         artefacts = self._artefacts(train, held, n, m)
         artefact = np.full(n_features, None, object)
