@@ -22,7 +22,6 @@ from freud_pipeline.features.mining import (
     MiningError,
     MiningResult,
     MiningState,
-    list_floors,
     merge_mining,
     mine_features,
 )
@@ -105,18 +104,20 @@ def test_merge_equals_one_pass_and_is_associative(tmp_path):
     _assert_same(merge_mining(_mine(A, bottom_k=0), _mine(B, bottom_k=0)), _mine(A + B, bottom_k=0))
 
 
-def test_a_pass_floored_by_the_lists_it_joins_merges_the_same_and_keeps_fewer_traces():
-    """A merge mines its batch with list_floors of the set: clips that cannot enter the merged lists (ties included:
-    the earlier clip keeps its place) are not kept, and the merge is unchanged."""
+def test_a_pass_mined_after_a_result_merges_the_same_and_keeps_fewer_traces():
+    """A merge mines its batch with after=the set: clips that cannot enter the merged lists (ties included: the
+    earlier clip keeps its place) are not kept, the peak histograms start at the set's widths, and the merge is
+    unchanged."""
     a = _mine(A)
-    floored, plain = _mine(B, floors=list_floors(a)), _mine(B)
-    _assert_same(merge_mining(a, floored), merge_mining(a, plain))
-    _assert_same(merge_mining(a, floored), _mine(A + B))
-    assert floored.top.count.sum() < plain.top.count.sum() and floored.bottom.count.sum() < plain.bottom.count.sum()
-    assert floored.top.count[0] == 0  # the constant feature: every B clip ties with A's and ranks after them
-    assert (list_floors(_mine(A, bottom_k=0))[1] == np.inf).all()  # no bottom lists: nothing enters
-    _assert_same(merge_mining(_mine(A, bottom_k=0), _mine(B, bottom_k=0, floors=list_floors(_mine(A, bottom_k=0)))),
-                 _mine(A + B, bottom_k=0))
+    after, plain = _mine(B, after=a), _mine(B)
+    _assert_same(merge_mining(a, after), merge_mining(a, plain))
+    _assert_same(merge_mining(a, after), _mine(A + B))
+    assert after.top.count.sum() < plain.top.count.sum() and after.bottom.count.sum() < plain.bottom.count.sum()
+    assert after.top.count[0] == 0  # the constant feature: every B clip ties with A's and ranks after them
+    assert (after.peak_hist_width >= a.peak_hist_width).all()
+    assert after.peak_hist_counts.sum() == plain.peak_hist_counts.sum()
+    sae = _mine(A, bottom_k=0)  # no bottom lists: nothing enters them
+    _assert_same(merge_mining(sae, _mine(B, bottom_k=0, after=sae)), _mine(A + B, bottom_k=0))
 
 
 def test_merge_from_saved_state_and_ranked_lists(tmp_path):

@@ -23,8 +23,8 @@ from freud_pipeline.errors import FreudError
 from freud_pipeline.features import store
 from freud_pipeline.features import coverage as cov
 from freud_pipeline.features.labels import LabelCollector
-from freud_pipeline.features.mining import (ExampleLists, MiningError, MiningResult, MiningState, list_floors,
-                                            merge_lists, merge_mining, mine_features, result_from_state)
+from freud_pipeline.features.mining import (ExampleLists, MiningError, MiningResult, MiningState, merge_lists,
+                                            merge_mining, mine_features, result_from_state)
 from freud_pipeline.frames import frame_loudness_db
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ def merge_into_feature_set(
                               bottom_k=state.bottom_k, fire_threshold=state.fire_threshold,
                               sample_frames=state.sample_frames, signature_dim=state.signature_dim,
                               observers=[collector] if collector else [], seed=state.seed,
-                              floors=list_floors(old))  # no trace kept for a clip that cannot enter a list
+                              after=old)  # no trace kept for a clip that cannot enter a list
     except MiningError:
         old.close()
         reason = "every clip is already in the set" if skipped else "no clips with activations"

@@ -385,7 +385,7 @@ class _RankedLists:
         self.trace_len = np.zeros((n_features, k), np.int32)
         self.traces = traces
         self.weakest_slot = np.zeros(n_features, np.int64)
-        # A clip enters only with a score above the floor (default none; see mine_features' floors).
+        # A clip enters only with a score above the floor (default none; see mine_features' `after`).
         self.floor = np.full(n_features, -np.inf, np.float32) if floor is None else np.asarray(floor, np.float32)
         # k == 0 (bottom lists switched off): nothing ever enters.
         self.weakest = self.floor.copy() if k else np.full(n_features, np.inf, np.float32)
@@ -573,9 +573,10 @@ class _LogHistogram:
 class _PeakHistogram:
     """Linear histogram of per-clip maxima, symmetric around 0, bin widths doubling as the range grows."""
 
-    def __init__(self, n_features: int, bins: int = PEAK_HIST_BINS):
+    def __init__(self, n_features: int, bins: int = PEAK_HIST_BINS, width: np.ndarray | None = None):
         self.bins = bins
-        self.width = np.full(n_features, 2.0**-20)
+        # Any power of two times 2^-20 (wider ones skip the doublings the first peaks would make); 2^-20 by default.
+        self.width = np.full(n_features, 2.0**-20) if width is None else np.array(width, np.float64)
         self.counts = np.zeros((n_features, bins), np.int64)
 
     def add(self, peaks: np.ndarray) -> None:
@@ -636,16 +637,17 @@ def mine_features(
     trace_ram_bytes: int = 2 << 30,
     spill_dir: str | Path | None = None,
     seed: int = 0,
-    floors: tuple[np.ndarray, np.ndarray] | None = None,
+    after: MiningResult | None = None,
 ) -> MiningResult:
     """Mine ranked examples and statistics in one pass.
 
     Clips longer than 2*trace_radius frames keep a window of that many frames around the peak (default 1500
     frames = one 30 s Whisper window, so Whisper clips are always kept whole). bottom_k (default top_k) sizes
     the most-negative lists; 0 skips them (SAE latents are never negative). `observers` see every clip.
-    floors: per-feature scores (peak for the top lists, -minimum for the bottom ones) a clip must beat to enter the
-    lists, as `list_floors` gives for lists this pass will be merged after: a clip that cannot enter the merged
-    lists then costs no trace (the statistics still see every clip).
+    after: the result this pass will be merged after (`merge_mining(after, this)`), to save work that merge would
+    discard: a clip enters a list only if it can enter the merged one (above the last entry of a full list of
+    `after`), so it costs no trace otherwise, and the peak histograms start at `after`'s bin widths. The merge
+    is the same; this pass alone is not what a plain pass gives.
     """
     if top_k < 1:
         raise MiningError(f"top_k must be >= 1, got {top_k}")
@@ -657,7 +659,7 @@ def mine_features(
             n_features = int(n_features or acts.shape[1])
             miner = _Miner(n_features, top_k, top_k if bottom_k is None else bottom_k, 2 * trace_radius,
                            fire_threshold, sample_frames, signature_dim, trace_ram_bytes, _spill_for(spill_dir), seed,
-                           floors)
+                           after)
         if acts.shape[1] != n_features:
             raise MiningError(f"clip {clip_id!r} has {acts.shape[1]} features; expected {n_features} like the others")
         if acts.shape[0] == 0:
@@ -674,10 +676,10 @@ def mine_features(
     return miner.finish()
 
 
-def list_floors(result: MiningResult) -> tuple[np.ndarray, np.ndarray]:
-    """mine_features' floors for a pass whose result will be merged after `result` (`merge_mining`): the score of
-    each full list's last entry (-inf where a list has room). A later clip with an equal score would rank after it
-    (ties go to the earlier clip), so only a higher one can enter."""
+def _list_floors(result: MiningResult) -> tuple[np.ndarray, np.ndarray]:
+    """The score a later clip must beat to enter the top and bottom lists of `result` (`_RankedLists`' floor): the
+    score of each full list's last entry (-inf where a list has room). A later clip with an equal score would rank
+    after it (ties go to the earlier clip), so only a higher one can enter."""
     def floor(lists: ExampleLists, sign: int) -> np.ndarray:
         n, k = lists.values.shape
         if not k:
@@ -715,13 +717,13 @@ def clip_rng(seed: int, clip_id: str) -> np.random.Generator:
 
 class _Miner:
     def __init__(self, n_features, top_k, bottom_k, max_frames, fire_threshold, sample_frames, signature_dim,
-                 trace_ram_bytes, spill, seed, floors=None):
+                 trace_ram_bytes, spill, seed, after=None):
         self.n_features, self.top_k, self.bottom_k, self.max_frames = n_features, top_k, bottom_k, max_frames
         self.fire_threshold, self.sample_frames, self.signature_dim = fire_threshold, sample_frames, signature_dim
         self.seed = seed
         self.spill = spill
         top, bottom = _trace_buffers(n_features, top_k, bottom_k, max_frames, trace_ram_bytes, spill)
-        top_floor, bottom_floor = floors if floors is not None else (None, None)
+        top_floor, bottom_floor = _list_floors(after) if after is not None else (None, None)
         self.top = _RankedLists(n_features, top_k, top, top_floor)
         self.bottom = _RankedLists(n_features, bottom_k, bottom, bottom_floor)
         self.clip_ids: list[str] = []
@@ -731,7 +733,7 @@ class _Miner:
         self.max = np.full(n_features, -np.inf, np.float32)
         self.min = np.full(n_features, np.inf, np.float32)
         self.log_hist = _LogHistogram(n_features)
-        self.peak_hist = _PeakHistogram(n_features)
+        self.peak_hist = _PeakHistogram(n_features, width=None if after is None else after.peak_hist_width)
         self.sig = np.zeros((n_features, signature_dim), np.float32)
         self.sig_r = np.zeros(signature_dim, np.float64)
         self.sig_x = np.zeros(n_features, np.float64)

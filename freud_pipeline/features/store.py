@@ -430,7 +430,8 @@ def write_feature_set(
     return row
 
 
-def _buffered(schema: pa.Schema, batches: Iterator[pa.RecordBatch], limit: int = 64 << 20) -> pa.Table | pa.RecordBatchReader:
+def _buffered(schema: pa.Schema, batches: Iterator[pa.RecordBatch],
+              limit: int = 64 << 20) -> pa.Table | pa.RecordBatchReader:
     """The batches as one table when they come to at most `limit` bytes (a merge's few rows), else as a stream that
     LanceDB pulls batch by batch (a build's traces may not fit in memory). Batches made while LanceDB pulls them
     cost several times as long as made beforehand (about 70 ms against 25 ms for a merge's examples)."""
@@ -693,7 +694,8 @@ def _safetensors_arrays(data: bytearray) -> dict[str, np.ndarray]:
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
         dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
-        out[name] = np.frombuffer(data, dtype, (end - begin) // dtype.itemsize, 8 + size + begin).reshape(entry["shape"])
+        count = (end - begin) // dtype.itemsize
+        out[name] = np.frombuffer(data, dtype, count, 8 + size + begin).reshape(entry["shape"])
     for name in json.loads(metadata.get(STATE_SCALARS, "[]")):
         out[name] = out[name].reshape(())
     for name, value in json.loads(metadata.get(STATE_STRINGS, "{}")).items():
