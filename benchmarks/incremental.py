@@ -1,7 +1,7 @@
 """Merging a batch of new clips into a feature index against rebuilding it, side by side in one run.
 
     .venv/bin/python benchmarks/incremental.py [--data-dir DIR] [--synthetic-clips 100000] [--share 0.01]
-                                               [--skip-corpus] [--skip-synthetic] [--json FILE]
+                                               [--repeat 3] [--skip-corpus] [--skip-synthetic] [--json FILE]
 
 Two cases, each timed in its own fresh process (so peak RSS is the step's own):
 1. the embedded corpus: the neuron set of tiny.en `encoder.blocks.2.mlp.1` (1,536 neurons) over the default
@@ -10,9 +10,10 @@ Two cases, each timed in its own fresh process (so peak RSS is the step's own):
    peaks, like SAE latents) drawn per clip from a fixed seed, no labels.
 Per case: `base` builds the set on the first (1 - share) of the clips (not timed against anything: the starting
 point), `merge` merges the remaining share into it (`features.build.merge_into_feature_set`), `rebuild` builds the
-set on all clips from scratch (`build_feature_set`). Printed: seconds and peak RSS of each, merge/rebuild ratios
-(goal: merge <= 5% of the rebuild's time), and whether the merged and rebuilt sets agree (n_clips, and the top
-example of every feature).
+set on all clips from scratch (`build_feature_set`). `merge` (each time into a fresh copy of the base) and `rebuild`
+run --repeat times, alternating, since single timings on a shared machine vary by 10-20%. Printed: the median,
+min and max seconds and the peak RSS of each, the ratio of the medians (goal: merge <= 5% of the rebuild's time),
+and whether the merged and rebuilt sets agree (n_clips, and the top example of every feature).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import importlib
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,18 +128,29 @@ def _agree(merged_uri: str, rebuilt_uri: str) -> dict:
 
 def run_case(case: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="freud-incremental-") as tmp:
-        merged_uri, rebuilt_uri = f"{tmp}/merged/lancedb", f"{tmp}/rebuilt/lancedb"
-        base = _child(case, "base", merged_uri, args)
-        merge = _child(case, "merge", merged_uri, args)
-        rebuild = _child(case, "rebuild", rebuilt_uri, args)
-        result = {"case": case, "base": base, "merge": merge, "rebuild": rebuild,
-                  "time_ratio": round(merge["seconds"] / rebuild["seconds"], 4),
-                  "rss_ratio": round(merge["peak_rss_mb"] / rebuild["peak_rss_mb"], 3), **_agree(merged_uri, rebuilt_uri)}
-    print(f"{case}: {rebuild['n_clips']} clips, {merge['n_new']} new ({args.share:.0%}) | rebuild {rebuild['seconds']} s, "
-          f"{rebuild['peak_rss_mb']} MB | merge {merge['seconds']} s, {merge['peak_rss_mb']} MB | merge/rebuild time "
-          f"{result['time_ratio']:.1%} (goal <= 5%), peak RSS {result['rss_ratio']:.2f}x | merged == rebuilt: "
-          f"n_clips {result['n_clips_equal']}, top example of {result['top_example_equal_share']:.1%} of features",
-          flush=True)
+        base_uri = f"{tmp}/base/lancedb"
+        base = _child(case, "base", base_uri, args)
+        merges, rebuilds = [], []
+        for i in range(args.repeat):  # alternating, so a slow spell of the machine hits both
+            shutil.copytree(f"{tmp}/base", f"{tmp}/merged{i}")
+            merges.append(_child(case, "merge", f"{tmp}/merged{i}/lancedb", args))
+            rebuilds.append(_child(case, "rebuild", f"{tmp}/rebuilt{i}/lancedb", args))
+        agree = _agree(f"{tmp}/merged0/lancedb", f"{tmp}/rebuilt0/lancedb")
+    summary = {step: {"seconds_median": round(float(np.median([r["seconds"] for r in runs])), 3),
+                      "seconds": [r["seconds"] for r in runs],
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "n_clips": runs[0]["n_clips"],
+                      "n_new": runs[0]["n_new"]}
+               for step, runs in (("merge", merges), ("rebuild", rebuilds))}
+    merge, rebuild = summary["merge"], summary["rebuild"]
+    result = {"case": case, "base": base, **summary, "time_ratio": round(merge["seconds_median"]
+                                                                         / rebuild["seconds_median"], 4),
+              "rss_ratio": round(merge["peak_rss_mb"] / rebuild["peak_rss_mb"], 3), **agree}
+    print(f"{case}: {rebuild['n_clips']} clips, {merge['n_new']} new ({args.share:.0%}), {args.repeat} run(s) each | "
+          f"rebuild {rebuild['seconds_median']} s (runs {rebuild['seconds']}), {rebuild['peak_rss_mb']} MB | merge "
+          f"{merge['seconds_median']} s (runs {merge['seconds']}), {merge['peak_rss_mb']} MB | merge/rebuild time "
+          f"{result['time_ratio']:.1%} of the medians (goal <= 5%), peak RSS {result['rss_ratio']:.2f}x | merged == "
+          f"rebuilt: n_clips {result['n_clips_equal']}, top example of {result['top_example_equal_share']:.1%} of "
+          "features", flush=True)
     return result
 
 
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--synthetic-clips", type=int, default=100_000)
     parser.add_argument("--share", type=float, default=0.01)
+    parser.add_argument("--repeat", type=int, default=3, help="merges and rebuilds timed, alternating (median)")
     parser.add_argument("--skip-corpus", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--json")
