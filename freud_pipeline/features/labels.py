@@ -473,11 +473,11 @@ class LabelCollector:
         return out
 
     def merge(self, other: LabelCollector) -> LabelCollector:
-        """A new collector (neither input changes) as if one had observed this one's clips, then `other`'s: the
-        same result(), exactly, when `other` was built with split=self.split_info and each collector's alignments
-        were the rows of its own clips. Vocabularies are united by name (codes remapped), peaks ranked together
-        (`other`'s clips come after these), counts added, recall samples merged by priority. AlignmentError when
-        the settings or the held-out rules differ."""
+        """A new collector (neither input changes; it may share arrays with them) as if one had observed this one's
+        clips, then `other`'s: the same result(), exactly, when `other` was built with split=self.split_info and each
+        collector's alignments were the rows of its own clips. Vocabularies are united by name (codes remapped),
+        peaks ranked together (`other`'s clips come after these), counts added, recall samples merged by priority.
+        AlignmentError when the settings or the held-out rules differ."""
         for name in self._SETTINGS:
             if getattr(self, name) != getattr(other, name):
                 raise AlignmentError(f"cannot merge label collectors with different {name}: "
@@ -503,6 +503,9 @@ class LabelCollector:
                 kept = min(int(collector.seen[phone]), self.per_phone)
                 parts.setdefault(int(codes[phone]), []).append((sample[:kept], collector.priority[phone][:kept]))
         for phone, both in parts.items():
+            if len(both) == 1 and len(both[0][1]) == self.per_phone:  # one side only, full: its sample as it is
+                (out.reservoir[phone], out.priority[phone]), = both
+                continue
             priority = np.concatenate([p for _, p in both])
             keep = np.argsort(priority, kind="stable")[: self.per_phone]
             out.reservoir[phone] = np.zeros((self.per_phone, self.n_features), np.float16)
