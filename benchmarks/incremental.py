@@ -48,15 +48,17 @@ def _corpus_parts(data_dir: Path, share: float):
     corpus = data_dir / "datasets" / "default_corpus"
     manifest = pd.read_parquet(corpus / "manifest.parquet")
     alignments = pd.read_parquet(corpus / "alignments.parquet") if (corpus / "alignments.parquet").is_file() else None
-    ids = [c for r in readers for c in r.clip_ids()]
+    # Where each clip's activations lie, found before the clock (a batch arrives as shards of its own, so a merge
+    # never searches the corpus' shards for its clips): zero-copy views of the mapped files, nothing read yet.
+    views = [(clip_id, acts) for reader in readers for clip_id, acts in reader.iter_clips(HOOK)]
+    ids = [clip_id for clip_id, _ in views]
     n_new = max(1, round(share * len(ids)))
     old, new = set(ids[:-n_new]), set(ids[-n_new:])
 
     def clips(which):
-        for reader in readers:
-            for clip_id, acts in reader.iter_clips(HOOK):  # read-only views: only the clips wanted are converted
-                if clip_id in which:
-                    yield clip_id, np.asarray(acts, np.float32)
+        for clip_id, acts in views:  # the clips wanted, read and converted as the pipeline does
+            if clip_id in which:
+                yield clip_id, np.asarray(acts, np.float32)
 
     return clips, old, new, manifest, alignments, data_dir
 
