@@ -8,4 +8,3 @@ import os
 def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
-

@@ -751,6 +751,8 @@ def _above(sample: np.ndarray, threshold: np.ndarray) -> np.ndarray:
     """sample [S, F] float16 > threshold [F], without converting the samples to float32 (the bulk of labelling a
     merge): x > t equals x > (the largest float16 <= t) for a float16 x, and float16s >= 0 order like their bits."""
     t = np.asarray(threshold, np.float64)
+    if sample.dtype != np.float16:  # the bit order below holds for float16 only
+        return np.asarray(sample, np.float64) > t
     with np.errstate(over="ignore"):  # beyond float16's range: +-inf, then the largest float16 below
         t16 = t.astype(np.float16)
     t16 = np.where(t16.astype(np.float64) > t, np.nextafter(t16, np.float16(-np.inf)), t16)

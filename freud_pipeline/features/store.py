@@ -673,7 +673,8 @@ def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
                 data = bytearray(os.fstat(handle.fileno()).st_size)
                 handle.readinto(data)
     except (OSError, FileNotFoundError) as exc:
-        raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); rebuild the set") from None
+        raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); "
+                         "rebuild the set") from None
     if hashlib.sha256(data).hexdigest() != expected:
         raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it "
                          "was changed after the build; rebuild the set")
@@ -685,8 +686,10 @@ def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _safetensors_arrays(data: bytearray) -> dict[str, np.ndarray]:
     """The arrays of a safetensors file read into `data`, as views into it (no copy), with the string arrays of
-    its metadata. The layout: an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
-    shape and byte range after the header, then the tensors' bytes."""
+    its metadata. Read here, not by `safetensors.numpy.load`, which copies every tensor out of an immutable bytes
+    object (the bytes hashed would then not be the arrays used, or cost a second copy). The layout: an 8-byte
+    little-endian header length, a JSON header giving each tensor's dtype, shape and byte range after the header,
+    then the tensors' bytes."""
     size = int.from_bytes(data[:8], "little")
     header = json.loads(bytes(data[8 : 8 + size]))
     metadata = header.pop("__metadata__", None) or {}
