@@ -25,8 +25,13 @@ SHADE_MAX_OPACITY = 0.55
 GREY_LEVELS = 16
 _GREY_PALETTE = [round(v * 255 / (GREY_LEVELS - 1)) for v in range(GREY_LEVELS) for _ in range(3)]
 
-# Trace order in clip figures (the upload page patches traces by position).
-SPECTROGRAM, SHADING, LINE, PEAK = 0, 1, 2, 3
+# Trace order in clip figures (the upload page patches traces by position). The log-mel is a layout image, never an
+# image trace: Plotly resolves an image trace's draw only in its picture's onload, which a redraw starting before the
+# picture has loaded (a resize of a responsive graph) replaces. That draw then never completes, and dcc.Graph, which
+# applies figure updates one after another, drew no later figure of that graph: a clicked feature's overlay stayed
+# the first one (found under load by the upload page's browser test). A layout image from a data URI or a URL is
+# drawn at once.
+SHADING, LINE, PEAK = 0, 1, 2
 
 
 def clip_graph_style(height: int) -> dict:
@@ -68,13 +73,18 @@ class Spectrogram:
 
     @cached_property
     def png_top_down(self) -> bytes:
-        """The PNG with the highest mel bin in its first row, as a picture is drawn: what the app serves by clip
-        id for search pages, which link it as a layout image (an image trace's source must be a data URI)."""
+        """The PNG with the highest mel bin in its first row, as a layout image is drawn: what the app serves by
+        clip id for search pages (see `uri_top_down` for figures that embed it)."""
         with Image.open(io.BytesIO(base64.b64decode(self.uri.partition(",")[2]))) as image:
             flipped = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
             buf = io.BytesIO()
             flipped.save(buf, format="PNG", bits=4, compress_level=6)
         return buf.getvalue()
+
+    @cached_property
+    def uri_top_down(self) -> str:
+        """`png_top_down` as a data URI: the layout image of a clip that has no URL (an upload, an edit)."""
+        return "data:image/png;base64," + base64.b64encode(self.png_top_down).decode("ascii")
 
     @cached_property
     def version(self) -> str:
@@ -165,9 +175,9 @@ def clip_figure_dict(
 ) -> dict:
     """Log-mel image (cropped to the clip) with the activation trace on a secondary axis and shading per frame.
 
-    `mel` is the log-mel array or its cached `Spectrogram`. With `image_url` (the app's /spectrogram route) the
-    log-mel is a layout image loaded from that URL, which browsers cache across searches, and the traces are
-    shading, line, peak; without it, an image trace embedding the PNG comes first (SPECTROGRAM, SHADING, ...). A plain figure dict: building go.Figure objects
+    `mel` is the log-mel array or its cached `Spectrogram`. The log-mel is a layout image (see SHADING, LINE,
+    PEAK: the traces, in that order): loaded from `image_url` (the app's /spectrogram route, which browsers cache
+    across searches), else embedded as a data URI. A plain figure dict: building go.Figure objects
     validates every array and dominated a search's cost (20 figures per page). layout.shapes[0] is the playhead
     (moved in the browser by assets/freud.js).
     """
@@ -177,10 +187,7 @@ def clip_figure_dict(
                         rounded=rounded)
     peak_x = [peak_time_s] if peak_time_s is not None and peak_value is not None else []
     peak_y = [peak_value] if peak_x else []
-    data = [] if image_url else [
-        {"type": "image", "source": spec.uri, "x0": spec.column_s / 2, "dx": spec.column_s, "y0": 0, "dy": 1,
-         "hoverinfo": "skip", "name": "log-mel"}]
-    data += [
+    data = [
         {"type": "heatmap", "z": parts["values"][None, :], "x0": parts["x0"], "dx": parts["dx"], "y0": (n_mels - 1) / 2,
          "dy": n_mels, "zmin": -parts["scale"], "zmax": parts["scale"], "colorscale": shading_colorscale(),
          "showscale": False, "hoverinfo": "skip", "name": "shading"},
@@ -208,19 +215,18 @@ def clip_figure_dict(
                    "nticks": 6},
         "shapes": [{"type": "line", "xref": "x", "yref": "paper", "x0": 0, "x1": 0, "y0": 0, "y1": 1,
                     "line": {"color": PLAYHEAD_COLOUR, "width": 2}, "name": "playhead"}],
+        "images": [{"source": image_url or spec.uri_top_down, "xref": "x", "yref": "y", "x": 0, "y": n_mels - 0.5,
+                    "sizex": spec.columns * spec.column_s, "sizey": n_mels, "xanchor": "left", "yanchor": "top",
+                    "sizing": "stretch", "layer": "below", "name": "log-mel"}],
         "uirevision": "clip",
     }
-    if image_url:
-        layout["images"] = [{"source": image_url, "xref": "x", "yref": "y", "x": 0, "y": n_mels - 0.5,
-                             "sizex": spec.columns * spec.column_s, "sizey": n_mels, "xanchor": "left",
-                             "yanchor": "top", "sizing": "stretch", "layer": "below", "name": "log-mel"}]
     return {"data": data, "layout": layout}
 
 
 def clip_figure(mel: np.ndarray, trace: Sequence[float] | None = None, **kwargs) -> go.Figure:
     """`clip_figure_dict` as a go.Figure, for callers that modify the figure further or patch it. Its arrays
-    are plain lists: go.Figure sends numpy arrays as typed arrays, and a Patch assigning lists over those was
-    not redrawn in the browser (the upload page's overlay test caught it)."""
+    are plain lists (go.Figure would send numpy arrays as typed arrays), so a Patch assigning lists replaces like
+    with like."""
     figure = clip_figure_dict(mel, trace, **kwargs)
     for item in figure["data"]:
         for key in ("z", "y"):

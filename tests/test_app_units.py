@@ -7,6 +7,9 @@ import pytest
 
 from dash_app.data import SearchState, default_set, set_label, validate_search, wav_bytes
 from dash_app.figures import (
+    LINE,
+    PEAK,
+    SHADING,
     clip_figure,
     histogram_figure,
     shading_colorscale,
@@ -60,20 +63,29 @@ def test_clip_figure_layers_and_shading():
     mel = np.random.default_rng(0).standard_normal((80, 150)).astype(np.float32)
     trace = np.sin(np.linspace(0, 6, 75)) * 3
     fig = clip_figure(mel, trace, peak_time_s=0.5, peak_value=3.0)
-    assert [t.type for t in fig.data] == ["image", "heatmap", "scatter", "scatter"]
-    assert fig.data[0].source.startswith("data:image/png;base64,") and fig.data[0].dx == pytest.approx(0.01)
+    # the log-mel is a layout image, never an image trace (figures.SHADING: an image trace's draw can hang
+    # dcc.Graph's updates); embedded top-down (highest mel bin first) and stretched over the axes
+    assert [t.type for t in fig.data] == ["heatmap", "scatter", "scatter"]
+    assert [t.name for t in fig.data] == ["shading", "activation", "peak"]
+    assert (SHADING, LINE, PEAK) == (0, 1, 2)
+    image = fig.layout.images[0]
+    assert image.source == spectrogram_image(mel).uri_top_down and image.layer == "below"
+    assert (image.x, image.y, image.sizex, image.sizey) == (0, 79.5, pytest.approx(1.5), 80)
     assert fig.layout.xaxis.range == (0, 1.5) and fig.layout.shapes[0].name == "playhead"
     # the shading row: one cell per 20 ms frame over all mel bins, coloured by the trace (red < 0 < green)
-    shading = fig.data[1]
+    shading = fig.data[SHADING]
     assert shading.type == "heatmap" and len(shading.z[0]) == 75 and shading.dy == 80 and shading.y0 == 39.5
     assert shading.zmin == -shading.zmax == pytest.approx(-3.0, rel=1e-3)
-    assert fig.data[2].x0 == pytest.approx(0.01) and fig.data[2].dx == pytest.approx(0.02)
+    assert fig.data[LINE].x0 == pytest.approx(0.01) and fig.data[LINE].dx == pytest.approx(0.02)
+    # a figure for a clip with a URL links the image instead of embedding it
+    linked = clip_figure(mel, trace, image_url="/spectrogram/a.png?v=1")
+    assert linked.layout.images[0].source == "/spectrogram/a.png?v=1" and len(linked.data) == 3
     scale = shading_colorscale()
     assert scale[0][1].startswith("rgba(235,40,40") and scale[1][1] == "rgba(0,0,0,0)"
     assert scale[2][1].startswith("rgba(0,200,70")
     # a shared scale keeps a weak clip faint
     weak = clip_figure(mel, [0.01, 0.02], shade_scale=10.0)
-    assert weak.data[1].zmax == 10.0
+    assert weak.data[SHADING].zmax == 10.0
     long_mel = np.zeros((80, 3000), np.float32)  # 30 s clip: pooled for display
     spec = spectrogram_image(long_mel)
     assert spec.columns <= 1200 and spec.duration_s == pytest.approx(30.0)
@@ -184,7 +196,8 @@ def test_uploads_are_shared_by_worker_processes_of_one_data_dir(tmp_path):
 
 
 def test_spectrogram_png_is_served_top_down():
-    """Search pages draw the spectrogram as a layout image (row 0 at the top): the served PNG is flipped."""
+    """Clip figures draw the spectrogram as a layout image (row 0 at the top): the served PNG is flipped."""
+    import base64
     import io
 
     from PIL import Image
@@ -195,6 +208,8 @@ def test_spectrogram_png_is_served_top_down():
     picture = np.asarray(Image.open(io.BytesIO(spec.png_top_down)))
     assert picture.shape == (80, 50)
     assert picture[-1].mean() < picture[0].mean()  # dark (loud) row last, i.e. at the bottom
+    # figures of clips without a URL (uploads, edits) embed the same picture
+    assert base64.b64decode(spec.uri_top_down.removeprefix("data:image/png;base64,")) == spec.png_top_down
     assert len(spec.version) == 12 and spec.version == spectrogram_image(mel).version
 
 
