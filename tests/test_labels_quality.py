@@ -219,6 +219,22 @@ def test_recall_compares_float16_samples_with_thresholds_exactly():
     assert np.array_equal(_above(sample, threshold), sample.astype(np.float32) > threshold)
 
 
+def test_the_commonest_word_is_found_without_a_count_per_word():
+    """A feature's word is the commonest of its peaks' words (the smallest id among ties), found from its K peaks
+    alone: the same as counting every word of the vocabulary per feature, for rows with ties, gaps and no word."""
+    from freud_pipeline.features.labels import _commonest, _row_counts
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        rows, k, words = int(rng.integers(1, 40)), int(rng.integers(1, 33)), int(rng.integers(1, 20))
+        ids = rng.integers(-1, words, (rows, k))
+        ids[rng.random((rows, k)) < rng.random()] = -1  # from none missing to all missing
+        counts = _row_counts(ids, words)
+        best, count = _commonest(ids, block=int(rng.integers(1, 50)))
+        assert np.array_equal(best, counts.argmax(axis=1))
+        assert np.array_equal(count, counts[np.arange(rows), counts.argmax(axis=1)])
+
+
 def test_heldout_split_by_speaker_or_by_clip():
     manifest = pd.DataFrame({"clip_id": [f"c{i}" for i in range(40)],
                              "speaker": ["a"] * 20 + ["b"] * 12 + ["c"] * 8})

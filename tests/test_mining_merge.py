@@ -104,7 +104,7 @@ def test_merge_equals_one_pass_and_is_associative(tmp_path):
     _assert_same(merge_mining(_mine(A, bottom_k=0), _mine(B, bottom_k=0)), _mine(A + B, bottom_k=0))
 
 
-def test_a_pass_mined_after_a_result_merges_the_same_and_keeps_fewer_traces():
+def test_a_pass_mined_after_a_result_merges_the_same_and_keeps_fewer_traces(tmp_path):
     """A merge mines its batch with after=the set: clips that cannot enter the merged lists (ties included: the
     earlier clip keeps its place) are not kept, the peak histograms start at the set's widths, and the merge is
     unchanged."""
@@ -118,6 +118,12 @@ def test_a_pass_mined_after_a_result_merges_the_same_and_keeps_fewer_traces():
     assert after.peak_hist_counts.sum() == plain.peak_hist_counts.sum()
     sae = _mine(A, bottom_k=0)  # no bottom lists: nothing enters them
     _assert_same(merge_mining(sae, _mine(B, bottom_k=0, after=sae)), _mine(A + B, bottom_k=0))
+    # made only to be merged: no statistics of its own (the merge computes them), and it cannot be written as a set
+    assert after.quantiles is None and after.density is None and after.signature is None and after.mean is None
+    from freud_pipeline.features import store
+
+    with pytest.raises(ValueError, match="only to be merged"):
+        store.write_feature_set(set_id="s", model="m", hook="h", kind="neuron", mining=after, uri=str(tmp_path))
 
 
 def test_merge_from_saved_state_and_ranked_lists(tmp_path):

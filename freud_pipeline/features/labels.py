@@ -666,9 +666,7 @@ class LabelCollector:
         n_features = len(n)
         if not self.words:
             return np.zeros(n_features, np.int64), np.full(n_features, np.nan), np.zeros(n_features, bool)
-        counts = _row_counts(np.where(train.valid, train.word, -1), len(self.words))
-        best = counts.argmax(axis=1)
-        k = counts[np.arange(n_features), best]
+        best, k = _commonest(np.where(train.valid, train.word, -1))
         base = self.word_frames[best] / max(self.frames, 1)
         with np.errstate(invalid="ignore", divide="ignore"):
             precision = k / n
@@ -793,6 +791,20 @@ def _row_modes(values: np.ndarray, block: int = 1024) -> np.ndarray:
         same = (rows[:, :, None] == rows[:, None, :]).sum(axis=2)
         out[a : a + block] = rows[np.arange(len(rows)), same.argmax(axis=1)]
     return out
+
+
+def _commonest(ids: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """[F, K] label ids (-1 = none) -> (the commonest id of each row, the smallest of those tied; its count), 0 and 0
+    for a row without ids: what `_row_counts(ids, n).argmax(axis=1)` picks, without its [F, n] counts (the words of
+    a corpus: a thousand columns per feature). In blocks of rows ([B, K, K] each)."""
+    best, count = np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64)
+    for a in range(0, len(ids), block):
+        rows = np.sort(ids[a : a + block], axis=1)  # ascending: among equal counts the first is the smallest id
+        same = np.where(rows >= 0, (rows[:, :, None] == rows[:, None, :]).sum(axis=2), 0)
+        at = same.argmax(axis=1)
+        count[a : a + block] = same[np.arange(len(rows)), at]
+        best[a : a + block] = np.where(count[a : a + block] > 0, rows[np.arange(len(rows)), at], 0)
+    return best, count
 
 
 def _row_counts(ids: np.ndarray, n_labels: int) -> np.ndarray:

@@ -203,15 +203,17 @@ class MiningResult:
     n_frames: int
     top: ExampleLists
     bottom: ExampleLists
-    density: np.ndarray  # [F] share of frames > fire_threshold
-    mean: np.ndarray
+    # density, mean, quantiles and signature are None in a result made only to be merged (`result_from_state`, a
+    # pass mined `after` another): a merge computes them from the merged accumulators and would discard these.
+    density: np.ndarray | None  # [F] share of frames > fire_threshold
+    mean: np.ndarray | None
     max: np.ndarray
     min: np.ndarray
     quantile_levels: tuple[float, ...]
-    quantiles: np.ndarray  # [F, Q]
+    quantiles: np.ndarray | None  # [F, Q]
     peak_hist_width: np.ndarray  # [F] bin width of the per-clip-max histogram
     peak_hist_counts: np.ndarray  # [F, PEAK_HIST_BINS]
-    signature: np.ndarray  # [F, D] float32, centred random projection
+    signature: np.ndarray | None  # [F, D] float32, centred random projection
     state: MiningState | None = None  # what merge_mining needs (None: built some other way)
     _spill: Any = field(default=None, repr=False)
 
@@ -647,7 +649,7 @@ def mine_features(
     after: the result this pass will be merged after (`merge_mining(after, this)`), to save work that merge would
     discard: a clip enters a list only if it can enter the merged one (above the last entry of a full list of
     `after`), so it costs no trace otherwise, and the peak histograms start at `after`'s bin widths. The merge
-    is the same; this pass alone is not what a plain pass gives.
+    is the same; this pass alone is not what a plain pass gives (and has no statistics: see MiningResult).
     """
     if top_k < 1:
         raise MiningError(f"top_k must be >= 1, got {top_k}")
@@ -724,6 +726,7 @@ class _Miner:
         self.spill = spill
         top, bottom = _trace_buffers(n_features, top_k, bottom_k, max_frames, trace_ram_bytes, spill)
         top_floor, bottom_floor = _list_floors(after) if after is not None else (None, None)
+        self.merged_later = after is not None
         self.top = _RankedLists(n_features, top_k, top, top_floor)
         self.bottom = _RankedLists(n_features, bottom_k, bottom, bottom_floor)
         self.clip_ids: list[str] = []
@@ -772,7 +775,7 @@ class _Miner:
             max=self.max, min=self.min, log_counts=self.log_hist.counts, peak_hist_width=self.peak_hist.width,
             peak_hist_counts=self.peak_hist.counts, sig=self.sig, sig_r=self.sig_r, sig_x=self.sig_x,
             sig_n=self.sig_n, **_level_fields(self.levels))
-        return _result(state, self.top.finish(), self.bottom.finish(), self.spill)
+        return _result(state, self.top.finish(), self.bottom.finish(), self.spill, stats=not self.merged_later)
 
 
 def _level_fields(levels: LevelSample) -> dict[str, np.ndarray]:
@@ -796,17 +799,21 @@ def derived(state: MiningState) -> dict[str, Any]:
     }
 
 
-def _result(state: MiningState, top: ExampleLists, bottom: ExampleLists, spill: _Spill) -> MiningResult:
+def _result(state: MiningState, top: ExampleLists, bottom: ExampleLists, spill: _Spill, *,
+            stats: bool = True) -> MiningResult:
+    """stats=False: a result made only to be merged, without the statistics `derived` computes (see MiningResult)."""
     return MiningResult(
         n_features=state.n_features, top_k=state.top_k, fire_threshold=state.fire_threshold,
         clip_ids=state.clip_ids, n_frames=state.n_frames, top=top, bottom=bottom, max=state.max, min=state.min,
         peak_hist_width=state.peak_hist_width, peak_hist_counts=state.peak_hist_counts, state=state, _spill=spill,
-        **derived(state))
+        **(derived(state) if stats else {"density": None, "mean": None, "quantile_levels": QUANTILE_LEVELS,
+                                         "quantiles": None, "signature": None}))
 
 
 def result_from_state(state: MiningState, top: ExampleLists, bottom: ExampleLists) -> MiningResult:
-    """A MiningResult from a saved state and its example lists read back (`ExampleLists.ranked`), to merge into."""
-    return _result(state, top, bottom, None)
+    """A MiningResult from a saved state and its example lists read back (`ExampleLists.ranked`), to merge into
+    (without statistics: see MiningResult)."""
+    return _result(state, top, bottom, None, stats=False)
 
 
 _MERGE_PARAMETERS = ("n_features", "top_k", "bottom_k", "max_frames", "fire_threshold", "sample_frames",
