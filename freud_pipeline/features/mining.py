@@ -358,15 +358,23 @@ class LevelSample:
 
     @classmethod
     def merged(cls, a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], offset: int) -> LevelSample:
-        """Both samples' slots (b's clip indices shifted by offset), keeping the smallest (priority, clip index)."""
+        """Both samples' slots (b's clip indices shifted by offset), keeping the smallest (priority, clip index).
+        Only the (feature, level) cells where b has a slot are merged (a batch of a few clips touches a few); the
+        others keep a's slots as they are. The order of a cell's slots means nothing (`add` and `level_examples`
+        do not depend on it)."""
         pa_, ca, va, fa = a
         pb, cb, vb, fb = b
-        priority = np.concatenate([pa_, pb], axis=2)
-        clip = np.concatenate([ca, np.where(cb >= 0, cb + offset, -1)], axis=2)
-        order = np.lexsort((np.where(clip >= 0, clip, np.iinfo(np.int64).max), priority), axis=-1)[..., :LEVEL_SLOTS]
-        pick = lambda x, y: np.take_along_axis(np.concatenate([x, y], axis=2), order, axis=2)  # noqa: E731
-        return cls(0, (np.take_along_axis(priority, order, axis=2), np.take_along_axis(clip, order, axis=2),
-                       pick(va, vb), pick(fa, fb)))
+        f, level = np.nonzero((cb >= 0).any(axis=2))
+        priority = np.concatenate([pa_[f, level], pb[f, level]], axis=1)
+        clip = np.concatenate([ca[f, level], np.where(cb[f, level] >= 0, cb[f, level] + offset, -1)], axis=1)
+        order = np.lexsort((np.where(clip >= 0, clip, np.iinfo(np.int64).max), priority), axis=-1)[:, :LEVEL_SLOTS]
+        out = []
+        for x, y, both in ((pa_, pb, priority), (ca, cb, clip), (va, vb, None), (fa, fb, None)):
+            both = np.concatenate([x[f, level], y[f, level]], axis=1) if both is None else both
+            merged = np.array(x)
+            merged[f, level] = np.take_along_axis(both, order, axis=1)
+            out.append(merged)
+        return cls(0, tuple(out))
 
 
 def clip_priority(seed: int, clip_id: str) -> int:
@@ -876,8 +884,23 @@ def merge_lists(a: ExampleLists, b: ExampleLists, offset: int, sign: int, max_fr
 def _merged_lists(a: ExampleLists, b: ExampleLists, offset: int, sign: int, buffer: _TraceBuffer | None,
                   batch: int) -> ExampleLists:
     """Top-K of both lists by (score desc, clip index asc), score = sign x value; b's clips come after a's.
-    Without a buffer, traces are left out ([F, K, 0])."""
+    Without a buffer, traces are left out ([F, K, 0]), and only the features where b has an entry are ranked
+    (a batch of a few clips enters a few lists): the others are a's lists as they are."""
     n_features, k = a.values.shape
+    if buffer is None and k:
+        touched = np.flatnonzero(b.count > 0)
+        if touched.size < n_features:
+            out = a.rows(0, n_features, traces=False)
+            empty = out["clip_index"] < 0  # padded like a merge pads (a list read back may pad otherwise)
+            for name in ("values", "peak_frame", "trace_offset", "trace_len"):
+                out[name][empty] = 0
+            if touched.size:
+                part = _merged_lists(a.subset(touched, False), b.subset(touched, False), offset, sign, None, batch)
+                rows = part.rows(0, touched.size, traces=False)
+                for name in ("values", "clip_index", "peak_frame", "trace_offset", "trace_len"):
+                    out[name][touched] = rows[name]
+            del out["count"]
+            return ExampleLists.ranked(**out)
     length = max(a.traces.shape[-1], b.traces.shape[-1]) if buffer is not None else 0
     if buffer is not None:
         buffer.ensure(length)
