@@ -236,3 +236,29 @@ def test_a_given_split_holds_out_its_speakers_or_its_clips(clips):
     assert all(clip_heldout(c) == (c in held) for c in ids)
     with pytest.raises(AlignmentError, match="not both"):
         heldout_split(ids, manifest, ["bob"], split=info)
+
+
+def test_peaks_merged_ranks_only_the_rows_the_batch_reached_and_equals_ranking_all():
+    """A merge ranks again only the features whose top K took a batch clip; every field of every row equals
+    ranking both sides whole (ties between equal peaks go to the earlier clip, empty slots last), whether or not
+    the set's own rows were already in rank order."""
+    from freud_pipeline.features.labels import _Peaks
+
+    rng = np.random.default_rng(3)
+    for trial in range(50):
+        n, k = int(rng.integers(1, 30)), int(rng.integers(1, 8))
+
+        def side(first_order, reach):
+            peaks = _Peaks(n, k)
+            for clip in range(int(rng.integers(0, 12))):
+                score = np.where(rng.random(n) < reach, rng.integers(0, 4, n).astype(np.float32), -np.inf)
+                peaks.update(score, first_order + clip, rng.integers(0, 5, n), rng.integers(0, 9, n),
+                             rng.integers(0, 50, n), 60, rng.random(n) < 0.5)
+            return peaks
+
+        a, b = side(0, 0.8), side(100, float(rng.choice([0.0, 0.1, 0.5, 1.0])))
+        if trial % 2:
+            a = a.ranked()  # as a merge leaves a set's peaks
+        want, got = _Peaks.best(k, a.fields(), b.fields()), _Peaks.merged(k, a.fields(), b.fields())
+        for name in _Peaks.FIELDS + ("weakest", "weakest_slot"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (trial, name)

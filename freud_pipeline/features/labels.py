@@ -249,17 +249,36 @@ class _Peaks:
         rank = np.lexsort((fields["order"], -fields["peak"]), axis=1)[:, :k]
         return cls.of(**{name: np.take_along_axis(a, rank, axis=1) for name, a in fields.items()})
 
+    @classmethod
+    def merged(cls, k: int, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> _Peaks:
+        """`best(k, a, b)`, ranking again only the rows where b has a peak (a batch of a few clips reaches a few
+        features' top K); the other rows are a's, ranked (as a merge leaves them: then copied as they are)."""
+        touched = np.flatnonzero(np.isfinite(b["peak"]).any(axis=1))
+        if touched.size == len(b["peak"]):
+            return cls.best(k, a, b)
+        out = cls.of(**a) if _is_ranked(a["peak"], a["order"]) else cls.best(k, a)
+        if touched.size:
+            part = cls.best(k, {n: v[touched] for n, v in a.items()}, {n: v[touched] for n, v in b.items()})
+            for name in cls.FIELDS:
+                getattr(out, name)[touched] = getattr(part, name)
+            out._find_weakest(touched)
+        return out
+
     def ranked(self) -> _Peaks:
         """These peaks in rank order: what `result` reads, the same however the slots were filled (itself when
         already ranked, as a merge leaves them; a copy otherwise)."""
-        peak, order = self.peak, self.order
-        if ((peak[:, 1:] < peak[:, :-1]) | ((peak[:, 1:] == peak[:, :-1]) & (order[:, 1:] >= order[:, :-1]))).all():
+        if _is_ranked(self.peak, self.order):
             return self
         return self.best(self.peak.shape[1], self.fields())
 
     @property
     def valid(self) -> np.ndarray:
         return np.isfinite(self.peak)
+
+
+def _is_ranked(peak: np.ndarray, order: np.ndarray) -> bool:
+    """Every row in rank order: peak descending, clip order ascending among equal peaks (empty slots last)."""
+    return bool(((peak[:, 1:] < peak[:, :-1]) | ((peak[:, 1:] == peak[:, :-1]) & (order[:, 1:] >= order[:, :-1]))).all())
 
 
 class LabelCollector:
@@ -487,8 +506,8 @@ class LabelCollector:
         out = self._bare(**{name: getattr(self, name) for name in self._SETTINGS}, phones=phones, words=words,
                          split_info=_merged_split(self.split_info, other.split_info), loudness=self.loudness)
         offset = self.n_aligned_clips
-        out.train = _Peaks.best(self.top_k, self.train.fields(0, pa, wa), other.train.fields(offset, pb, wb))
-        out.held = _Peaks.best(self.top_k, self.held.fields(0, pa, wa), other.held.fields(offset, pb, wb))
+        out.train = _Peaks.merged(self.top_k, self.train.fields(0, pa, wa), other.train.fields(offset, pb, wb))
+        out.held = _Peaks.merged(self.top_k, self.held.fields(0, pa, wa), other.held.fields(offset, pb, wb))
         for name in self._COUNTS:
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name, a, b in (("seen", pa, pb), ("phone_frames", pa, pb), ("word_frames", wa, wb)):
