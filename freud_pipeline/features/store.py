@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -329,12 +328,6 @@ def upsert_clips(db, manifest: pd.DataFrame) -> None:
         log.warning("no full-text index on clips.transcript (%s); search_clips will use LIKE", exc)
 
 
-def _refresh_indexes(tbl) -> None:
-    """The key and build_id indexes of a features or examples table (see `_refresh_index`)."""
-    _refresh_index(tbl, "key", BTree())
-    _refresh_index(tbl, "build_id", Bitmap())
-
-
 def _refresh_index(tbl, column: str, config) -> None:
     """Index `column` (default index name) if it has no index, and rebuild the index once INDEX_SLACK_ROWS rows are
     not in it. Queries stay exact either way: LanceDB answers from the index and scans the rows added since."""
@@ -384,53 +377,37 @@ def write_feature_set(
                          "merge_mining instead")
     db = connect(uri)
     build_id = new_build_id(set_id)
+    state_path, state_sha256 = save_state(uri, build_id, merge_state) if merge_state is not None else (None, None)
+    if manifest is not None and len(manifest):
+        upsert_clips(db, manifest)
+
+    n_top = _kept_counts(mining.top, "+")
+    n_bottom = _kept_counts(mining.bottom, "-")
+    features = _with_new_columns(open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
+    features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
+    examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
+    refs, carried = None, []
     if changed_examples is None:
-        written, top, bottom, refs = np.arange(mining.n_features), mining.top, mining.bottom, None
-        carried, chain = [], [build_id]
+        written, top, bottom = np.arange(mining.n_features), mining.top, mining.bottom
+        chain = [build_id]
     else:
         written, top, bottom, refs = changed_examples
         carried = example_builds(carried_from) if carried_from is not None else []
         chain = [*carried, build_id] if len(written) or not carried else carried
+    if len(written):
+        examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(
+            build_id, set_id, mining.clip_ids, top, bottom, written, batch_features,
+            None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})))
     if vectors_table is None:
         vectors = mining.signature if vectors is None else vectors
         vectors_table = vectors_table_name(build_id)
-        new_vectors = vectors
-    else:
-        new_vectors = None
+        _write_vectors(db, vectors_table, vectors, labels.label if labels else [None] * mining.n_features)
+    for tbl in (features, examples):
+        _refresh_index(tbl, "key", BTree())
+        _refresh_index(tbl, "build_id", Bitmap())
 
-    def write_features():
-        n_top, n_bottom = _kept_counts(mining.top, "+"), _kept_counts(mining.bottom, "-")
-        features = _with_new_columns(open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
-        features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
-        _refresh_indexes(features)
-
-    def write_examples():
-        examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
-        if len(written):
-            examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(
-                build_id, set_id, mining.clip_ids, top, bottom, written, batch_features,
-                None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})))
-        _refresh_indexes(examples)
-
-    # The parts of a build are independent until the flip: written side by side (LanceDB does its work outside
-    # the GIL, hashing a state too). Each job reads the build's inputs only and writes a table of its own.
-    jobs = [write_features, write_examples]
-    if merge_state is not None:
-        jobs.append(lambda: save_state(uri, build_id, merge_state))
-    if manifest is not None and len(manifest):
-        jobs.append(lambda: upsert_clips(db, manifest))
-    if new_vectors is not None:
-        jobs.append(lambda: _write_vectors(db, vectors_table, new_vectors,
-                                           labels.label if labels else [None] * mining.n_features))
     sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
-    # The set's current build, read while the parts are written: with one writer per set_id (see above) it does not
-    # change meanwhile.
-    jobs.append(lambda: sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list())
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="freud-write") as pool:
-        done = [pool.submit(job) for job in jobs]
-    results = [job.result() for job in done]  # the first failure raises, after every job has ended
-    state_path, state_sha256 = results[2] if merge_state is not None else (None, None)
-    current = results[-1]
+    current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
     history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
     row = {
         "set_id": set_id, "build_id": build_id, "model": model, "hook": hook, "kind": kind,
@@ -671,7 +648,7 @@ def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) ->
     # safetensors stores a 0-d array as shape [1]: their names are kept to restore the shape.
     metadata = {STATE_STRINGS: json.dumps(strings),
                 STATE_SCALARS: json.dumps([k for k in numbers if np.ndim(arrays[k]) == 0])}
-    data = safetensors.numpy.save(numbers, metadata=metadata)  # hashed as written: no reading back
+    data = safetensors.numpy.save(numbers, metadata=metadata)  # hashed as serialised: no reading back
     digest = hashlib.sha256(data).hexdigest()
     if objectstore.is_remote(path):
         objectstore.write_uri(path, data)
