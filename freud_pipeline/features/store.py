@@ -61,6 +61,7 @@ import safetensors.numpy
 from lancedb.index import FTS, BTree, Bitmap, IvfFlat
 
 from freud_pipeline import objectstore
+from freud_pipeline.digests import file_sha256
 from freud_pipeline.features.labels import LabelResult
 from freud_pipeline.features.mining import MiningResult
 from freud_pipeline.frames import FRAME_SECONDS
@@ -648,14 +649,14 @@ def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) ->
     # safetensors stores a 0-d array as shape [1]: their names are kept to restore the shape.
     metadata = {STATE_STRINGS: json.dumps(strings),
                 STATE_SCALARS: json.dumps([k for k in numbers if np.ndim(arrays[k]) == 0])}
-    data = safetensors.numpy.save(numbers, metadata=metadata)  # hashed as serialised: no reading back
-    digest = hashlib.sha256(data).hexdigest()
     if objectstore.is_remote(path):
+        data = safetensors.numpy.save(numbers, metadata=metadata)
         objectstore.write_uri(path, data)
-        return path, digest
+        return path, hashlib.sha256(data).hexdigest()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{path}.{uuid.uuid4().hex[:8]}.partial")
-    partial.write_bytes(data)
+    safetensors.numpy.save_file(numbers, str(partial), metadata=metadata)
+    digest = file_sha256(partial)
     os.replace(partial, path)
     return path, digest
 
