@@ -299,7 +299,7 @@ def merge_into_feature_set(
     if row is None:
         raise MiningError(f"no feature set {set_id!r} in {index_uri or store.lancedb_uri()} to merge into; build it "
                           "first")
-    arrays = store.load_state(row)
+    arrays, state_verified = store.open_state(row)  # hashed while the batch is mined; checked before the merge
     old, refs = _stored_mining(row, arrays, index_uri)
     label_state = {k.removeprefix("labels."): v for k, v in arrays.items() if k.startswith("labels.")}
     old_labels = LabelCollector.from_state(label_state) if label_state else None
@@ -328,10 +328,12 @@ def merge_into_feature_set(
                               after=old)  # no trace kept for a clip that cannot enter a list
     except MiningError:
         old.close()
+        state_verified()
         reason = "every clip is already in the set" if skipped else "no clips with activations"
         return {**base, "n_new_clips": 0, "n_skipped_clips": len(skipped), "n_clips": old.n_clips, "reason": reason}
     spills = []
     try:
+        state_verified()
         # Ranked without traces: only the features whose lists took a new clip get new example rows, holding the
         # new clips' traces and naming where the others' are; the other features' rows are carried over (store:
         # "Examples carried over", "Traces by reference"), unless the chain of builds holding them is full or the

@@ -251,12 +251,14 @@ class _Peaks:
 
     @classmethod
     def merged(cls, k: int, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> _Peaks:
-        """`best(k, a, b)`, ranking again only the rows where b has a peak (a batch of a few clips reaches a few
-        features' top K); the other rows are a's, ranked (as a merge leaves them: then copied as they are)."""
-        touched = np.flatnonzero(np.isfinite(b["peak"]).any(axis=1))
-        if touched.size == len(b["peak"]):
+        """`best(k, a, b)`, ranking again only the rows where one of b's peaks enters: one above the row's weakest
+        of a (b's clips come after a's, so an equal peak stays out; an empty slot is -inf, so a row that is not full
+        takes any). A batch of a few clips reaches a few features' top K; the other rows are a's, ranked (as a merge
+        leaves them: then copied as they are)."""
+        if not k:
             return cls.best(k, a, b)
         out = cls.of(**a) if _is_ranked(a["peak"], a["order"]) else cls.best(k, a)
+        touched = np.flatnonzero((b["peak"] > out.peak[:, -1:]).any(axis=1))
         if touched.size:
             part = cls.best(k, {n: v[touched] for n, v in a.items()}, {n: v[touched] for n, v in b.items()})
             for name in cls.FIELDS:

@@ -41,6 +41,7 @@ writer per set_id at a time (Dagster runs an asset once at a time).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import itertools
@@ -50,7 +51,7 @@ import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lancedb
 import numpy as np
@@ -378,7 +379,10 @@ def write_feature_set(
                          "merge_mining instead")
     db = connect(uri)
     build_id = new_build_id(set_id)
-    state_path, state_sha256 = save_state(uri, build_id, merge_state) if merge_state is not None else (None, None)
+    # The state is written and hashed in a thread beside the rows (hashlib releases the GIL), before the flip.
+    saver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-save")
+    state_saved = saver.submit(save_state, uri, build_id, merge_state) if merge_state is not None else None
+    saver.shutdown(wait=False)
     if manifest is not None and len(manifest):
         upsert_clips(db, manifest)
 
@@ -407,6 +411,7 @@ def write_feature_set(
         _refresh_index(tbl, "key", BTree())
         _refresh_index(tbl, "build_id", Bitmap())
 
+    state_path, state_sha256 = state_saved.result() if state_saved is not None else (None, None)
     sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
     current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
     history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
@@ -664,6 +669,18 @@ def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) ->
 def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
     """The merge state of the build a pointer row names, verified against its recorded sha256 (a safetensors file,
     or the .npz of states saved before)."""
+    arrays, verified = open_state(set_row)
+    verified()
+    return arrays
+
+
+def open_state(set_row: dict[str, Any]) -> tuple[dict[str, np.ndarray], Callable[[], None]]:
+    """The merge state of the build a pointer row names, at once, and `verified`: call it before anything computed
+    from the state is merged or published. The file is read once into memory of our own (what is hashed is what is
+    parsed); its sha256 is computed meanwhile in a thread (hashlib releases the GIL: on two cores a merge mines its
+    batch while the state is hashed). The arrays are read-only until `verified()` returns, writable after it (a
+    merge may update them); it raises StateError when the digest is not the recorded one, and so does this
+    function when the file cannot be read or parsed and its digest is wrong."""
     path, expected = set_row.get("merge_state"), set_row.get("merge_state_sha256")
     if not path:
         raise StateError(f"feature set {set_row['set_id']!r} (build {set_row['build_id']}) has no merge state: it "
@@ -671,20 +688,37 @@ def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
     try:
         if objectstore.is_remote(path):
             data = bytearray(objectstore.read_uri(path))
-        else:  # read once into memory of our own: what is hashed is what is parsed, and the arrays are writable
+        else:
             with open(path, "rb") as handle:
                 data = bytearray(os.fstat(handle.fileno()).st_size)
                 handle.readinto(data)
     except (OSError, FileNotFoundError) as exc:
         raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); "
                          "rebuild the set") from None
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it "
-                         "was changed after the build; rebuild the set")
-    if data[:4] == b"PK\x03\x04":  # a zip: np.savez, states saved before the safetensors format
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    return _safetensors_arrays(data)
+    hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-sha256")
+    digest = hasher.submit(lambda: hashlib.sha256(data).hexdigest())
+    hasher.shutdown(wait=False)
+
+    def verified() -> None:
+        if digest.result() != expected:
+            raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it "
+                             "was changed after the build; rebuild the set")
+        for array in arrays.values():
+            array.flags.writeable = True
+
+    try:
+        if data[:4] == b"PK\x03\x04":  # a zip: np.savez, states saved before the safetensors format (copies)
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        else:
+            arrays = _safetensors_arrays(data)
+    except Exception:
+        arrays = {}
+        verified()  # a damaged file says so; a file that is what was recorded but does not parse is a bug: raised
+        raise
+    for array in arrays.values():
+        array.flags.writeable = False
+    return arrays, verified
 
 
 def _safetensors_arrays(data: bytearray) -> dict[str, np.ndarray]:
