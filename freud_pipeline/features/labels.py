@@ -478,9 +478,9 @@ class LabelCollector:
             setattr(out, name, np.array(state[name], np.int64))
         for side in ("train", "held"):
             setattr(out, side, _Peaks.of(**{name: state[f"{side}_{name}"] for name in _Peaks.FIELDS}))
-        for i, phone in enumerate(np.asarray(state["reservoir_phones"]).tolist()):
-            out.reservoir[phone] = np.array(state["reservoir"][i], np.float16)
-            out.priority[phone] = np.array(state["reservoir_priority"][i], np.uint64)
+        for i, phone in enumerate(np.asarray(state["reservoir_phones"]).tolist()):  # views, not copies: a restored
+            out.reservoir[phone] = np.asarray(state["reservoir"][i], np.float16)  # collector's sample is only read
+            out.priority[phone] = np.asarray(state["reservoir_priority"][i], np.uint64)
         return out
 
     @classmethod

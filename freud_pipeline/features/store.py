@@ -223,8 +223,8 @@ def _typical_columns(mining: MiningResult) -> dict[str, pa.Array]:
     clip, value, frame = mining.level_examples()
     valid = clip >= 0
     offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]), pa.int32())
-    ids = np.asarray(mining.clip_ids, dtype=object)[clip[valid]]
-    return {"typical_clip_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.tolist(), pa.string())),
+    ids = pa.array(mining.clip_ids, pa.string()).take(pa.array(clip[valid]))  # by index, no Python string each
+    return {"typical_clip_ids": pa.ListArray.from_arrays(offsets, ids),
             "typical_values": pa.ListArray.from_arrays(offsets, pa.array(value[valid].astype(np.float32))),
             "typical_peak_frames": pa.ListArray.from_arrays(offsets, pa.array(frame[valid].astype(np.int32)))}
 
@@ -379,12 +379,17 @@ def write_feature_set(
                          "merge_mining instead")
     db = connect(uri)
     build_id = new_build_id(set_id)
-    # The state is written and hashed in a thread beside the rows (hashlib releases the GIL), before the flip.
-    saver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-save")
-    state_saved = saver.submit(save_state, uri, build_id, merge_state) if merge_state is not None else None
-    saver.shutdown(wait=False)
-    if manifest is not None and len(manifest):
-        upsert_clips(db, manifest)
+    # The state (written and hashed: hashlib releases the GIL) and the clips' rows go in a thread beside the
+    # build's rows, and are complete before the flip.
+    def beside() -> tuple[str | None, str | None]:
+        saved = save_state(uri, build_id, merge_state) if merge_state is not None else (None, None)
+        if manifest is not None and len(manifest):
+            upsert_clips(db, manifest)
+        return saved
+
+    helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="build-beside")
+    state_saved = helper.submit(beside)
+    helper.shutdown(wait=False)
 
     n_top = _kept_counts(mining.top, "+")
     n_bottom = _kept_counts(mining.bottom, "-")
@@ -411,7 +416,7 @@ def write_feature_set(
         _refresh_index(tbl, "key", BTree())
         _refresh_index(tbl, "build_id", Bitmap())
 
-    state_path, state_sha256 = state_saved.result() if state_saved is not None else (None, None)
+    state_path, state_sha256 = state_saved.result()
     sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
     current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
     history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
