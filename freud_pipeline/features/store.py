@@ -311,6 +311,16 @@ def _write_vectors(db, name: str, vectors: np.ndarray, labels: list[str | None])
         tbl.create_index("vector", config=IvfFlat(distance_type="dot", num_partitions=max(1, int(np.sqrt(n)))))
 
 
+def beside(function: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    """function(*args) started in a thread of its own (for I/O and hashing, which release the GIL, beside the
+    caller's work); the future's result() waits for it and raises what it raised."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=getattr(function, "__name__", "beside"))
+    try:
+        return pool.submit(function, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def upsert_clips(db, manifest: pd.DataFrame) -> None:
     """Manifest rows into `clips` (insert or replace by clip_id), then refresh its indexes."""
     frame = manifest.copy()
@@ -379,17 +389,11 @@ def write_feature_set(
                          "merge_mining instead")
     db = connect(uri)
     build_id = new_build_id(set_id)
-    # The state (written and hashed: hashlib releases the GIL) and the clips' rows go in a thread beside the
-    # build's rows, and are complete before the flip.
-    def beside() -> tuple[str | None, str | None]:
-        saved = save_state(uri, build_id, merge_state) if merge_state is not None else (None, None)
-        if manifest is not None and len(manifest):
-            upsert_clips(db, manifest)
-        return saved
-
-    helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="build-beside")
-    state_saved = helper.submit(beside)
-    helper.shutdown(wait=False)
+    # The state is written and hashed (hashlib releases the GIL) in a thread beside the build's rows, and is
+    # complete before the flip.
+    state_saved = beside(save_state, uri, build_id, merge_state) if merge_state is not None else None
+    if manifest is not None and len(manifest):
+        upsert_clips(db, manifest)
 
     n_top = _kept_counts(mining.top, "+")
     n_bottom = _kept_counts(mining.bottom, "-")
@@ -416,7 +420,7 @@ def write_feature_set(
         _refresh_index(tbl, "key", BTree())
         _refresh_index(tbl, "build_id", Bitmap())
 
-    state_path, state_sha256 = state_saved.result()
+    state_path, state_sha256 = state_saved.result() if state_saved is not None else (None, None)
     sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
     current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
     history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
@@ -700,9 +704,7 @@ def open_state(set_row: dict[str, Any]) -> tuple[dict[str, np.ndarray], Callable
     except (OSError, FileNotFoundError) as exc:
         raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); "
                          "rebuild the set") from None
-    hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-sha256")
-    digest = hasher.submit(lambda: hashlib.sha256(data).hexdigest())
-    hasher.shutdown(wait=False)
+    digest = beside(lambda: hashlib.sha256(data).hexdigest())
 
     def verified() -> None:
         if digest.result() != expected:
