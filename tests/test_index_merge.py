@@ -256,7 +256,11 @@ def test_a_merge_stores_only_the_new_clips_traces_and_readers_resolve_the_others
     build = summary["build_id"]
     rows = store.connect(merged_uri).open_table(store.EXAMPLES).search().where(
         f"build_id = {store.sql_str(build)}").limit(None).to_arrow().to_pylist()
-    assert len(rows) == 2 * summary["n_changed_features"]
+    # One row per list the batch entered: a feature whose top list changed and bottom list did not keeps its
+    # bottom row where it was.
+    per_sign = summary["n_changed_lists"]
+    assert len(rows) == per_sign["+"] + per_sign["-"] and per_sign["+"] != per_sign["-"]
+    assert sorted((r["feature"], r["sign"]) for r in rows) == sorted(set((r["feature"], r["sign"]) for r in rows))
     n_new = n_old = 0
     for row in rows:
         for clip, trace, holder, slot in zip(row["clip_ids"], row["traces"], row["trace_builds"], row["trace_slots"]):

@@ -226,17 +226,17 @@ def _stored_mining(row: dict[str, Any], arrays: dict[str, np.ndarray],
 
 
 def _referenced_examples(old: MiningResult, batch: MiningResult, merged: MiningResult, refs: Refs
-                         ) -> tuple[np.ndarray, ExampleLists, ExampleLists, Refs, Refs]:
-    """The features whose top or bottom list took one of the batch's clips, their merged lists holding the new
-    clips' traces only, and where each entry's trace is (store: "Traces by reference"): an old entry's where `refs`
-    (the old state's) says, a new one's in the build being written (-1). No example row is read. Returns (features,
-    top, bottom, refs of their rows [n, K], refs of every feature [F, K] for the new build's state)."""
+                         ) -> tuple[dict[str, np.ndarray], dict[str, ExampleLists], Refs, Refs]:
+    """Per sign, the features whose list took one of the batch's clips, their merged lists holding the new clips'
+    traces only, and where each entry's trace is (store: "Traces by reference"): an old entry's where `refs` (the
+    old state's) says, a new one's in the build being written (-1). No example row is read, and a list the batch
+    did not enter keeps its row where it is. Returns (features per sign, their lists per sign, refs of their rows
+    [n, K] per sign, refs of every feature [F, K] per sign for the new build's state)."""
     offset = old.n_clips
-    took = (merged.top.clip_index >= offset).any(axis=1) | (merged.bottom.clip_index >= offset).any(axis=1)
-    features = np.flatnonzero(took)
-    out, row_refs, state_refs = [], {}, {}
+    written, lists, row_refs, state_refs = {}, {}, {}, {}
     for sign, before, fresh_lists, after in (("+", old.top, batch.top, merged.top),
                                              ("-", old.bottom, batch.bottom, merged.bottom)):
+        features = np.flatnonzero((after.clip_index >= offset).any(axis=1))
         clip = after.clip_index[features]  # the lists of a merge and of a state are in rank order
         n, k = clip.shape
         fresh = fresh_lists.subset(features, traces=False)
@@ -253,28 +253,28 @@ def _referenced_examples(old: MiningResult, batch: MiningResult, merged: MiningR
             f, r = np.nonzero(is_new)
             traces[f, r] = fresh_lists.traces_at(features[f], position[f, r])
         fields = {name: getattr(after, name)[features] for name in _LIST_FIELDS}
-        out.append(ExampleLists.ranked(**fields, traces=traces))
+        written[sign], lists[sign] = features, ExampleLists.ranked(**fields, traces=traces)
         row_refs[sign] = (where, slot)
         every_where, every_slot = where_old.copy(), slot_old.copy()
         every_where[features], every_slot[features] = where, slot
         state_refs[sign] = (every_where, every_slot)
-    return features, out[0], out[1], row_refs, state_refs
+    return written, lists, row_refs, state_refs
 
 
-def _all_examples(row: dict[str, Any], old: MiningResult, batch: MiningResult,
-                  index_uri: str | None) -> tuple[np.ndarray, ExampleLists, ExampleLists, list]:
+def _all_examples(row: dict[str, Any], old: MiningResult, batch: MiningResult, index_uri: str | None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, ExampleLists], list]:
     """Every feature's merged lists with their traces: the stored rows read back (traces resolved) and merged with
-    the batch's, for a merge that rewrites every row. Returns (features, top, bottom, spills to clean up)."""
+    the batch's, for a merge that rewrites every row. Returns (features per sign: all, lists per sign, spills to
+    clean up)."""
     offset = old.n_clips
     features = np.arange(old.n_features)
     position = {clip: i for i, clip in enumerate(old.clip_ids)}
-    out, spills = [], []
-    for sign, k, lists, direction in (("+", old.top_k, batch.top, 1), ("-", old.state.bottom_k, batch.bottom, -1)):
+    lists, spills = {}, []
+    for sign, k, fresh, direction in (("+", old.top_k, batch.top, 1), ("-", old.state.bottom_k, batch.bottom, -1)):
         stored = ExampleLists.ranked(**store.read_ranked_examples(row, sign, k, position, features, index_uri))
-        merged_lists, spill = merge_lists(stored, lists.subset(features), offset, direction, old.state.max_frames)
-        out.append(merged_lists)
+        lists[sign], spill = merge_lists(stored, fresh.subset(features), offset, direction, old.state.max_frames)
         spills.append(spill)
-    return features, out[0], out[1], spills
+    return {sign: features for sign in store.SIGNS}, lists, spills
 
 
 def merge_into_feature_set(
@@ -341,10 +341,10 @@ def merge_into_feature_set(
         merged = merge_mining(old, batch, traces=False)
         everything = refs is None or len(store.example_builds(row)) >= store.MAX_EXAMPLE_BUILDS
         if everything:
-            changed, top, bottom, spills = _all_examples(row, old, batch, index_uri)
+            changed, lists, spills = _all_examples(row, old, batch, index_uri)
             row_refs = state_refs = None
         else:
-            changed, top, bottom, row_refs, state_refs = _referenced_examples(old, batch, merged, refs)
+            changed, lists, row_refs, state_refs = _referenced_examples(old, batch, merged, refs)
         labels_state = old_labels.merge(collector) if collector is not None else old_labels
         labels = labels_state.result() if labels_state is not None else None
         decoder = row["vector_kind"] == "decoder"  # an SAE's decoder directions do not change: its table is shared
@@ -354,7 +354,7 @@ def merge_into_feature_set(
             manifest=manifest_df, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
             sae_checkpoint=row["sae_checkpoint"], sae_sha256=row["sae_sha256"], shard_dir=row["shard_dir"],
             uri=index_uri, coverage=new_coverage, merge_state=_state_arrays(merged, labels_state, state_refs),
-            changed_examples=(changed, top, bottom, row_refs), carried_from=None if everything else row,
+            changed_examples=(changed, lists, row_refs), carried_from=None if everything else row,
             vectors_table=row["vectors_table"] if decoder else None)
     finally:
         for result in (old, batch):
@@ -362,7 +362,8 @@ def merge_into_feature_set(
         for spill in spills:
             spill.cleanup()
     summary = {**base, "merged": True, "build_id": written["build_id"], "n_new_clips": batch.n_clips,
-               "n_changed_features": len(changed),
+               "n_changed_features": len(np.union1d(changed["+"], changed["-"])),
+               "n_changed_lists": {sign: len(features) for sign, features in changed.items()},
                "n_skipped_clips": len(skipped), "n_clips": merged.n_clips, "n_frames": merged.n_frames,
                "label_summary": labels.summary if labels else {}, "coverage": new_coverage,
                "merge_seconds": round(time.monotonic() - started, 2)}

@@ -20,11 +20,11 @@ Merging (`features.build.merge_into_feature_set`): each build also saves the sma
 file under `<index>/../index_state/` (written to a temporary name, renamed, its sha256 in the pointer row and
 verified on load; states saved before are .npz and still read), and its `coverage` (`features.coverage`).
 
-Examples carried over: a merge rewrites the `examples` rows of the features whose lists took a new clip and
-keeps the others' rows where an earlier build wrote them. The pointer row's `example_builds` names those builds
-(oldest first, at most MAX_EXAMPLE_BUILDS: beyond that a merge rewrites every row), and a feature's rows are the
-ones in the newest of them that holds a row for it (`example_rows`): each of these builds is an ancestor of the
-current one and rewrote exactly the features that changed then. Rows of older builds stay while a kept build
+Examples carried over: a merge rewrites the `examples` rows of the lists (feature and sign) that took a new clip
+and keeps the others' rows where an earlier build wrote them. The pointer row's `example_builds` names those builds
+(oldest first, at most MAX_EXAMPLE_BUILDS: beyond that a merge rewrites every row), and a list's row is the one in
+the newest of them that holds a row for it (`example_rows`): each of these builds is an ancestor of the current one
+and rewrote exactly the lists that changed then. Rows of older builds stay while a kept build
 names them.
 
 Traces by reference: a row a merge rewrites stores the traces of its new clips only. Each entry names the build
@@ -237,19 +237,21 @@ def _kept_counts(lists, sign: str) -> np.ndarray:
     return np.minimum(lists.count, negative.sum(axis=1))
 
 
-def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, bottom, features: np.ndarray,
-                     batch: int, refs: dict[str, tuple[list[str], np.ndarray, np.ndarray]] | None = None
+def _example_batches(build_id: str, set_id: str, clip_ids: list[str], lists: dict[str, Any],
+                     features: dict[str, np.ndarray], batch: int,
+                     refs: dict[str, tuple[list[str], np.ndarray, np.ndarray]] | None = None
                      ) -> Iterator[pa.RecordBatch]:
-    """Rows of ranked lists `top`/`bottom` ([n, K] each, `ExampleLists`) whose row i is feature features[i].
-    refs (a merge's rows): per sign, (chain, position [n, K] in chain of the build holding each entry's trace, or -1
-    for this row, slot [n, K] there), in rank order; only this row's own traces are written ("Traces by
-    reference")."""
+    """Rows of the ranked lists of each sign (`lists[sign]`: `ExampleLists` [n, K] whose row i is feature
+    `features[sign][i]`). refs (a merge's rows): per sign, (chain, position [n, K] in chain of the build holding each
+    entry's trace, or -1 for this row, slot [n, K] there), in rank order; only this row's own traces are written
+    ("Traces by reference")."""
     clip_names = pa.array(clip_ids, pa.string())  # taken by index (no Python string per entry)
-    for start in range(0, len(features), batch):
-        stop = min(start + batch, len(features))
-        for sign, lists in (("+", top), ("-", bottom)):
-            rows = lists.rows(start, stop, traces=False)  # the traces written are gathered alone, below
-            count = np.minimum(rows["count"], _kept_counts(lists, sign)[start:stop])
+    for sign in SIGNS:
+        signed, wanted = lists[sign], features[sign]
+        for start in range(0, len(wanted), batch):
+            stop = min(start + batch, len(wanted))
+            rows = signed.rows(start, stop, traces=False)  # the traces written are gathered alone, below
+            count = np.minimum(rows["count"], _kept_counts(signed, sign)[start:stop])
             k = rows["values"].shape[1]
             valid = np.arange(k)[None, :] < count[:, None]
             outer = pa.array(np.concatenate([[0], np.cumsum(count)]), pa.int32())
@@ -267,11 +269,11 @@ def _example_batches(build_id: str, set_id: str, clip_ids: list[str], top, botto
                     outer, pa.array(np.where(where < 0, own_slot, slot)[valid].astype(np.int32)))
             # The samples of every trace written, back to back in row, rank, frame order.
             f, r = np.nonzero(lens)
-            held = lists.traces_at(start + f, r) if f.size else np.zeros((0, 0), np.float16)
+            held = signed.traces_at(start + f, r) if f.size else np.zeros((0, 0), np.float16)
             flat = held[np.arange(held.shape[1])[None, :] < lens[f, r][:, None]]
             inner = pa.array(np.concatenate([[0], np.cumsum(lens[valid])]), pa.int32())
             listed = lambda values: pa.ListArray.from_arrays(outer, pa.array(values))  # noqa: E731
-            chunk = np.asarray(features[start:stop])
+            chunk = np.asarray(wanted[start:stop])
             yield pa.record_batch({
                 "key": [example_key(build_id, i, sign) for i in chunk],
                 "build_id": [build_id] * len(chunk),
@@ -371,14 +373,14 @@ def write_feature_set(
     batch_features: int = 256,
     coverage: dict[str, Any] | None = None,
     merge_state: dict[str, np.ndarray] | None = None,
-    changed_examples: tuple[np.ndarray, Any, Any] | None = None,
+    changed_examples: tuple[dict[str, np.ndarray], dict[str, Any], Any] | None = None,
     carried_from: dict[str, Any] | None = None,
     vectors_table: str | None = None,
 ) -> dict[str, Any]:
     """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row.
     coverage: what the build covers (`features.coverage`); merge_state: arrays a later merge continues from
-    (`save_state`). A merge passes `changed_examples` (features, top lists, bottom lists, refs: the rows to write, the
-    lists' row i being features[i]; `mining`'s own lists then need no traces; refs as `_example_batches` takes them,
+    (`save_state`). A merge passes `changed_examples` (per sign the features whose rows to write and their lists, row i
+    being features[sign][i], and refs; `mining`'s own lists then need no traces; refs as `_example_batches` takes them,
     positions in the carried chain, or None when the lists hold every trace) and `carried_from` (the pointer row of
     the build the other features' rows come from: see "Examples carried over"), and may pass the `vectors_table` of
     that build to share when its vectors did not change (SAE decoder directions)."""
@@ -402,15 +404,17 @@ def write_feature_set(
     examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
     refs, carried = None, []
     if changed_examples is None:
-        written, top, bottom = np.arange(mining.n_features), mining.top, mining.bottom
+        written = {sign: np.arange(mining.n_features) for sign in SIGNS}
+        lists = {"+": mining.top, "-": mining.bottom}
         chain = [build_id]
     else:
-        written, top, bottom, refs = changed_examples
+        written, lists, refs = changed_examples
         carried = example_builds(carried_from) if carried_from is not None else []
-        chain = [*carried, build_id] if len(written) or not carried else carried
-    if len(written):
+        any_written = any(len(features) for features in written.values())
+        chain = [*carried, build_id] if any_written or not carried else carried
+    if any(len(features) for features in written.values()):
         examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(
-            build_id, set_id, mining.clip_ids, top, bottom, written, batch_features,
+            build_id, set_id, mining.clip_ids, lists, written, batch_features,
             None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})))
     if vectors_table is None:
         vectors = mining.signature if vectors is None else vectors
