@@ -445,7 +445,7 @@ class LabelCollector:
     def state(self) -> dict[str, np.ndarray]:
         """What the pass gathered, as numpy arrays only (np.savez; np.load(..., allow_pickle=False) reads it back):
         settings and counts as 0-d arrays, vocabularies as string arrays, split_info as a JSON string, the peaks
-        (train_* and held_*, `_Peaks.FIELDS`) and the recall sample (reservoir [phones, per_phone, n_features],
+        (train_* and held_*, `_Peaks.FIELDS`, each row in rank order) and the recall sample (reservoir [phones, per_phone, n_features],
         reservoir_priority, reservoir_phones). `from_state` restores it."""
         phones = sorted(self.reservoir)
         out = {"format": np.array(STATE_FORMAT), "phones": np.array(self.phones, dtype=str),
@@ -456,8 +456,8 @@ class LabelCollector:
                              else np.zeros((0, self.per_phone, self.n_features), np.float16)),
                "reservoir_priority": (np.stack([self.priority[p] for p in phones]) if phones
                                       else np.zeros((0, self.per_phone), np.uint64))}
-        for side in ("train", "held"):
-            out.update({f"{side}_{name}": np.array(a) for name, a in getattr(self, side).fields().items()})
+        for side in ("train", "held"):  # in rank order (what `result` reads): a merge then ranks only what it changes
+            out.update({f"{side}_{name}": np.array(a) for name, a in getattr(self, side).ranked().fields().items()})
         return out
 
     @classmethod
@@ -524,8 +524,13 @@ class LabelCollector:
                 kept = min(int(collector.seen[phone]), self.per_phone)
                 parts.setdefault(int(codes[phone]), []).append((sample[:kept], collector.priority[phone][:kept]))
         for phone, both in parts.items():
-            if len(both) == 1 and len(both[0][1]) == self.per_phone:  # one side only, full: its sample as it is
-                (out.reservoir[phone], out.priority[phone]), = both
+            (sample, priority), *rest = both
+            if len(priority) == self.per_phone and (
+                    not rest or (len(rest[0][1]) == 0 or rest[0][1].min() >= priority.max())
+                    and bool((priority[:-1] <= priority[1:]).all())):
+                # One side only, full: its sample as it is; or a full first side, in priority order, that every
+                # draw of the second follows (ties go to the first): the same rows as ranking both.
+                out.reservoir[phone], out.priority[phone] = sample, priority
                 continue
             priority = np.concatenate([p for _, p in both])
             keep = np.argsort(priority, kind="stable")[: self.per_phone]
