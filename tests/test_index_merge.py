@@ -317,3 +317,37 @@ def test_examples_across_activation_levels_are_drawn_per_octave_and_merge_exactl
         top = {e["clip_id"] for e in merged.top_examples("s", index, n=TOP_K)}
         spread += len(levels) >= 3 and any(e["clip_id"] not in top for e in typical)
     assert spread > 20  # most MLP neurons' per-clip peaks span several octaves
+
+
+def test_merges_from_threads_equal_the_same_merges_one_after_another(corpus, halves, tmp_path):
+    """A merge runs helper threads (the state hashed and saved beside the rows) and sets numpy's BLAS threads
+    process-wide while it runs: two sets of one index merged at once from two threads give, row for row and bit for
+    bit, the sets merged one after the other (features with statistics and labels, examples with traces)."""
+    import concurrent.futures
+
+    uris = {"threads": str(tmp_path / "threads" / "lancedb"), "sequential": str(tmp_path / "sequential" / "lancedb")}
+    for uri in uris.values():
+        for set_id in ("s1", "s2"):
+            _build(corpus, halves, uri, halves["a"], set_id=set_id)
+    for set_id in ("s1", "s2"):
+        _merge(corpus, halves, uris["sequential"], halves["b"], set_id=set_id)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(_merge, corpus, halves, uris["threads"], halves["b"], set_id=s) for s in ("s1", "s2")]
+        assert all(future.result()["merged"] for future in done)
+
+    def contents(uri: str, set_id: str) -> tuple[list[dict], list[dict]]:
+        row = store.current_set(set_id, uri)
+        features = (store.connect(uri).open_table(store.FEATURES).search()
+                    .where(f"build_id = {store.sql_str(row['build_id'])}").limit(None).to_arrow()
+                    .drop_columns(["key", "build_id", "set_id"]).sort_by("index").to_pylist())
+        examples = store.example_rows(row, uri=uri).drop_columns(["key", "build_id", "trace_builds", "trace_slots"])
+        return features, examples.to_pylist()
+
+    for set_id in ("s1", "s2"):
+        threaded, sequential = contents(uris["threads"], set_id), contents(uris["sequential"], set_id)
+        assert len(threaded[0]) == 1536 and len(threaded[1]) == 2 * 1536
+        for table, a_rows, b_rows in zip(("features", "examples"), threaded, sequential):
+            assert len(a_rows) == len(b_rows)
+            for a, b in zip(a_rows, b_rows):  # NaN (no label) equals NaN
+                diff = {k: (a[k], b[k]) for k in a if a[k] != b[k] and not (a[k] != a[k] and b[k] != b[k])}
+                assert not diff, (set_id, table, a.get("index", a.get("feature")), str(diff)[:600])
