@@ -351,3 +351,37 @@ def test_merges_from_threads_equal_the_same_merges_one_after_another(corpus, hal
             for a, b in zip(a_rows, b_rows):  # NaN (no label) equals NaN
                 diff = {k: (a[k], b[k]) for k in a if a[k] != b[k] and not (a[k] != a[k] and b[k] != b[k])}
                 assert not diff, (set_id, table, a.get("index", a.get("feature")), str(diff)[:600])
+
+
+UPSERT_SCRIPT = """
+import sys, time
+import pandas as pd
+from freud_pipeline.features import store
+uri, start, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+db = store.connect(uri)
+while time.time() < start:
+    pass
+for r in range(rounds):
+    store.upsert_clips(db, pd.DataFrame({"clip_id": [f"r{r}-{j}" for j in range(6)], "transcript": ["a b"] * 6}))
+"""
+
+
+def test_clips_upserted_by_two_processes_at_once_are_stored_once(tmp_path):
+    """The neuron and SAE sets of a batch may be merged by two steps at once, each upserting the batch's clips:
+    every clip ends up in `clips` once (LanceDB's merge_insert alone let two writers insert the same new id)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    uri = str(tmp_path / "lancedb")
+    store.upsert_clips(store.connect(uri), __import__("pandas").DataFrame({"clip_id": ["seed"], "transcript": ["x"]}))
+    script = tmp_path / "upsert.py"
+    script.write_text(UPSERT_SCRIPT)
+    start = time.time() + 8  # both processes imported and connected by then
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's package
+    workers = [subprocess.Popen([sys.executable, str(script), uri, str(start), "10"], env=env) for _ in range(2)]
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    ids = store.connect(uri).open_table(store.CLIPS).to_arrow()["clip_id"].to_pylist()
+    assert len(ids) == 61 and len(set(ids)) == 61
