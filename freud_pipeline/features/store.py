@@ -431,10 +431,9 @@ def write_feature_set(
     else:
         written, lists, refs = changed_examples
         carried = example_builds(carried_from) if carried_from is not None else []
-    any_written = any(len(wanted) for wanted in written.values())
-    if changed_examples is not None:
+        any_written = any(len(features) for features in written.values())
         chain = [*carried, build_id] if any_written or not carried else carried
-    if any_written:
+    if any(len(features) for features in written.values()):
         examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(
             build_id, set_id, mining.clip_ids, lists, written, batch_features,
             None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})))
