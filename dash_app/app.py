@@ -139,7 +139,17 @@ def create_app(index: Any | None = None, *, data_dir: str | Path | None = None, 
 
     _register_audio_route(app, access)
     security.install(app, security.allowed_hosts_for() if allowed_hosts is None else allowed_hosts)
+    _finish_dash_setup(app)
     return app
+
+
+def _finish_dash_setup(app: dash.Dash) -> None:
+    """Run Dash's once-per-process setup now, before any request. Dash runs it in a before-request hook that
+    marks it done before it has registered the component-suite scripts it may serve; in a threaded worker whose
+    first requests are several script fetches at once (a page that the other gunicorn worker served), all but
+    one were answered 404 and the page never drew. Pinned dash==4.4.1 (tests/test_app_units.py checks the race)."""
+    with app.server.app_context():
+        app._setup_server()
 
 
 def _fast_json() -> None:

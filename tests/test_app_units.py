@@ -135,6 +135,37 @@ def test_app_without_an_index_starts_and_serves_404_audio(tmp_path, monkeypatch)
     assert "make demo" in str(summary) and results is None and errors == {}
 
 
+def test_a_fresh_worker_serves_every_script_to_concurrent_first_requests(tmp_path, monkeypatch):
+    """A gunicorn worker whose first requests are a page's script fetches at once (the page came from the other
+    worker) serves them all: Dash's lazy per-process setup used to let all but one of them through before the
+    scripts were registered, and they were answered 404 (seen as a blank page under the cluster test)."""
+    import re
+    import threading
+
+    from dash_app import create_app
+
+    monkeypatch.setenv("FREUD_DATA_DIR", str(tmp_path))
+    page = create_app(data_dir=tmp_path).server.test_client().get("/", headers={"Host": "127.0.0.1"})
+    scripts = sorted(set(re.findall(r'"(/_dash-component-suites/[^"?]+)', page.get_data(as_text=True))))
+    assert len(scripts) >= 5
+    for _ in range(3):
+        worker = create_app(data_dir=tmp_path)  # another process's app: nothing served yet
+        start = threading.Barrier(len(scripts))
+        codes: dict[str, int] = {}
+
+        def fetch(url, server=worker.server):
+            client = server.test_client()
+            start.wait()
+            codes[url] = client.get(url, headers={"Host": "127.0.0.1"}).status_code
+
+        threads = [threading.Thread(target=fetch, args=(url,)) for url in scripts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes == {url: 200 for url in scripts}
+
+
 def test_wsgi_module_exposes_a_server(monkeypatch, tmp_path):
     import importlib
     import sys
