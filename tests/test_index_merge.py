@@ -201,6 +201,19 @@ def test_a_merge_state_keeps_every_array_exactly_and_states_saved_as_npz_still_l
     assert all(np.array_equal(store.load_state(row)[k], v) for k, v in arrays.items())
 
 
+def test_file_digests_equal_hashlib_over_the_bytes(tmp_path):
+    """file_sha256 hashes the file's mapped pages in one call: the same digest as over its bytes, empty file too."""
+    import hashlib
+    import os
+
+    from freud_pipeline.digests import file_sha256
+
+    for size in (0, 1, 3 << 20):
+        path = tmp_path / f"f{size}"
+        path.write_bytes(os.urandom(size))
+        assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_many_small_merges_carry_unchanged_examples_over_and_equal_the_rebuild(corpus, halves, tmp_path):
     """B merged a few clips at a time: each merge writes example rows only for the features whose lists took a
     new clip and reads the others' rows from the builds before (`example_builds`), until the chain is full and a
