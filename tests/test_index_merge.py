@@ -194,11 +194,48 @@ def test_a_merge_state_keeps_every_array_exactly_and_states_saved_as_npz_still_l
         got = loaded[name]
         assert got.dtype == array.dtype and got.shape == array.shape and np.array_equal(got, array), name
         assert got.flags.writeable, name
+    # The file is safetensors as the library reads it (0-d arrays as [1]), and states the library wrote load here.
+    import safetensors.numpy
+
+    from freud_pipeline.features import state_file
+
+    by_library = safetensors.numpy.load_file(path)
+    numeric = {k: v for k, v in arrays.items() if v.dtype.kind in "biuf"}
+    assert set(by_library) == set(numeric)
+    assert all(np.array_equal(by_library[k], v.reshape(-1) if v.ndim == 0 else v) for k, v in numeric.items())
+    written = tmp_path / "by_library.safetensors"
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in numeric.items()}, str(written), metadata={
+        state_file.STRINGS: '{"ids": ["clip/é", "b"]}', state_file.SCALARS: '["flag", "n", "x"]'})
+    row = {"set_id": "s", "build_id": "s@2", "merge_state": str(written),
+           "merge_state_sha256": hashlib.sha256(written.read_bytes()).hexdigest()}
+    again = store.load_state(row)
+    assert all(again[k].shape == v.shape and np.array_equal(again[k], v) for k, v in numeric.items())
+    assert again["ids"].tolist() == ["clip/é", "b"]
     legacy = tmp_path / "old.npz"
     np.savez(legacy, **arrays)
     row = {"set_id": "s", "build_id": "s@0", "merge_state": str(legacy),
            "merge_state_sha256": hashlib.sha256(legacy.read_bytes()).hexdigest()}
     assert all(np.array_equal(store.load_state(row)[k], v) for k, v in arrays.items())
+
+
+def test_a_state_changed_in_place_while_it_is_read_is_refused(tmp_path):
+    """A local state is mapped, not copied: if its file is rewritten in place before the merge has checked it, the
+    merge refuses it (what was hashed might not be what was parsed) and the file's pages never reach a build."""
+    import os
+
+    path, digest = store.save_state(str(tmp_path / "lancedb"), "s@1", {"a": np.arange(100_000, dtype=np.int64)})
+    row = {"set_id": "s", "build_id": "s@1", "merge_state": path, "merge_state_sha256": digest}
+    arrays, verified = store.open_state(row)
+    assert not arrays["a"].flags.writeable
+    with open(path, "r+b") as handle:  # same size, other bytes, later modification time
+        handle.seek(-8, os.SEEK_END)
+        handle.write(b"\xff" * 8)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.raises(store.StateError, match="changed while it was read"):
+        verified()
+    with pytest.raises(store.StateError, match="does not match its recorded sha256"):
+        store.load_state(row)
 
 
 def test_file_digests_equal_hashlib_over_the_bytes(tmp_path):

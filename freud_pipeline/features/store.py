@@ -49,6 +49,7 @@ import io
 import itertools
 import json
 import logging
+import mmap
 import os
 import uuid
 from datetime import datetime, timezone
@@ -60,11 +61,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import safetensors.numpy
 from lancedb.index import FTS, BTree, Bitmap, IvfFlat
 
 from freud_pipeline import objectstore
 from freud_pipeline.digests import file_sha256
+from freud_pipeline.features import state_file
 from freud_pipeline.features.labels import LabelResult
 from freud_pipeline.features.mining import MiningResult
 from freud_pipeline.frames import FRAME_SECONDS
@@ -671,30 +672,17 @@ def _state_path(uri: str | None, build_id: str, suffix: str = ".safetensors") ->
     return f"{state_dir(uri)}/{vectors_table_name(build_id).removeprefix('vectors_')}{suffix}"
 
 
-STATE_STRINGS = "freud.strings"  # metadata key of a state's string arrays (safetensors holds numbers only)
-STATE_SCALARS = "freud.scalars"  # and of the names of its 0-d arrays
-_SAFETENSORS_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
-                       "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16,
-                       "F32": np.float32, "F64": np.float64}
-
-
 def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) -> tuple[str, str]:
-    """Save a build's merge state (numpy arrays only) as a safetensors file (string arrays in its metadata), under
-    a temporary name, then rename it into place (an object store's PUT is atomic by itself). Returns (path or URI,
-    sha256 of the file)."""
+    """Save a build's merge state as a safetensors file (`state_file`), under a temporary name, then rename it into
+    place (an object store's PUT is atomic by itself). Returns (path or URI, sha256 of the file)."""
     path = _state_path(uri, build_id)
-    numbers = {k: np.ascontiguousarray(v) for k, v in arrays.items() if v.dtype.kind in "biuf"}  # 0-d: [1]
-    strings = {k: np.asarray(v).tolist() for k, v in arrays.items() if v.dtype.kind not in "biuf"}
-    # safetensors stores a 0-d array as shape [1]: their names are kept to restore the shape.
-    metadata = {STATE_STRINGS: json.dumps(strings),
-                STATE_SCALARS: json.dumps([k for k in numbers if np.ndim(arrays[k]) == 0])}
     if objectstore.is_remote(path):
-        data = safetensors.numpy.save(numbers, metadata=metadata)
+        data = b"".join(state_file.encode(arrays))
         objectstore.write_uri(path, data)
         return path, hashlib.sha256(data).hexdigest()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{path}.{uuid.uuid4().hex[:8]}.partial")
-    safetensors.numpy.save_file(numbers, str(partial), metadata=metadata)
+    state_file.write(partial, arrays)
     digest = file_sha256(partial)
     os.replace(partial, path)
     return path, digest
@@ -710,29 +698,42 @@ def load_state(set_row: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def open_state(set_row: dict[str, Any]) -> tuple[dict[str, np.ndarray], Callable[[], None]]:
     """The merge state of the build a pointer row names, at once, and `verified`: call it before anything computed
-    from the state is merged or published. The file is read once into memory of our own (what is hashed is what is
-    parsed); its sha256 is computed meanwhile in a thread (hashlib releases the GIL: on two cores a merge mines its
-    batch while the state is hashed). The arrays are read-only until `verified()` returns, writable after it (a
-    merge may update them); it raises StateError when the digest is not the recorded one, and so does this
-    function when the file cannot be read or parsed and its digest is wrong."""
+    from the state is merged or published. Its sha256 is computed meanwhile in a thread (hashlib releases the GIL:
+    on two cores a merge mines its batch while the state is hashed). The arrays are read-only until `verified()`
+    returns, writable after it (a merge may update them); it raises StateError when the digest is not the recorded
+    one, and so does this function when the file cannot be read or parsed and its digest is wrong.
+
+    A local file is mapped copy-on-write, not read: its pages are already in memory (the page cache), and fresh
+    memory for a copy cost 5 to 50 ms per 24 MB on a virtual machine. What is hashed is what is parsed unless the
+    file changes in place while it is mapped (states are never rewritten: a new build writes a new file), and
+    `verified` refuses the state when the open file's size or modification time changed since it was mapped."""
     path, expected = set_row.get("merge_state"), set_row.get("merge_state_sha256")
     if not path:
         raise StateError(f"feature set {set_row['set_id']!r} (build {set_row['build_id']}) has no merge state: it "
-                         "was built before merges were possible; rebuild it once, later batches then merge")
+                         "was built before merges were possible; rebuild the set once, later batches then merge")
+    handle = None
     try:
         if objectstore.is_remote(path):
             data = np.frombuffer(bytearray(objectstore.read_uri(path)), np.uint8)
-        else:  # into numpy's memory: for a state of megabytes it asks for huge pages (a quarter of the read's time)
-            with open(path, "rb") as handle:
-                data = np.empty(os.fstat(handle.fileno()).st_size, np.uint8)
-                handle.readinto(memoryview(data))
-    except (OSError, FileNotFoundError) as exc:
+        else:
+            handle = open(path, "rb")
+            mapped = os.fstat(handle.fileno())
+            data = (np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8)
+                    if mapped.st_size else np.zeros(0, np.uint8))
+    except (OSError, FileNotFoundError, ValueError) as exc:
         raise StateError(f"merge state of {set_row['set_id']!r} is unreadable ({path}: {exc}); "
                          "rebuild the set") from None
     digest = beside(lambda: hashlib.sha256(data).hexdigest())
 
     def verified() -> None:
-        if digest.result() != expected:
+        actual = digest.result()
+        if handle is not None:
+            now = os.fstat(handle.fileno())
+            handle.close()
+            if (now.st_size, now.st_mtime_ns) != (mapped.st_size, mapped.st_mtime_ns):
+                raise StateError(f"merge state {path} of {set_row['set_id']!r} was changed while it was read; "
+                                 "merge again")
+        if actual != expected:
             raise StateError(f"merge state {path} of {set_row['set_id']!r} does not match its recorded sha256: it "
                              "was changed after the build; rebuild the set")
         for array in arrays.values():
@@ -743,7 +744,7 @@ def open_state(set_row: dict[str, Any]) -> tuple[dict[str, np.ndarray], Callable
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
         else:
-            arrays = _safetensors_arrays(data)
+            arrays = state_file.read(data)
     except Exception:
         arrays = {}
         verified()  # a damaged file says so; a file that is what was recorded but does not parse is a bug: raised
@@ -751,28 +752,6 @@ def open_state(set_row: dict[str, Any]) -> tuple[dict[str, np.ndarray], Callable
     for array in arrays.values():
         array.flags.writeable = False
     return arrays, verified
-
-
-def _safetensors_arrays(data: np.ndarray) -> dict[str, np.ndarray]:
-    """The arrays of a safetensors file read into `data`, as views into it (no copy), with the string arrays of
-    its metadata. Read here, not by `safetensors.numpy.load`, which copies every tensor out of an immutable bytes
-    object (the bytes hashed would then not be the arrays used, or cost a second copy). The layout: an 8-byte
-    little-endian header length, a JSON header giving each tensor's dtype, shape and byte range after the header,
-    then the tensors' bytes."""
-    size = int.from_bytes(bytes(data[:8]), "little")
-    header = json.loads(bytes(data[8 : 8 + size]))
-    metadata = header.pop("__metadata__", None) or {}
-    out = {}
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
-        count = (end - begin) // dtype.itemsize
-        out[name] = np.frombuffer(data, dtype, count, 8 + size + begin).reshape(entry["shape"])
-    for name in json.loads(metadata.get(STATE_SCALARS, "[]")):
-        out[name] = out[name].reshape(())
-    for name, value in json.loads(metadata.get(STATE_STRINGS, "{}")).items():
-        out[name] = np.array(value, dtype=str)
-    return out
 
 
 def _delete_state(db, build_id: str) -> None:
