@@ -9,7 +9,6 @@ A+B (A's clips first): every streaming statistic is mergeable, and the random dr
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -18,8 +17,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import ThreadpoolController
 
+from freud_pipeline import blas
 from freud_pipeline.audio.decode import load_audio
 from freud_pipeline.errors import FreudError
 from freud_pipeline.features import store
@@ -32,27 +31,7 @@ from freud_pipeline.frames import frame_loudness_db
 log = logging.getLogger(__name__)
 
 
-@functools.cache
-def _openblas() -> ThreadpoolController:
-    return ThreadpoolController().select(internal_api="openblas")
-
-
-def _one_blas_thread(function: Callable) -> Callable:
-    """`function` with numpy's OpenBLAS on one thread while it runs. Mining and labelling multiply small
-    matrices only ([64 sampled frames x features] by [64 x 128] per clip, [features x phones] by [phones x classes]),
-    where BLAS threads do not pay, and OpenBLAS's idle workers spin after each product and take the core the
-    state's hashing and the writer's threads need (benchmarks/RESULTS.md, issue 14). A process-wide setting while
-    it runs (threadpoolctl; torch's own threads are not OpenBLAS's): another thread's products are single-threaded
-    meanwhile, which changes their speed, not their results."""
-    @functools.wraps(function)
-    def run(*args, **kwargs):
-        with _openblas().limit(limits=1):
-            return function(*args, **kwargs)
-
-    return run
-
-
-@_one_blas_thread
+@blas.one_thread
 def build_feature_set(
     clips_iter: Iterable[tuple[str, Any]],
     *,
@@ -300,7 +279,7 @@ def _all_examples(row: dict[str, Any], old: MiningResult, batch: MiningResult, i
     return {sign: features for sign in store.SIGNS}, lists, spills
 
 
-@_one_blas_thread
+@blas.one_thread
 def merge_into_feature_set(
     clips_iter: Iterable[tuple[str, Any]],
     *,
