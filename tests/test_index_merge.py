@@ -182,10 +182,13 @@ def test_a_merge_state_keeps_every_array_exactly_and_states_saved_as_npz_still_l
     and shape, writable (a merge may update them); the .npz states of earlier versions load too."""
     import hashlib
 
+    from freud_pipeline.features import state_file
+
     arrays = {"f64": np.linspace(0, 1, 12).reshape(3, 4), "f16": np.arange(6, dtype=np.float16), "i16": np.int16([-3]),
               "u64": np.uint64([2**64 - 1, 0]), "flag": np.array(True), "n": np.array(1536), "x": np.array(0.25),
               "ids": np.array(["clip/é", "b"]), "none": np.array([], dtype=str), "json": np.array('{"a": [1]}'),
-              "empty": np.zeros((0, 5), np.int32)}
+              "empty": np.zeros((0, 5), np.int32),
+              "stacked": state_file.Stacked([np.full((2, 3), i, np.float16) for i in range(4)], (2, 3), np.float16)}
     path, digest = store.save_state(str(tmp_path / "lancedb"), "s@1", arrays)
     assert path.endswith(".safetensors") and hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
     loaded = store.load_state({"set_id": "s", "build_id": "s@1", "merge_state": path, "merge_state_sha256": digest})
@@ -196,8 +199,6 @@ def test_a_merge_state_keeps_every_array_exactly_and_states_saved_as_npz_still_l
         assert got.flags.writeable, name
     # The file is safetensors as the library reads it (0-d arrays as [1]), and states the library wrote load here.
     import safetensors.numpy
-
-    from freud_pipeline.features import state_file
 
     by_library = safetensors.numpy.load_file(path)
     numeric = {k: v for k, v in arrays.items() if v.dtype.kind in "biuf"}

@@ -76,6 +76,7 @@ import pandas as pd
 from freud_pipeline.audio.phones import PHONE_CLASSES
 from freud_pipeline.errors import FreudError
 from freud_pipeline.features.mining import first_frame_of, is_torch_tensor
+from freud_pipeline.features.state_file import Stacked
 from freud_pipeline.frames import FRAME_SECONDS
 
 SILENCE = frozenset({"", "pau", "sil", "sp", "spn", "h#", "<sil>", "<unk>"})
@@ -443,7 +444,8 @@ class LabelCollector:
     _VECTORS = ("seen", "phone_frames", "word_frames", "frames_at")
 
     def state(self) -> dict[str, np.ndarray]:
-        """What the pass gathered, as numpy arrays only (np.savez; np.load(..., allow_pickle=False) reads it back):
+        """What the pass gathered, as numpy arrays only (np.savez; np.load(..., allow_pickle=False) reads it back;
+        the reservoir is a `state_file.Stacked` of the phones' samples, which np.asarray stacks):
         settings and counts as 0-d arrays, vocabularies as string arrays, split_info as a JSON string, the peaks
         (train_* and held_*, `_Peaks.FIELDS`, each row in rank order) and the recall sample (reservoir [phones, per_phone, n_features],
         reservoir_priority, reservoir_phones). `from_state` restores it."""
@@ -452,8 +454,8 @@ class LabelCollector:
                "words": np.array(self.words, dtype=str), "split_info": np.array(json.dumps(self.split_info)),
                **{name: np.array(getattr(self, name)) for name in self._SETTINGS + self._COUNTS + self._VECTORS},
                "reservoir_phones": np.array(phones, np.int32),
-               "reservoir": (np.stack([self.reservoir[p] for p in phones]) if phones
-                             else np.zeros((0, self.per_phone, self.n_features), np.float16)),
+               "reservoir": Stacked([self.reservoir[p] for p in phones], (self.per_phone, self.n_features),
+                                    np.float16),
                "reservoir_priority": (np.stack([self.priority[p] for p in phones]) if phones
                                       else np.zeros((0, self.per_phone), np.uint64))}
         for side in ("train", "held"):  # in rank order (what `result` reads): a merge then ranks only what it changes
