@@ -9,6 +9,7 @@ lists, decoder vectors carried over), not what an SAE learns.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,32 @@ def test_merging_the_same_clips_again_changes_nothing(corpus, halves, tmp_path):
     assert not again["merged"] and again["n_skipped_clips"] == len(halves["b"])
     assert store.current_set("s", uri)["build_id"] == first["build_id"]
     assert check_coverage(uri, "s").passed
+
+
+def test_a_merge_that_fails_before_its_flip_leaves_the_set_and_no_stray_state(corpus, halves, tmp_path,
+                                                                              monkeypatch):
+    """The merged state is saved in a thread while the labels are judged and the rows written; when the build
+    fails before the pointer flips (here: the vectors table cannot be written), the set stays on its build and the
+    new state file is removed. Merging again then succeeds and equals the rebuild."""
+    uri = str(tmp_path / "lancedb")
+    _build(corpus, halves, uri, halves["a"])
+    before = store.current_set("s", uri)
+    states = Path(store.state_dir(uri))
+    files = sorted(states.iterdir())
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_write_vectors", broken)
+        with pytest.raises(OSError, match="injected"):
+            _merge(corpus, halves, uri, halves["b"])
+    assert store.current_set("s", uri)["build_id"] == before["build_id"]
+    assert sorted(states.iterdir()) == files
+    assert _merge(corpus, halves, uri, halves["b"])["merged"]
+    rebuilt_uri = str(tmp_path / "rebuilt" / "lancedb")
+    _build(corpus, halves, rebuilt_uri, halves["a"] + halves["b"])
+    _assert_same_set(FeatureIndex(uri), FeatureIndex(rebuilt_uri), "s", 1536)
 
 
 def test_sae_set_merge_equals_rebuild(corpus, halves, tmp_path):

@@ -349,16 +349,22 @@ def merge_into_feature_set(
         else:
             changed, lists, row_refs, state_refs = _referenced_examples(old, batch, merged, refs)
         labels_state = old_labels.merge(collector) if collector is not None else old_labels
-        labels = labels_state.result() if labels_state is not None else None
+        # The merged state is complete: its file is written and hashed in a thread while the labels are judged and
+        # the rows written (write_feature_set waits for it before the flip, and removes it if the build fails).
+        saving = store.save_state_beside(index_uri, set_id, _state_arrays(merged, labels_state, state_refs))
+        try:
+            labels = labels_state.result() if labels_state is not None else None
+        except BaseException:
+            saving.discard()
+            raise
         decoder = row["vector_kind"] == "decoder"  # an SAE's decoder directions do not change: its table is shared
         new_coverage = cov.extended(json.loads(row["coverage"]) if row.get("coverage") else None, coverage_entries)
         written = store.write_feature_set(
             set_id=set_id, model=row["model"], hook=row["hook"], kind=row["kind"], mining=merged, labels=labels,
             manifest=manifest_df, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
             sae_checkpoint=row["sae_checkpoint"], sae_sha256=row["sae_sha256"], shard_dir=row["shard_dir"],
-            uri=index_uri, coverage=new_coverage, merge_state=_state_arrays(merged, labels_state, state_refs),
-            changed_examples=(changed, lists, row_refs), carried_from=None if everything else row,
-            vectors_table=row["vectors_table"] if decoder else None)
+            uri=index_uri, coverage=new_coverage, merge_state=saving, changed_examples=(changed, lists, row_refs),
+            carried_from=None if everything else row, vectors_table=row["vectors_table"] if decoder else None)
     finally:
         for result in (old, batch):
             result.close()

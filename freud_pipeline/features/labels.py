@@ -444,10 +444,10 @@ class LabelCollector:
     _VECTORS = ("seen", "phone_frames", "word_frames", "frames_at")
 
     def state(self) -> dict[str, np.ndarray]:
-        """What the pass gathered, as numpy arrays only (np.savez; np.load(..., allow_pickle=False) reads it back;
-        the reservoir is a `state_file.Stacked` of the phones' samples, which np.asarray stacks):
+        """What the pass gathered, as numpy arrays only (np.savez; np.load(..., allow_pickle=False) reads it back):
         settings and counts as 0-d arrays, vocabularies as string arrays, split_info as a JSON string, the peaks
-        (train_* and held_*, `_Peaks.FIELDS`, each row in rank order) and the recall sample (reservoir [phones, per_phone, n_features],
+        (train_* and held_*, `_Peaks.FIELDS`, each row in rank order) and the recall sample (reservoir [phones,
+        per_phone, n_features]: a `state_file.Stacked` of the phones' samples, which np.asarray stacks;
         reservoir_priority, reservoir_phones). `from_state` restores it."""
         phones = sorted(self.reservoir)
         out = {"format": np.array(STATE_FORMAT), "phones": np.array(self.phones, dtype=str),

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -394,14 +395,15 @@ def write_feature_set(
     keep_builds: int = 2,
     batch_features: int = 256,
     coverage: dict[str, Any] | None = None,
-    merge_state: dict[str, np.ndarray] | None = None,
+    merge_state: dict[str, np.ndarray] | PendingState | None = None,
     changed_examples: tuple[dict[str, np.ndarray], dict[str, Any], Any] | None = None,
     carried_from: dict[str, Any] | None = None,
     vectors_table: str | None = None,
 ) -> dict[str, Any]:
     """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row.
     coverage: what the build covers (`features.coverage`); merge_state: arrays a later merge continues from
-    (`save_state`). A merge passes `changed_examples` (per sign the features whose rows to write and their lists, row i
+    (`save_state`), or their save already under way (`save_state_beside`: the build takes its build_id). A merge
+    passes `changed_examples` (per sign the features whose rows to write and their lists, row i
     being features[sign][i], and refs; `mining`'s own lists then need no traces; refs as `_example_batches` takes them,
     positions in the carried chain, or None when the lists hold every trace) and `carried_from` (the pointer row of
     the build the other features' rows come from: see "Examples carried over"), and may pass the `vectors_table` of
@@ -411,66 +413,75 @@ def write_feature_set(
     if mining.quantiles is None:
         raise ValueError("this MiningResult was made only to be merged (it has no statistics): write the result of "
                          "merge_mining instead")
-    db = connect(uri)
-    build_id = new_build_id(set_id)
-    # The state is written and hashed (hashlib releases the GIL) in a thread beside the build's rows, and is
-    # complete before the flip.
-    state_saved = beside(save_state, uri, build_id, merge_state) if merge_state is not None else None
-    if manifest is not None and len(manifest):
-        upsert_clips(db, manifest)
+    state_saved = merge_state if isinstance(merge_state, PendingState) else None
+    build_id = state_saved.build_id if state_saved else new_build_id(set_id)
+    published = False
+    try:
+        db = connect(uri)
+        if manifest is not None and len(manifest):
+            upsert_clips(db, manifest)
+        # The state is written and hashed (both release the GIL) in a thread beside the build's rows, and is
+        # complete before the flip; started after the clips' upsert, which it slowed from about 12 to 30-50 ms.
+        if state_saved is None and merge_state is not None:
+            state_saved = save_state_beside(uri, set_id, merge_state, build_id)
 
-    n_top = _kept_counts(mining.top, "+")
-    n_bottom = _kept_counts(mining.bottom, "-")
-    features = _with_new_columns(open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
-    features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
-    examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
-    refs, carried = None, []
-    if changed_examples is None:
-        written = {sign: np.arange(mining.n_features) for sign in SIGNS}
-        lists = {"+": mining.top, "-": mining.bottom}
-        chain = [build_id]
-    else:
-        written, lists, refs = changed_examples
-        carried = example_builds(carried_from) if carried_from is not None else []
-        any_written = any(len(features) for features in written.values())
-        chain = [*carried, build_id] if any_written or not carried else carried
-    if any(len(features) for features in written.values()):
-        examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(
-            build_id, set_id, mining.clip_ids, lists, written, batch_features,
-            None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})))
-    if vectors_table is None:
-        vectors = mining.signature if vectors is None else vectors
-        vectors_table = vectors_table_name(build_id)
-        _write_vectors(db, vectors_table, vectors, labels.label if labels else [None] * mining.n_features)
-    for tbl in (features, examples):
-        _refresh_index(tbl, "key", BTree())
-        _refresh_index(tbl, "build_id", Bitmap())
+        n_top = _kept_counts(mining.top, "+")
+        n_bottom = _kept_counts(mining.bottom, "-")
+        features = _with_new_columns(open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
+        features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
+        examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
+        refs, carried = None, []
+        if changed_examples is None:
+            written = {sign: np.arange(mining.n_features) for sign in SIGNS}
+            lists = {"+": mining.top, "-": mining.bottom}
+            chain = [build_id]
+        else:
+            written, lists, refs = changed_examples
+            carried = example_builds(carried_from) if carried_from is not None else []
+            any_written = any(len(features) for features in written.values())
+            chain = [*carried, build_id] if any_written or not carried else carried
+        if any(len(features) for features in written.values()):
+            examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(
+                build_id, set_id, mining.clip_ids, lists, written, batch_features,
+                None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})))
+        if vectors_table is None:
+            vectors = mining.signature if vectors is None else vectors
+            vectors_table = vectors_table_name(build_id)
+            _write_vectors(db, vectors_table, vectors, labels.label if labels else [None] * mining.n_features)
+        for tbl in (features, examples):
+            _refresh_index(tbl, "key", BTree())
+            _refresh_index(tbl, "build_id", Bitmap())
 
-    state_path, state_sha256 = state_saved.result() if state_saved is not None else (None, None)
-    sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
-    current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
-    history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
-    row = {
-        "set_id": set_id, "build_id": build_id, "model": model, "hook": hook, "kind": kind,
-        "n_features": mining.n_features, "sae_run_id": sae_run_id, "sae_checkpoint": sae_checkpoint,
-        "shard_dir": shard_dir, "created_at": datetime.now(timezone.utc), "n_clips": mining.n_clips,
-        "n_frames": mining.n_frames, "top_k": mining.top_k, "fire_threshold": mining.fire_threshold,
-        "quantile_levels": list(mining.quantile_levels), "vectors_table": vectors_table,
-        "vector_kind": vector_kind, "label_summary": json.dumps(labels.summary if labels else {}),
-        "previous_builds": history[: keep_builds - 1], "sae_sha256": sae_sha256,
-        "coverage": json.dumps(coverage) if coverage else None, "merge_state": state_path,
-        "merge_state_sha256": state_sha256, "example_builds": chain,
-    }
-    # The flip: one commit. Readers resolving set_id from here on get the new build.
-    sets.merge_insert("set_id").when_matched_update_all().when_not_matched_insert_all().execute(
-        pa.Table.from_pylist([row], schema=FEATURE_SETS_SCHEMA))
-    kept = [build_id, *row["previous_builds"]]
-    # Rows the previous build reads stay as long as a reader may have resolved it.
-    previous = current[0] if current and current[0]["build_id"] in kept else None
-    _delete_builds(db, set_id, keep=kept, newest=build_id,
-                   keep_examples=set(chain) | (set(example_builds(previous)) if previous else set()),
-                   keep_vectors={vectors_table, *([previous["vectors_table"]] if previous else [])})
-    return row
+        state_path, state_sha256 = state_saved.result() if state_saved is not None else (None, None)
+        sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
+        current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
+        history = ([current[0]["build_id"]] + list(current[0]["previous_builds"] or [])) if current else []
+        row = {
+            "set_id": set_id, "build_id": build_id, "model": model, "hook": hook, "kind": kind,
+            "n_features": mining.n_features, "sae_run_id": sae_run_id, "sae_checkpoint": sae_checkpoint,
+            "shard_dir": shard_dir, "created_at": datetime.now(timezone.utc), "n_clips": mining.n_clips,
+            "n_frames": mining.n_frames, "top_k": mining.top_k, "fire_threshold": mining.fire_threshold,
+            "quantile_levels": list(mining.quantile_levels), "vectors_table": vectors_table,
+            "vector_kind": vector_kind, "label_summary": json.dumps(labels.summary if labels else {}),
+            "previous_builds": history[: keep_builds - 1], "sae_sha256": sae_sha256,
+            "coverage": json.dumps(coverage) if coverage else None, "merge_state": state_path,
+            "merge_state_sha256": state_sha256, "example_builds": chain,
+        }
+        # The flip: one commit. Readers resolving set_id from here on get the new build.
+        sets.merge_insert("set_id").when_matched_update_all().when_not_matched_insert_all().execute(
+            pa.Table.from_pylist([row], schema=FEATURE_SETS_SCHEMA))
+        published = True
+        kept = [build_id, *row["previous_builds"]]
+        # Rows the previous build reads stay as long as a reader may have resolved it.
+        previous = current[0] if current and current[0]["build_id"] in kept else None
+        _delete_builds(db, set_id, keep=kept, newest=build_id,
+                       keep_examples=set(chain) | (set(example_builds(previous)) if previous else set()),
+                       keep_vectors={vectors_table, *([previous["vectors_table"]] if previous else [])})
+        return row
+    except BaseException:
+        if state_saved is not None and not published:  # a build that failed before its flip leaves no state file
+            state_saved.discard()
+        raise
 
 
 def _buffered(schema: pa.Schema, batches: Iterator[pa.RecordBatch],
@@ -672,6 +683,35 @@ def _state_path(uri: str | None, build_id: str, suffix: str = ".safetensors") ->
     return f"{state_dir(uri)}/{vectors_table_name(build_id).removeprefix('vectors_')}{suffix}"
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingState:
+    """A build's merge state being saved in a thread (`save_state_beside`): the build's id at once, then (path,
+    sha256) from `result()`. `discard()` removes the file of a build that will not be published."""
+
+    uri: str | None
+    build_id: str
+    saving: concurrent.futures.Future
+
+    def result(self) -> tuple[str, str]:
+        return self.saving.result()
+
+    def discard(self) -> None:
+        try:
+            self.saving.result()
+        except Exception:  # noqa: BLE001 - the build failed already; only its file is to go
+            pass
+        _delete_state_file(self.uri, self.build_id)
+
+
+def save_state_beside(uri: str | None, set_id: str, arrays: dict[str, np.ndarray],
+                      build_id: str | None = None) -> PendingState:
+    """Start saving the merge state of a new build of `set_id` (`save_state`) in a thread: a merge starts it as
+    soon as the merged state exists, so that the file is written and hashed while the labels are computed and
+    the rows written. Pass the result as `write_feature_set(merge_state=...)`."""
+    build_id = build_id or new_build_id(set_id)
+    return PendingState(uri, build_id, beside(save_state, uri, build_id, arrays))
+
+
 def save_state(uri: str | None, build_id: str, arrays: dict[str, np.ndarray]) -> tuple[str, str]:
     """Save a build's merge state as a safetensors file (`state_file`), under a temporary name, then rename it into
     place (an object store's PUT is atomic by itself). Returns (path or URI, sha256 of the file)."""
@@ -756,10 +796,13 @@ def open_state(set_row: dict[str, Any]) -> tuple[dict[str, np.ndarray], Callable
 
 def _delete_state(db, build_id: str) -> None:
     uri = getattr(db, "uri", None)
-    if uri is None:
-        return
+    if uri is not None:
+        _delete_state_file(str(uri), build_id)
+
+
+def _delete_state_file(uri: str | None, build_id: str) -> None:
     for suffix in (".safetensors", ".npz"):  # .npz: states saved before the safetensors format
-        path = _state_path(str(uri), build_id, suffix)
+        path = _state_path(uri, build_id, suffix)
         if objectstore.is_remote(path):
             objectstore.delete_uri(path)
         else:
