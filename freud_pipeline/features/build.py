@@ -354,11 +354,12 @@ def merge_into_feature_set(
         saving = store.save_state_beside(index_uri, set_id, _state_arrays(merged, labels_state, state_refs))
         try:
             labels = labels_state.result() if labels_state is not None else None
+            decoder = row["vector_kind"] == "decoder"  # an SAE's decoder directions do not change: a shared table
+            new_coverage = cov.extended(json.loads(row["coverage"]) if row.get("coverage") else None,
+                                        coverage_entries)
         except BaseException:
             saving.discard()
             raise
-        decoder = row["vector_kind"] == "decoder"  # an SAE's decoder directions do not change: its table is shared
-        new_coverage = cov.extended(json.loads(row["coverage"]) if row.get("coverage") else None, coverage_entries)
         written = store.write_feature_set(
             set_id=set_id, model=row["model"], hook=row["hook"], kind=row["kind"], mining=merged, labels=labels,
             manifest=manifest_df, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
