@@ -48,7 +48,13 @@ def threads(limit: int) -> Iterator[None]:
 
 @functools.cache
 def openblas() -> tuple[LibController, ...]:
-    """Controllers of the OpenBLAS libraries loaded in this process (numpy's, and scipy's if loaded)."""
+    """Controllers of the OpenBLAS libraries loaded when first asked (numpy's is loaded with numpy, so always among
+    them; one that a later import loads, such as scipy's, is not limited)."""
+    return loaded_openblas()
+
+
+def loaded_openblas() -> tuple[LibController, ...]:
+    """Controllers of the OpenBLAS libraries loaded in this process now (numpy's, and scipy's if loaded)."""
     found = []
     for path in sorted(_mapped_libraries()):
         name = os.path.basename(path)
