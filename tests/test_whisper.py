@@ -106,3 +106,16 @@ def test_local_checkpoint_path_loads(tiny_en):
     path = tiny_en.freud_checkpoint.checkpoint
     model = load_model(str(path))
     assert model.dims.n_mels == 80 and model.freud_checkpoint.source == "local"
+
+
+def test_log_mel_of_a_read_only_array_equals_the_writable_one_without_a_warning():
+    """Decoded audio may be a read-only view (a mapped file, a shared buffer): torch would share its memory and warn
+    that writing it is undefined; log_mel copies it instead."""
+    import warnings
+
+    audio = asterisk_audio("auth-thankyou")
+    frozen = audio.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(log_mel(frozen), log_mel(audio))

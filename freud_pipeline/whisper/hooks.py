@@ -80,6 +80,8 @@ def n_real_frames(n_samples: int) -> int:
 
 def log_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 80, pad: bool = True) -> torch.Tensor:
     """Whisper's log-mel spectrogram of one window, padded (or cut) to 30 s as Whisper runs it."""
+    if isinstance(audio, np.ndarray) and not audio.flags.writeable:
+        audio = audio.copy()  # torch would share a read-only array's memory (and warn that writing it is undefined)
     audio = torch.as_tensor(audio, dtype=torch.float32)
     if pad:
         audio = whisper.pad_or_trim(audio, N_SAMPLES)
