@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from typing import Callable, Iterator
 
 from threadpoolctl import LibController, OpenBLASController, ThreadpoolController
@@ -29,21 +30,36 @@ def one_thread(function: Callable) -> Callable:
     return run
 
 
+_lock = threading.Lock()
+_holders = 0  # blocks inside `threads` now, across all threads
+_restore: list[int | None] = []  # the counts before the first of them
+
+
 @contextlib.contextmanager
 def threads(limit: int) -> Iterator[None]:
-    """OpenBLAS on at most `limit` threads inside the block, as it was after (threadpoolctl's restore: the old
-    counts, then no thread holds control of the pool)."""
+    """OpenBLAS on `limit` threads while any block of this process is inside (the limit is process-wide, and merges
+    may run from several threads at once): the first to enter sets it, the last to leave restores the old counts
+    (then no thread holds control of the pool, as threadpoolctl leaves it)."""
+    global _holders
     controllers = openblas()
-    before = [controller.get_num_threads() for controller in controllers]
-    for controller in controllers:
-        controller.set_num_threads(limit)
+    with _lock:
+        if _holders == 0:
+            _restore[:] = [controller.get_num_threads() for controller in controllers]
+            OpenBLASController.clear_controlling_thread(force=True)  # this thread takes control (under _lock)
+            for controller in controllers:
+                controller.set_num_threads(limit)
+        _holders += 1
     try:
         yield
     finally:
-        for controller, count in zip(controllers, before):
-            if count is not None:
-                controller.set_num_threads(count)
-        OpenBLASController.clear_controlling_thread()
+        with _lock:
+            _holders -= 1
+            if _holders == 0:
+                OpenBLASController.clear_controlling_thread(force=True)  # the first may still hold it, alive
+                for controller, count in zip(controllers, _restore):
+                    if count is not None:
+                        controller.set_num_threads(count)
+                OpenBLASController.clear_controlling_thread(force=True)
 
 
 @functools.cache

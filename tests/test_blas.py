@@ -33,3 +33,36 @@ def test_one_thread_inside_and_the_old_count_after():
     except KeyError:
         pass
     assert [c.get_num_threads() for c in controllers] == before
+
+
+def test_overlapping_limits_from_two_threads_restore_the_old_count_whichever_leaves_last():
+    """Merges may run from several threads: the limit holds while any of them is inside, and the count before the
+    first is restored when the last leaves (in either order), not the 1 that a later entrant saw."""
+    import threading
+
+    controllers = blas.openblas()
+    before = [c.get_num_threads() for c in controllers]
+    for last in ("a", "b"):
+        entered = {name: threading.Event() for name in "ab"}
+        leave = {name: threading.Event() for name in "ab"}
+        inside: dict[str, list] = {}
+
+        def hold(name):
+            with blas.threads(1):
+                inside[name] = [c.get_num_threads() for c in controllers]
+                entered[name].set()
+                leave[name].wait(10)
+
+        workers = {name: threading.Thread(target=hold, args=(name,)) for name in "ab"}
+        workers["a"].start()
+        entered["a"].wait(10)
+        workers["b"].start()
+        entered["b"].wait(10)
+        first = "b" if last == "a" else "a"
+        leave[first].set()
+        workers[first].join()
+        assert [c.get_num_threads() for c in controllers] == [1] * len(controllers)  # the other is still inside
+        leave[last].set()
+        workers[last].join()
+        assert inside == {"a": [1] * len(controllers), "b": [1] * len(controllers)}
+        assert [c.get_num_threads() for c in controllers] == before

@@ -24,6 +24,7 @@ SCALARS = "freud.scalars"  # and of the names of the 0-d arrays
 DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32,
           "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 _CODES = {np.dtype(numpy_type): code for code, numpy_type in DTYPES.items()}
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one writev call takes
 
 
 class Stacked:
@@ -90,9 +91,6 @@ def write(path: str | os.PathLike, arrays: dict[str, np.ndarray | Stacked]) -> N
                 buffers[0] = buffers[0][written:]
     finally:
         os.close(fd)
-
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def read(data: np.ndarray) -> dict[str, np.ndarray]:
