@@ -107,7 +107,7 @@ def _step(case: str, step: str, uri: str, args) -> dict:
                                     alignments_df=alignments, index_uri=uri, top_k=32, data_root=data_root,
                                     coverage=cov.extended(None, [cov.partition_entry(case, step, 0, 0)]))
     seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    return {"seconds": round(seconds, 3), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "n_clips": summary.get("n_clips"), "n_new": len(which)}
 
 

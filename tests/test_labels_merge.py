@@ -262,3 +262,6 @@ def test_peaks_merged_ranks_only_the_rows_the_batch_reached_and_equals_ranking_a
         want, got = _Peaks.best(k, a.fields(), b.fields()), _Peaks.merged(k, a.fields(), b.fields())
         for name in _Peaks.FIELDS + ("weakest", "weakest_slot"):
             assert np.array_equal(getattr(got, name), getattr(want, name)), (trial, name)
+        for name in _Peaks.FIELDS:  # its own arrays: a merge updates them in place, and a's may be a mapped state
+            assert not np.shares_memory(getattr(got, name), getattr(a, name))
+            assert not np.shares_memory(getattr(got, name), getattr(b, name))

@@ -188,23 +188,30 @@ class _Peaks:
     EMPTY = np.iinfo(np.int64).max  # the clip order of an empty slot: last
 
     def __init__(self, n_features: int, k: int):
-        self.peak = np.full((n_features, k), -np.inf, np.float32)
-        self.order = np.full((n_features, k), self.EMPTY, np.int64)  # the clip's place in the collector's pass
-        self.phone = np.full((n_features, k), -1, np.int32)
-        self.word = np.full((n_features, k), -1, np.int32)
-        self.frame = np.zeros((n_features, k), np.int32)
-        self.from_end = np.zeros((n_features, k), np.int32)
-        self.loud = np.zeros((n_features, k), bool)
+        self.peak = np.full((n_features, k), -np.inf, self.DTYPES["peak"])
+        self.order = np.full((n_features, k), self.EMPTY, self.DTYPES["order"])  # the clip's place in the pass
+        self.phone = np.full((n_features, k), -1, self.DTYPES["phone"])
+        self.word = np.full((n_features, k), -1, self.DTYPES["word"])
+        self.frame = np.zeros((n_features, k), self.DTYPES["frame"])
+        self.from_end = np.zeros((n_features, k), self.DTYPES["from_end"])
+        self.loud = np.zeros((n_features, k), self.DTYPES["loud"])
         self.weakest = np.full(n_features, -np.inf, np.float32)
         self.weakest_slot = np.zeros(n_features, np.int64)
 
+    DTYPES = {"peak": np.float32, "order": np.int64, "phone": np.int32, "word": np.int32, "frame": np.int32,
+              "from_end": np.int32, "loud": bool}
+
     @classmethod
-    def of(cls, **fields: np.ndarray) -> _Peaks:
-        """From its arrays (`FIELDS`, each [n_features, k])."""
-        out = cls(*fields["peak"].shape)
+    def of(cls, *, copy: bool = True, **fields: np.ndarray) -> _Peaks:
+        """From its arrays (`FIELDS`, each [n_features, k]): copies, or (copy=False) the arrays themselves where
+        their dtype is right (arrays nothing else holds, fresh from a ranking)."""
+        out = cls.__new__(cls)
         for name in cls.FIELDS:
-            setattr(out, name, np.array(fields[name], dtype=getattr(out, name).dtype))
-        out._find_weakest(np.arange(len(out.peak)))
+            setattr(out, name, np.array(fields[name], cls.DTYPES[name]) if copy else
+                    np.asarray(fields[name], cls.DTYPES[name]))
+        n = len(out.peak)
+        out.weakest, out.weakest_slot = np.empty(n, np.float32), np.empty(n, np.int64)
+        out._find_weakest(np.arange(n))
         return out
 
     def _find_weakest(self, features: np.ndarray) -> None:
@@ -248,7 +255,7 @@ class _Peaks:
         ascending, empty slots last)."""
         fields = {name: np.concatenate([part[name] for part in parts], axis=1) for name in cls.FIELDS}
         rank = np.lexsort((fields["order"], -fields["peak"]), axis=1)[:, :k]
-        return cls.of(**{name: np.take_along_axis(a, rank, axis=1) for name, a in fields.items()})
+        return cls.of(copy=False, **{name: np.take_along_axis(a, rank, axis=1) for name, a in fields.items()})
 
     @classmethod
     def merged(cls, k: int, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> _Peaks:
@@ -258,8 +265,12 @@ class _Peaks:
         leaves them: then copied as they are)."""
         if not k:
             return cls.best(k, a, b)
-        out = cls.of(**a) if _is_ranked(a["peak"], a["order"]) else cls.best(k, a)
-        touched = np.flatnonzero((b["peak"] > out.peak[:, -1:]).any(axis=1))
+        ranked = None if _is_ranked(a["peak"], a["order"]) else cls.best(k, a)
+        weakest = (a["peak"] if ranked is None else ranked.peak)[:, -1:]
+        touched = np.flatnonzero((b["peak"] > weakest).any(axis=1))
+        if touched.size == len(weakest):  # every row (lists not full yet): one ranking of both
+            return cls.best(k, a, b)
+        out = cls.of(**a) if ranked is None else ranked
         if touched.size:
             part = cls.best(k, {n: v[touched] for n, v in a.items()}, {n: v[touched] for n, v in b.items()})
             for name in cls.FIELDS:
@@ -328,12 +339,15 @@ class LabelCollector:
                     self.phones, self.words, {**split_info, "n_train_clips": 0, "n_heldout_clips": 0})
 
     def _empty(self, n_features: int, top_k: int, per_phone: int, seed: int, fire_threshold: float,
-               loudness_tested: bool, phones: list[str], words: list[str], split_info: dict[str, Any]) -> None:
-        """Settings, vocabularies and empty accumulators (also of restored and merged collectors)."""
+               loudness_tested: bool, phones: list[str], words: list[str], split_info: dict[str, Any],
+               peaks: bool = True) -> None:
+        """Settings, vocabularies and empty accumulators (also of restored and merged collectors; peaks=False
+        leaves the peaks, `train` and `held`, to the caller)."""
         self.n_features, self.top_k, self.per_phone = int(n_features), int(top_k), int(per_phone)
         self.seed, self.fire_threshold, self.loudness_tested = int(seed), float(fire_threshold), bool(loudness_tested)
         self.phones, self.words, self.split_info = list(phones), list(words), dict(split_info)
-        self.train, self.held = _Peaks(self.n_features, self.top_k), _Peaks(self.n_features, self.top_k)
+        if peaks:
+            self.train, self.held = _Peaks(self.n_features, self.top_k), _Peaks(self.n_features, self.top_k)
         # The recall sample: per phone, the occurrence maxima [per_phone, n_features] with the smallest priorities,
         # the first min(seen, per_phone) rows filled.
         self.reservoir: dict[int, np.ndarray] = {}
@@ -458,8 +472,11 @@ class LabelCollector:
                                     np.float16),
                "reservoir_priority": (np.stack([self.priority[p] for p in phones]) if phones
                                       else np.zeros((0, self.per_phone), np.uint64))}
-        for side in ("train", "held"):  # in rank order (what `result` reads): a merge then ranks only what it changes
-            out.update({f"{side}_{name}": np.array(a) for name, a in getattr(self, side).ranked().fields().items()})
+        # The peaks in rank order (what `result` reads): a merge then ranks only what it changes. Copies unless this
+        # collector observes no more clips (restored or merged: nothing changes its arrays).
+        keep = np.asarray if self._rows is None else np.array
+        for side in ("train", "held"):
+            out.update({f"{side}_{name}": keep(a) for name, a in getattr(self, side).ranked().fields().items()})
         return out
 
     @classmethod
@@ -487,12 +504,13 @@ class LabelCollector:
 
     @classmethod
     def _bare(cls, *, loudness: Callable[[str], np.ndarray | None] | None = None, **settings: Any) -> LabelCollector:
-        """A collector without alignments (restored or merged), its accumulators empty."""
+        """A collector without alignments (restored or merged), its accumulators empty but for the peaks, which the
+        caller sets (`train`, `held`)."""
         out = cls.__new__(cls)
         out._rows, out.heldout, out.loudness = None, None, loudness  # heldout: the clip ids are not kept
         out._empty(settings["n_features"], settings["top_k"], settings["per_phone"], settings["seed"],
                    settings["fire_threshold"], settings["loudness_tested"], settings["phones"], settings["words"],
-                   settings["split_info"])
+                   settings["split_info"], peaks=False)
         return out
 
     def merge(self, other: LabelCollector) -> LabelCollector:
@@ -536,9 +554,14 @@ class LabelCollector:
                 continue
             priority = np.concatenate([p for _, p in both])
             keep = np.argsort(priority, kind="stable")[: self.per_phone]
-            out.reservoir[phone] = np.zeros((self.per_phone, self.n_features), np.float16)
+            sample = np.zeros((self.per_phone, self.n_features), np.float16)
+            start = 0
+            for rows, _ in both:  # each kept row straight from its sample (no stacked copy of both)
+                mine = (keep >= start) & (keep < start + len(rows))
+                sample[np.flatnonzero(mine)] = rows[keep[mine] - start]
+                start += len(rows)
+            out.reservoir[phone] = sample
             out.priority[phone] = np.zeros(self.per_phone, np.uint64)
-            out.reservoir[phone][: len(keep)] = np.concatenate([s for s, _ in both])[keep]
             out.priority[phone][: len(keep)] = priority[keep]
         return out
 
