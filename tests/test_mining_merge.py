@@ -118,6 +118,14 @@ def test_a_pass_mined_after_a_result_merges_the_same_and_keeps_fewer_traces(tmp_
     assert after.peak_hist_counts.sum() == plain.peak_hist_counts.sum()
     sae = _mine(A, bottom_k=0)  # no bottom lists: nothing enters them
     _assert_same(merge_mining(sae, _mine(B, bottom_k=0, after=sae)), _mine(A + B, bottom_k=0))
+    # As a merge into a set does it: the sums added into the batch's arrays (not used again); the set's untouched.
+    before = {k: np.array(v) for k, v in a.state.to_arrays().items()}
+    batch = _mine(B, after=a)
+    log_counts = batch.state.log_counts
+    into = merge_mining(a, batch, into_b=True)
+    _assert_same(into, _mine(A + B))
+    assert into.state.log_counts is log_counts
+    assert all(np.array_equal(v, before[k]) for k, v in a.state.to_arrays().items())
     # made only to be merged: no statistics of its own (the merge computes them), and it cannot be written as a set
     assert after.quantiles is None and after.density is None and after.signature is None and after.mean is None
     from freud_pipeline.features import store

@@ -341,7 +341,7 @@ def merge_into_feature_set(
         # new clips' traces and naming where the others' are; the other features' rows are carried over (store:
         # "Examples carried over", "Traces by reference"), unless the chain of builds holding them is full or the
         # state predates the lists or the references: then every row is rewritten with its traces read back.
-        merged = merge_mining(old, batch, traces=False)
+        merged = merge_mining(old, batch, traces=False, into_b=True)  # the batch's sums are not used again
         everything = refs is None or len(store.example_builds(row)) >= store.MAX_EXAMPLE_BUILDS
         if everything:
             changed, lists, spills = _all_examples(row, old, batch, index_uri)

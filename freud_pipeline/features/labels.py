@@ -495,8 +495,8 @@ class LabelCollector:
             setattr(out, name, int(state[name]))
         for name in cls._VECTORS:
             setattr(out, name, np.array(state[name], np.int64))
-        for side in ("train", "held"):
-            setattr(out, side, _Peaks.of(**{name: state[f"{side}_{name}"] for name in _Peaks.FIELDS}))
+        for side in ("train", "held"):  # views too where the dtypes match: nothing changes a restored collector's peaks
+            setattr(out, side, _Peaks.of(copy=False, **{name: state[f"{side}_{name}"] for name in _Peaks.FIELDS}))
         for i, phone in enumerate(np.asarray(state["reservoir_phones"]).tolist()):  # views, not copies: a restored
             out.reservoir[phone] = np.asarray(state["reservoir"][i], np.float16)  # collector's sample is only read
             out.priority[phone] = np.asarray(state["reservoir_priority"][i], np.uint64)

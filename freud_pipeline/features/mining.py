@@ -623,8 +623,10 @@ def _coarsened(counts: np.ndarray, steps: np.ndarray) -> np.ndarray:
 
 
 def _widened(counts: np.ndarray, width: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Peak histograms brought to the (wider or equal) bin widths `target` (both powers of two times 2^-20)."""
-    return _coarsened(counts, np.rint(np.log2(target / width)).astype(np.int64))
+    """Peak histograms brought to the (wider or equal) bin widths `target` (both powers of two times 2^-20): `counts`
+    itself where every width is the target's already, else a new array."""
+    steps = np.rint(np.log2(target / width)).astype(np.int64)
+    return _coarsened(counts, steps) if steps.any() else counts
 
 
 def encoded_clips(clips: Iterable[tuple[str, Any]], encode: Callable[[Any], Any]) -> Iterator[tuple[str, Any]]:
@@ -829,7 +831,8 @@ _MERGE_PARAMETERS = ("n_features", "top_k", "bottom_k", "max_frames", "fire_thre
 
 
 def merge_mining(a: MiningResult, b: MiningResult, *, trace_ram_bytes: int = 2 << 30,
-                 spill_dir: str | Path | None = None, batch_features: int = 256, traces: bool = True) -> MiningResult:
+                 spill_dir: str | Path | None = None, batch_features: int = 256, traces: bool = True,
+                 into_b: bool = False) -> MiningResult:
     """The result of one pass over a's clips then b's, from the two results (no activations read again).
 
     Exact for the ranked examples, counts, maxima/minima and histograms; sums added in another order
@@ -837,7 +840,9 @@ def merge_mining(a: MiningResult, b: MiningResult, *, trace_ram_bytes: int = 2 <
     mine_features (or merge_mining) with the same parameters and no clip in common. Traces are as wide as the
     wider input's; a memory-mapped temp file beyond trace_ram_bytes, like mine_features. traces=False ranks
     without them (the result's lists have traces [F, K, 0]): enough to see which features' lists took one of b's
-    clips (`clip_index >= len(a.clip_ids)`), whose traces `merge_lists` then merges alone.
+    clips (`clip_index >= len(a.clip_ids)`), whose traces `merge_lists` then merges alone. into_b: the sums and histograms are
+    added into b's arrays (a batch's, not used again: memory in use already, where fresh memory costs a page fault
+    per 4 KB).
     """
     sa, sb = a.state, b.state
     if sa is None or sb is None:
@@ -851,14 +856,19 @@ def merge_mining(a: MiningResult, b: MiningResult, *, trace_ram_bytes: int = 2 <
         raise MiningError(f"cannot merge mining results that share {len(shared)} clip(s), e.g. {min(shared)!r}: "
                           f"each clip must be counted once")
     width = np.maximum(sa.peak_hist_width, sb.peak_hist_width)
+
+    def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        into = into_b and y.flags.writeable and y.shape == x.shape and y.dtype == np.result_type(x, y)
+        return np.add(x, y, out=y) if into else x + y
+
     state = MiningState(
         **{name: getattr(sa, name) for name in _MERGE_PARAMETERS},
         clip_ids=list(sa.clip_ids) + list(sb.clip_ids), n_frames=sa.n_frames + sb.n_frames,
-        total=sa.total + sb.total, n_fire=sa.n_fire + sb.n_fire,
-        max=np.maximum(sa.max, sb.max), min=np.minimum(sa.min, sb.min), log_counts=sa.log_counts + sb.log_counts,
-        peak_hist_width=width, peak_hist_counts=(_widened(sa.peak_hist_counts, sa.peak_hist_width, width)
-                                                 + _widened(sb.peak_hist_counts, sb.peak_hist_width, width)),
-        sig=sa.sig + sb.sig, sig_r=sa.sig_r + sb.sig_r, sig_x=sa.sig_x + sb.sig_x, sig_n=sa.sig_n + sb.sig_n,
+        total=add(sa.total, sb.total), n_fire=add(sa.n_fire, sb.n_fire),
+        max=np.maximum(sa.max, sb.max), min=np.minimum(sa.min, sb.min), log_counts=add(sa.log_counts, sb.log_counts),
+        peak_hist_width=width, peak_hist_counts=add(_widened(sa.peak_hist_counts, sa.peak_hist_width, width),
+                                                    _widened(sb.peak_hist_counts, sb.peak_hist_width, width)),
+        sig=add(sa.sig, sb.sig), sig_r=sa.sig_r + sb.sig_r, sig_x=add(sa.sig_x, sb.sig_x), sig_n=sa.sig_n + sb.sig_n,
         **_level_fields(LevelSample.merged(_level_arrays(sa), _level_arrays(sb), len(sa.clip_ids))))
     spill = _spill_for(spill_dir)
     buffers = (_trace_buffers(sa.n_features, sa.top_k, sa.bottom_k, sa.max_frames, trace_ram_bytes, spill)
