@@ -9,6 +9,7 @@ lists, decoder vectors carried over), not what an SAE learns.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,9 +145,13 @@ def test_merging_the_same_clips_again_changes_nothing(corpus, halves, tmp_path):
 
 def test_a_merge_that_fails_before_its_flip_leaves_the_set_and_no_stray_state(corpus, halves, tmp_path,
                                                                               monkeypatch):
-    """The merged state is saved in a thread while the labels are judged and the rows written; when the build
-    fails before the pointer flips (here: the vectors table cannot be written), the set stays on its build and the
-    new state file is removed. Merging again then succeeds and equals the rebuild."""
+    """The merged state is saved, the batch's clips upserted and the rewritten example rows written in threads
+    while the batch is mined, the labels judged and the other rows written; when the build fails before the pointer
+    flips (the vectors table, the examples or the clips cannot be written, or judging the labels fails), the merge
+    raises that error once its threads are done, the set stays on its build and the new state file is removed.
+    Merging again then succeeds and equals the rebuild."""
+    from freud_pipeline.features.build import LabelCollector
+
     uri = str(tmp_path / "lancedb")
     _build(corpus, halves, uri, halves["a"])
     before = store.current_set("s", uri)
@@ -156,12 +161,24 @@ def test_a_merge_that_fails_before_its_flip_leaves_the_set_and_no_stray_state(co
     def broken(*args, **kwargs):
         raise OSError("disk full (injected)")
 
-    with monkeypatch.context() as patched:
-        patched.setattr(store, "_write_vectors", broken)
-        with pytest.raises(OSError, match="injected"):
-            _merge(corpus, halves, uri, halves["b"])
-    assert store.current_set("s", uri)["build_id"] == before["build_id"]
-    assert sorted(states.iterdir()) == files
+    write_examples, finished = store._write_examples, []
+
+    def slow_examples(*args, **kwargs):  # still writing when the labels fail
+        time.sleep(0.5)
+        write_examples(*args, **kwargs)
+        finished.append(True)
+
+    for owner, name in ((store, "_write_vectors"), (store, "_write_examples"), (store, "upsert_clips"),
+                        (LabelCollector, "result")):
+        with monkeypatch.context() as patched:
+            patched.setattr(owner, name, broken)
+            if name == "result":
+                patched.setattr(store, "_write_examples", slow_examples)
+            with pytest.raises(OSError, match="injected"):
+                _merge(corpus, halves, uri, halves["b"])
+        assert store.current_set("s", uri)["build_id"] == before["build_id"], name
+        assert sorted(states.iterdir()) == files, name
+    assert finished == [True]  # the merge raised only once its writer thread was done
     assert _merge(corpus, halves, uri, halves["b"])["merged"]
     rebuilt_uri = str(tmp_path / "rebuilt" / "lancedb")
     _build(corpus, halves, rebuilt_uri, halves["a"] + halves["b"])

@@ -307,12 +307,17 @@ def merge_into_feature_set(
     label_state = {k.removeprefix("labels."): v for k, v in arrays.items() if k.startswith("labels.")}
     old_labels = LabelCollector.from_state(label_state) if label_state else None
     known, skipped = set(old.clip_ids), []
+    build_id = store.new_build_id(set_id)
+    beside: dict[str, Any] = {}  # rows written in threads while the main thread mines and judges (see below)
 
     def new_clips():
         for clip_id, acts in clips_iter:
             if str(clip_id) in known:
                 skipped.append(str(clip_id))
                 continue
+            if "clips" not in beside and acts.shape[0] and manifest_df is not None and len(manifest_df):
+                # The batch's first new clip: its manifest rows are upserted while the batch is mined.
+                beside["clips"] = store.upsert_clips_beside(index_uri, manifest_df)
             yield clip_id, acts
 
     collector = None
@@ -331,9 +336,14 @@ def merge_into_feature_set(
                               after=old)  # no trace kept for a clip that cannot enter a list
     except MiningError:
         old.close()
+        store.settle(*beside.values())
         state_verified()
         reason = "every clip is already in the set" if skipped else "no clips with activations"
         return {**base, "n_new_clips": 0, "n_skipped_clips": len(skipped), "n_clips": old.n_clips, "reason": reason}
+    except BaseException:
+        old.close()
+        store.settle(*beside.values())
+        raise
     spills = []
     try:
         state_verified()
@@ -348,10 +358,13 @@ def merge_into_feature_set(
             row_refs = state_refs = None
         else:
             changed, lists, row_refs, state_refs = _referenced_examples(old, batch, merged, refs)
+            # The rewritten example rows do not depend on the labels: written in a thread while they are judged.
+            beside["examples"] = store.write_examples_beside(index_uri, build_id, set_id, merged.clip_ids,
+                                                             (changed, lists, row_refs), row)
         labels_state = old_labels.merge(collector) if collector is not None else old_labels
         # The merged state is complete: its file is written and hashed in a thread while the labels are judged and
         # the rows written (write_feature_set waits for it before the flip, and removes it if the build fails).
-        saving = store.save_state_beside(index_uri, set_id, _state_arrays(merged, labels_state, state_refs))
+        saving = store.save_state_beside(index_uri, set_id, _state_arrays(merged, labels_state, state_refs), build_id)
         try:
             labels = labels_state.result() if labels_state is not None else None
             decoder = row["vector_kind"] == "decoder"  # an SAE's decoder directions do not change: a shared table
@@ -365,7 +378,11 @@ def merge_into_feature_set(
             manifest=manifest_df, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
             sae_checkpoint=row["sae_checkpoint"], sae_sha256=row["sae_sha256"], shard_dir=row["shard_dir"],
             uri=index_uri, coverage=new_coverage, merge_state=saving, changed_examples=(changed, lists, row_refs),
-            carried_from=None if everything else row, vectors_table=row["vectors_table"] if decoder else None)
+            carried_from=None if everything else row, vectors_table=row["vectors_table"] if decoder else None,
+            clips_beside=beside.get("clips"), examples_beside=beside.get("examples"))
+    except BaseException:
+        store.settle(*beside.values())  # no write of this merge goes on after it failed (written rows: see store)
+        raise
     finally:
         for result in (old, batch):
             result.close()

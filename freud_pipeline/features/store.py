@@ -327,6 +327,16 @@ def beside(function: Callable[..., Any], *args: Any) -> concurrent.futures.Futur
         pool.shutdown(wait=False)
 
 
+def settle(*futures: concurrent.futures.Future | None) -> None:
+    """Wait for these writes of a build that failed, ignoring their own errors (the first error is the one raised)."""
+    for future in futures:
+        if future is not None:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - the build failed already
+                pass
+
+
 def upsert_clips(db, manifest: pd.DataFrame) -> None:
     """Manifest rows into `clips` (insert or replace by clip_id), then refresh its indexes."""
     frame = manifest.copy()
@@ -345,6 +355,38 @@ def upsert_clips(db, manifest: pd.DataFrame) -> None:
             _refresh_index(tbl, "transcript", FTS())
         except Exception as exc:  # FTS is native Lance (no tantivy) and works offline; query falls back to LIKE
             log.warning("no full-text index on clips.transcript (%s); search_clips will use LIKE", exc)
+
+
+def upsert_clips_beside(uri: str | None, manifest: pd.DataFrame) -> concurrent.futures.Future:
+    """`upsert_clips` in a thread, on a connection of its own: a merge starts it when its batch's first new clip
+    arrives, so that LanceDB writes the rows (without the GIL) while the batch is mined. Pass the future as
+    `write_feature_set(clips_beside=...)`, which waits for it before the flip."""
+    return beside(lambda: upsert_clips(connect(uri), manifest))
+
+
+def write_examples_beside(uri: str | None, build_id: str, set_id: str, clip_ids: list[str],
+                          changed_examples: tuple[dict[str, np.ndarray], dict[str, Any], Any],
+                          carried_from: dict[str, Any] | None, batch_features: int = 256) -> concurrent.futures.Future:
+    """The `examples` rows a merge rewrites (`write_feature_set`'s changed_examples and carried_from, for build
+    `build_id`) written in a thread, on a connection of its own, while the labels are judged: they do not depend
+    on them. Pass the future as `write_feature_set(examples_beside=...)` with the same changed_examples."""
+    def write() -> None:
+        written, lists, refs = changed_examples
+        carried = example_builds(carried_from) if carried_from is not None else []
+        _write_examples(connect(uri), build_id, set_id, clip_ids, lists, written, batch_features,
+                        None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})
+
+    return beside(write)
+
+
+def _write_examples(db, build_id: str, set_id: str, clip_ids: list[str], lists: dict[str, Any],
+                    written: dict[str, np.ndarray], batch_features: int, refs: dict[str, tuple] | None):
+    """Append a build's `examples` rows (`_example_batches`); returns the table."""
+    examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
+    if any(len(features) for features in written.values()):
+        examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(build_id, set_id, clip_ids, lists, written,
+                                                                 batch_features, refs)))
+    return examples
 
 
 @contextlib.contextmanager
@@ -399,6 +441,8 @@ def write_feature_set(
     changed_examples: tuple[dict[str, np.ndarray], dict[str, Any], Any] | None = None,
     carried_from: dict[str, Any] | None = None,
     vectors_table: str | None = None,
+    clips_beside: concurrent.futures.Future | None = None,
+    examples_beside: concurrent.futures.Future | None = None,
 ) -> dict[str, Any]:
     """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row.
     coverage: what the build covers (`features.coverage`); merge_state: arrays a later merge continues from
@@ -407,7 +451,10 @@ def write_feature_set(
     being features[sign][i], and refs; `mining`'s own lists then need no traces; refs as `_example_batches` takes them,
     positions in the carried chain, or None when the lists hold every trace) and `carried_from` (the pointer row of
     the build the other features' rows come from: see "Examples carried over"), and may pass the `vectors_table` of
-    that build to share when its vectors did not change (SAE decoder directions)."""
+    that build to share when its vectors did not change (SAE decoder directions). clips_beside / examples_beside:
+    those rows already being written in threads (`upsert_clips_beside`, `write_examples_beside` with the same
+    changed_examples and carried_from): waited for before the flip instead of written here; a failure of either
+    fails the build."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if mining.quantiles is None:
@@ -418,7 +465,7 @@ def write_feature_set(
     published = False
     try:
         db = connect(uri)
-        if manifest is not None and len(manifest):
+        if manifest is not None and len(manifest) and clips_beside is None:
             upsert_clips(db, manifest)
         # The state is written and hashed (both release the GIL) in a thread beside the build's rows, and is
         # complete before the flip; started after the clips' upsert, which it slowed from about 12 to 30-50 ms.
@@ -429,7 +476,6 @@ def write_feature_set(
         n_bottom = _kept_counts(mining.bottom, "-")
         features = _with_new_columns(open_or_create(db, FEATURES, FEATURES_SCHEMA), FEATURES_SCHEMA)
         features.add(_feature_rows(build_id, set_id, mining, labels, n_top, n_bottom))
-        examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
         refs, carried = None, []
         if changed_examples is None:
             written = {sign: np.arange(mining.n_features) for sign in SIGNS}
@@ -440,10 +486,12 @@ def write_feature_set(
             carried = example_builds(carried_from) if carried_from is not None else []
             any_written = any(len(features) for features in written.values())
             chain = [*carried, build_id] if any_written or not carried else carried
-        if any(len(features) for features in written.values()):
-            examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(
-                build_id, set_id, mining.clip_ids, lists, written, batch_features,
-                None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})))
+        if examples_beside is None:
+            examples = _write_examples(db, build_id, set_id, mining.clip_ids, lists, written, batch_features,
+                                       None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})
+        else:
+            examples_beside.result()
+            examples = db.open_table(EXAMPLES)
         if vectors_table is None:
             vectors = mining.signature if vectors is None else vectors
             vectors_table = vectors_table_name(build_id)
@@ -452,6 +500,8 @@ def write_feature_set(
             _refresh_index(tbl, "key", BTree())
             _refresh_index(tbl, "build_id", Bitmap())
 
+        if clips_beside is not None:
+            clips_beside.result()
         state_path, state_sha256 = state_saved.result() if state_saved is not None else (None, None)
         sets = _with_new_columns(open_or_create(db, FEATURE_SETS, FEATURE_SETS_SCHEMA), FEATURE_SETS_SCHEMA)
         current = sets.search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
@@ -479,8 +529,10 @@ def write_feature_set(
                        keep_vectors={vectors_table, *([previous["vectors_table"]] if previous else [])})
         return row
     except BaseException:
-        if state_saved is not None and not published:  # a build that failed before its flip leaves no state file
-            state_saved.discard()
+        if not published:
+            settle(clips_beside, examples_beside)  # no write of this build goes on after it failed
+            if state_saved is not None:  # a build that failed before its flip leaves no state file
+                state_saved.discard()
         raise
 
 
