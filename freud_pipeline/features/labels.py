@@ -663,33 +663,38 @@ class LabelCollector:
         recall = self._recall(members[:, chosen].T if names else np.zeros((n_features, n_phones), bool), threshold)
         out = {key: np.full(n_features, np.nan) for key in ("precision", "lift", "p", "base", "held")}
         label, kind, reason = [None] * n_features, [None] * n_features, [None] * n_features
-        for f in range(n_features):
-            c = chosen[f]
-            if artefact[f] is not None:
-                test = artefacts[artefact[f]]
-                k, q = test["k"][f], test["base"][f]
-                label[f], kind[f] = artefact[f], "artefact"
-                if artefact[f] == FIXED:
-                    label[f] = f"{FIXED} {int(test['mode'][f])}"
-                reason[f] = f"{k} of {n[f]} training peaks {_WHERE[artefact[f]]} (chance {q:.3f})"
-                out["precision"][f], out["base"][f], out["p"][f] = k / n[f], q, test["p"][f]
-                out["lift"][f] = k / n[f] / q if q > 0 else np.inf
-                out["held"][f] = test["held"][f] / n_held[f] if n_held[f] else np.nan
-            elif labelled[f]:
-                label[f], kind[f] = names[c], kinds[c]
-                what = names[c] + (f" ({'/'.join(sorted(PHONE_CLASSES[names[c]] & set(self.phones)))})"
-                                   if kinds[c] == "class" else "")
-                reason[f] = f"{hits[f, c]} of {n[f]} training peaks on {what} (base rate {base[c]:.3f})"
-                out["precision"][f], out["lift"][f], out["p"][f], out["base"][f] = \
-                    precision[f, c], lift[f, c], p[f, c], base[c]
-                out["held"][f] = held_k[f] / n_held[f] if n_held[f] else np.nan
-            elif at_edge[f]:
+        n_list = n.tolist()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for name, test in artefacts.items():
+                rows = np.flatnonzero(artefact == name)
+                k, q = test["k"][rows], test["base"][rows]
+                out["precision"][rows], out["base"][rows], out["p"][rows] = k / n[rows], q, test["p"][rows]
+                out["lift"][rows] = np.where(q > 0, k / n[rows] / q, np.inf)
+                out["held"][rows] = np.where(n_held[rows] > 0, test["held"][rows] / n_held[rows], np.nan)
+                modes = test["mode"][rows].tolist()
+                for f, k_f, q_f, mode in zip(rows.tolist(), k.tolist(), q.tolist(), modes):
+                    label[f], kind[f] = (f"{FIXED} {int(mode)}" if name == FIXED else name), "artefact"
+                    reason[f] = f"{k_f} of {n_list[f]} training peaks {_WHERE[name]} (chance {q_f:.3f})"
+            rows = np.flatnonzero(labelled & (artefact == None))  # noqa: E711 - elementwise on an object array
+            c = chosen[rows]
+            out["precision"][rows], out["lift"][rows], out["p"][rows], out["base"][rows] = \
+                precision[rows, c], lift[rows, c], p[rows, c], base[c]
+            out["held"][rows] = np.where(n_held[rows] > 0, held_k[rows] / n_held[rows], np.nan)
+        phones_of = {name: f" ({'/'.join(sorted(PHONE_CLASSES[name] & set(self.phones)))})"
+                     for name, what in zip(names, kinds) if what == "class"}
+        for f, c_f, hits_f in zip(rows.tolist(), c.tolist(), hits[rows, c].tolist()):
+            label[f], kind[f] = names[c_f], kinds[c_f]
+            reason[f] = (f"{hits_f} of {n_list[f]} training peaks on {names[c_f]}{phones_of.get(names[c_f], '')} "
+                         f"(base rate {base[c_f]:.3f})")
+        rest = np.flatnonzero((artefact == None) & ~labelled)  # noqa: E711
+        for f, c_f in zip(rest.tolist(), chosen[rest].tolist()):
+            if at_edge[f]:
                 reason[f] = "half or more of its training peaks sit at a clip's first or last 100 ms"
-            elif n[f] < MIN_SUPPORT:
-                reason[f] = f"only {n[f]} training peak(s) above the fire threshold (needs {MIN_SUPPORT})"
+            elif n_list[f] < MIN_SUPPORT:
+                reason[f] = f"only {n_list[f]} training peak(s) above the fire threshold (needs {MIN_SUPPORT})"
             elif names:
-                reason[f] = (f"no phone or class clearly above chance (best: {names[c]}, precision "
-                             f"{precision[f, c]:.2f}, lift {lift[f, c]:.1f}, p {p[f, c]:.2g})")
+                reason[f] = (f"no phone or class clearly above chance (best: {names[c_f]}, precision "
+                             f"{precision[f, c_f]:.2f}, lift {lift[f, c_f]:.1f}, p {p[f, c_f]:.2g})")
         is_label = np.array([k in ("phone", "class") for k in kind], bool)
         recall = np.where(is_label, recall, np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -827,11 +832,18 @@ def p_values(k: np.ndarray, n: np.ndarray, q: np.ndarray, tested: int) -> np.nda
 
 def _kl_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """KL(Bernoulli(p) || Bernoulli(q)) in bits, 0 log 0 = 0."""
-    p, q = np.broadcast_arrays(p, np.clip(q, 1e-12, 1 - 1e-12))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        inside = np.where(p > 0, p * np.log2(p / q), 0.0)
-        outside = np.where(p < 1, (1 - p) * np.log2((1 - p) / (1 - q)), 0.0)
-    return inside + outside
+    p, q = np.asarray(p, np.float64), np.clip(q, 1e-12, 1 - 1e-12)
+    with np.errstate(invalid="ignore", divide="ignore"):  # in place: [features, candidates] temporaries add up
+        inside = np.divide(p, q)
+        np.log2(inside, out=inside)
+        np.multiply(p, inside, out=inside)
+        inside[~(p > 0)] = 0.0
+        rest = np.subtract(1, p)
+        outside = np.divide(rest, 1 - q)
+        np.log2(outside, out=outside)
+        np.multiply(rest, outside, out=outside)
+        outside[~(rest > 0)] = 0.0  # p < 1
+    return np.add(inside, outside, out=inside)
 
 
 def _row_modes(values: np.ndarray, block: int = 1024) -> np.ndarray:
