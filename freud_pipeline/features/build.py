@@ -298,7 +298,8 @@ def merge_into_feature_set(
     held-out rule and merged with the set's label state. `coverage_entries` are added to the set's coverage.
     Returns a summary like `build_feature_set`'s plus n_clips_before, n_new_clips, n_skipped_clips, merged."""
     started = time.monotonic()
-    row = store.current_set(set_id, index_uri)
+    db = store.connect(index_uri)
+    row = store.current_set(set_id, index_uri, db)
     if row is None:
         raise MiningError(f"no feature set {set_id!r} in {index_uri or store.lancedb_uri()} to merge into; build it "
                           "first")
@@ -379,7 +380,7 @@ def merge_into_feature_set(
             sae_checkpoint=row["sae_checkpoint"], sae_sha256=row["sae_sha256"], shard_dir=row["shard_dir"],
             uri=index_uri, coverage=new_coverage, merge_state=saving, changed_examples=(changed, lists, row_refs),
             carried_from=None if everything else row, vectors_table=row["vectors_table"] if decoder else None,
-            clips_beside=beside.get("clips"), examples_beside=beside.get("examples"))
+            clips_beside=beside.get("clips"), examples_beside=beside.get("examples"), db=db)
     except BaseException:
         store.settle(*beside.values())  # no write of this merge goes on after it failed (written rows: see store)
         raise

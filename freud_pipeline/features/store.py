@@ -368,24 +368,31 @@ def write_examples_beside(uri: str | None, build_id: str, set_id: str, clip_ids:
                           changed_examples: tuple[dict[str, np.ndarray], dict[str, Any], Any],
                           carried_from: dict[str, Any] | None, batch_features: int = 256) -> concurrent.futures.Future:
     """The `examples` rows a merge rewrites (`write_feature_set`'s changed_examples and carried_from, for build
-    `build_id`) written in a thread, on a connection of its own, while the labels are judged: they do not depend
-    on them. Pass the future as `write_feature_set(examples_beside=...)` with the same changed_examples."""
-    def write() -> None:
-        written, lists, refs = changed_examples
-        carried = example_builds(carried_from) if carried_from is not None else []
-        _write_examples(connect(uri), build_id, set_id, clip_ids, lists, written, batch_features,
-                        None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})
+    `build_id`) made here and written by LanceDB in a thread, on a connection of its own, while the labels are
+    judged: they do not depend on them. (Made here, not in the thread: making them is Python work, which the
+    thread would do only in turns with the caller's, holding the GIL.) Pass the future as
+    `write_feature_set(examples_beside=...)` with the same changed_examples."""
+    written, lists, refs = changed_examples
+    carried = example_builds(carried_from) if carried_from is not None else []
+    rows = _example_rows(build_id, set_id, clip_ids, lists, written, batch_features,
+                         None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})
+    return beside(lambda: _write_examples(connect(uri), rows))
 
-    return beside(write)
+
+def _example_rows(build_id: str, set_id: str, clip_ids: list[str], lists: dict[str, Any],
+                  written: dict[str, np.ndarray], batch_features: int, refs: dict[str, tuple] | None):
+    """A build's `examples` rows (`_example_batches`, `_buffered`), or None when it rewrites none."""
+    if not any(len(features) for features in written.values()):
+        return None
+    return _buffered(EXAMPLES_SCHEMA, _example_batches(build_id, set_id, clip_ids, lists, written, batch_features,
+                                                       refs))
 
 
-def _write_examples(db, build_id: str, set_id: str, clip_ids: list[str], lists: dict[str, Any],
-                    written: dict[str, np.ndarray], batch_features: int, refs: dict[str, tuple] | None):
-    """Append a build's `examples` rows (`_example_batches`); returns the table."""
+def _write_examples(db, rows: pa.Table | pa.RecordBatchReader | None):
+    """Append `_example_rows` to `examples`; returns the table."""
     examples = _with_new_columns(open_or_create(db, EXAMPLES, EXAMPLES_SCHEMA), EXAMPLES_SCHEMA)
-    if any(len(features) for features in written.values()):
-        examples.add(_buffered(EXAMPLES_SCHEMA, _example_batches(build_id, set_id, clip_ids, lists, written,
-                                                                 batch_features, refs)))
+    if rows is not None:
+        examples.add(rows)
     return examples
 
 
@@ -443,6 +450,7 @@ def write_feature_set(
     vectors_table: str | None = None,
     clips_beside: concurrent.futures.Future | None = None,
     examples_beside: concurrent.futures.Future | None = None,
+    db=None,
 ) -> dict[str, Any]:
     """Write a whole build of `set_id`, then point the set at it. Returns the new feature_sets row.
     coverage: what the build covers (`features.coverage`); merge_state: arrays a later merge continues from
@@ -454,7 +462,7 @@ def write_feature_set(
     that build to share when its vectors did not change (SAE decoder directions). clips_beside / examples_beside:
     those rows already being written in threads (`upsert_clips_beside`, `write_examples_beside` with the same
     changed_examples and carried_from): waited for before the flip instead of written here; a failure of either
-    fails the build."""
+    fails the build. db: a connection to `uri` to use (a merge's, opened when it read the set)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if mining.quantiles is None:
@@ -464,7 +472,7 @@ def write_feature_set(
     build_id = state_saved.build_id if state_saved else new_build_id(set_id)
     published = False
     try:
-        db = connect(uri)
+        db = db if db is not None else connect(uri)
         if manifest is not None and len(manifest) and clips_beside is None:
             upsert_clips(db, manifest)
         # The state is written and hashed (both release the GIL) in a thread beside the build's rows, and is
@@ -487,8 +495,9 @@ def write_feature_set(
             any_written = any(len(features) for features in written.values())
             chain = [*carried, build_id] if any_written or not carried else carried
         if examples_beside is None:
-            examples = _write_examples(db, build_id, set_id, mining.clip_ids, lists, written, batch_features,
-                                       None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})
+            examples = _write_examples(db, _example_rows(
+                build_id, set_id, mining.clip_ids, lists, written, batch_features,
+                None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS}))
         else:
             examples_beside.result()
             examples = db.open_table(EXAMPLES)
@@ -865,9 +874,9 @@ class StateError(RuntimeError):
     """A feature set that cannot be merged into (no state, or a state that fails verification)."""
 
 
-def current_set(set_id: str, uri: str | None = None) -> dict[str, Any] | None:
-    """The pointer row of `set_id`, or None."""
-    db = connect(uri)
+def current_set(set_id: str, uri: str | None = None, db=None) -> dict[str, Any] | None:
+    """The pointer row of `set_id`, or None (db: a connection to `uri` to use)."""
+    db = db if db is not None else connect(uri)
     if FEATURE_SETS not in table_names(db):
         return None
     rows = db.open_table(FEATURE_SETS).search().where(f"set_id = {sql_str(set_id)}").limit(1).to_list()
