@@ -143,12 +143,19 @@ def test_merging_the_same_clips_again_changes_nothing(corpus, halves, tmp_path):
     assert check_coverage(uri, "s").passed
 
 
+def _rows_and_tables(uri: str) -> tuple:
+    db = store.connect(uri)
+    return ({name: db.open_table(name).count_rows() for name in (store.FEATURES, store.EXAMPLES)},
+            sorted(store.table_names(db)))
+
+
 def test_a_merge_that_fails_before_its_flip_leaves_the_set_and_no_stray_state(corpus, halves, tmp_path,
                                                                               monkeypatch):
     """The merged state is saved, the batch's clips upserted and the rewritten example rows written in threads
     while the batch is mined, the labels judged and the other rows written; when the build fails before the pointer
     flips (the vectors table, the examples or the clips cannot be written, or judging the labels fails), the merge
-    raises that error once its threads are done, the set stays on its build and the new state file is removed.
+    raises that error once its threads are done, the set stays on its build, and the rows, vectors table and state
+    file of the failed build are removed.
     Merging again then succeeds and equals the rebuild."""
     from freud_pipeline.features.build import LabelCollector
 
@@ -157,6 +164,7 @@ def test_a_merge_that_fails_before_its_flip_leaves_the_set_and_no_stray_state(co
     before = store.current_set("s", uri)
     states = Path(store.state_dir(uri))
     files = sorted(states.iterdir())
+    rows_and_tables = _rows_and_tables(uri)
 
     def broken(*args, **kwargs):
         raise OSError("disk full (injected)")
@@ -178,6 +186,7 @@ def test_a_merge_that_fails_before_its_flip_leaves_the_set_and_no_stray_state(co
                 _merge(corpus, halves, uri, halves["b"])
         assert store.current_set("s", uri)["build_id"] == before["build_id"], name
         assert sorted(states.iterdir()) == files, name
+        assert _rows_and_tables(uri) == rows_and_tables, name  # no row or vectors table of the failed build
     assert finished == [True]  # the merge raised only once its writer thread was done
     assert _merge(corpus, halves, uri, halves["b"])["merged"]
     rebuilt_uri = str(tmp_path / "rebuilt" / "lancedb")

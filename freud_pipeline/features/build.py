@@ -382,7 +382,9 @@ def merge_into_feature_set(
             carried_from=None if everything else row, vectors_table=row["vectors_table"] if decoder else None,
             clips_beside=beside.get("clips"), examples_beside=beside.get("examples"), db=db)
     except BaseException:
-        store.settle(*beside.values())  # no write of this merge goes on after it failed (written rows: see store)
+        store.settle(*beside.values())  # no write of this merge goes on after it failed
+        if "examples" in beside:  # nor any row of it (write_feature_set removes its rows if it failed itself)
+            store.discard_rows(index_uri, build_id, db)
         raise
     finally:
         for result in (old, batch):

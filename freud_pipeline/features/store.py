@@ -337,6 +337,22 @@ def settle(*futures: concurrent.futures.Future | None) -> None:
                 pass
 
 
+def discard_rows(uri: str | None, build_id: str, db=None) -> None:
+    """Remove what a build that will not be published wrote (its features and examples rows, its vectors table),
+    as far as the index lets it: the build failed already, so an error here is only logged. Rows left behind are
+    never pointed at, and a later build's `_delete_builds` removes their features rows."""
+    try:
+        db = db if db is not None else connect(uri)
+        existing = table_names(db)
+        for name in (FEATURES, EXAMPLES):
+            if name in existing:
+                db.open_table(name).delete(f"build_id = {sql_str(build_id)}")
+        if vectors_table_name(build_id) in existing:
+            db.drop_table(vectors_table_name(build_id))
+    except Exception as exc:  # noqa: BLE001 - the build failed already; its error is the one raised
+        log.warning("could not remove the rows of failed build %s: %s", build_id, exc)
+
+
 def upsert_clips(db, manifest: pd.DataFrame) -> None:
     """Manifest rows into `clips` (insert or replace by clip_id), then refresh its indexes."""
     frame = manifest.copy()
@@ -540,7 +556,8 @@ def write_feature_set(
     except BaseException:
         if not published:
             settle(clips_beside, examples_beside)  # no write of this build goes on after it failed
-            if state_saved is not None:  # a build that failed before its flip leaves no state file
+            discard_rows(uri, build_id, db)  # nor any row or file of it
+            if state_saved is not None:
                 state_saved.discard()
         raise
 
