@@ -13,8 +13,8 @@ took 2 ms; the linker's list 0.4 ms)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import ctypes
+import functools
 import os
 import threading
 from typing import Callable, Iterator
@@ -92,8 +92,9 @@ _VISIT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_ObjectInfo), ctypes.c_si
 
 
 def _loaded_libraries(part: str = "") -> set[str]:
-    """Real paths of the shared objects loaded in this process whose file name contains `part`, from the dynamic linker's list (dl_iterate_phdr,
-    as threadpoolctl finds them, without building a controller for each); empty where there is no such call."""
+    """Real paths of the shared objects loaded in this process whose file name contains `part`, from the dynamic
+    linker's list (dl_iterate_phdr, as threadpoolctl finds them, without building a controller for each); empty
+    where there is no such call."""
     try:
         iterate = ctypes.CDLL(None).dl_iterate_phdr
     except (OSError, AttributeError):

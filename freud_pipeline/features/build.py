@@ -345,7 +345,7 @@ def merge_into_feature_set(
         old.close()
         store.settle(*beside.values())
         raise
-    spills = []
+    spills, handed_over = [], False
     try:
         state_verified()
         # Ranked without traces: only the features whose lists took a new clip get new example rows, holding the
@@ -374,6 +374,7 @@ def merge_into_feature_set(
         except BaseException:
             saving.discard()
             raise
+        handed_over = True
         written = store.write_feature_set(
             set_id=set_id, model=row["model"], hook=row["hook"], kind=row["kind"], mining=merged, labels=labels,
             manifest=manifest_df, vector_kind=row["vector_kind"], sae_run_id=row["sae_run_id"],
@@ -382,9 +383,10 @@ def merge_into_feature_set(
             carried_from=None if everything else row, vectors_table=row["vectors_table"] if decoder else None,
             clips_beside=beside.get("clips"), examples_beside=beside.get("examples"), db=db)
     except BaseException:
-        store.settle(*beside.values())  # no write of this merge goes on after it failed
-        if "examples" in beside:  # nor any row of it (write_feature_set removes its rows if it failed itself)
-            store.discard_rows(index_uri, build_id, db)
+        if not handed_over:  # (write_feature_set settles and discards what it was given itself)
+            store.settle(*beside.values())  # no write of this merge goes on after it failed
+            if "examples" in beside:  # nor any row of it
+                store.discard_rows(index_uri, build_id, db)
         raise
     finally:
         for result in (old, batch):

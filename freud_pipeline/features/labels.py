@@ -186,6 +186,8 @@ class _Peaks:
 
     FIELDS = ("peak", "order", "phone", "word", "frame", "from_end", "loud")
     EMPTY = np.iinfo(np.int64).max  # the clip order of an empty slot: last
+    DTYPES = {"peak": np.float32, "order": np.int64, "phone": np.int32, "word": np.int32, "frame": np.int32,
+              "from_end": np.int32, "loud": bool}
 
     def __init__(self, n_features: int, k: int):
         self.peak = np.full((n_features, k), -np.inf, self.DTYPES["peak"])
@@ -197,9 +199,6 @@ class _Peaks:
         self.loud = np.zeros((n_features, k), self.DTYPES["loud"])
         self.weakest = np.full(n_features, -np.inf, np.float32)
         self.weakest_slot = np.zeros(n_features, np.int64)
-
-    DTYPES = {"peak": np.float32, "order": np.int64, "phone": np.int32, "word": np.int32, "frame": np.int32,
-              "from_end": np.int32, "loud": bool}
 
     @classmethod
     def of(cls, *, copy: bool = True, **fields: np.ndarray) -> _Peaks:
@@ -832,7 +831,8 @@ def p_values(k: np.ndarray, n: np.ndarray, q: np.ndarray, tested: int) -> np.nda
 
 def _kl_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """KL(Bernoulli(p) || Bernoulli(q)) in bits, 0 log 0 = 0."""
-    p, q = np.asarray(p, np.float64), np.clip(q, 1e-12, 1 - 1e-12)
+    q = np.clip(q, 1e-12, 1 - 1e-12)
+    p = np.broadcast_to(np.asarray(p, np.float64), np.broadcast_shapes(np.shape(p), q.shape))
     with np.errstate(invalid="ignore", divide="ignore"):  # in place: [features, candidates] temporaries add up
         inside = np.divide(p, q)
         np.log2(inside, out=inside)

@@ -840,9 +840,9 @@ def merge_mining(a: MiningResult, b: MiningResult, *, trace_ram_bytes: int = 2 <
     mine_features (or merge_mining) with the same parameters and no clip in common. Traces are as wide as the
     wider input's; a memory-mapped temp file beyond trace_ram_bytes, like mine_features. traces=False ranks
     without them (the result's lists have traces [F, K, 0]): enough to see which features' lists took one of b's
-    clips (`clip_index >= len(a.clip_ids)`), whose traces `merge_lists` then merges alone. into_b: the sums and histograms are
-    added into b's arrays (a batch's, not used again: memory in use already, where fresh memory costs a page fault
-    per 4 KB).
+    clips (`clip_index >= len(a.clip_ids)`), whose traces `merge_lists` then merges alone. into_b: the sums and
+    histograms are added into b's arrays (a batch's, not used again: memory in use already, where fresh memory costs
+    a page fault per 4 KB).
     """
     sa, sb = a.state, b.state
     if sa is None or sb is None:

@@ -389,19 +389,24 @@ def write_examples_beside(uri: str | None, build_id: str, set_id: str, clip_ids:
     thread would do only in turns with the caller's, holding the GIL.) Pass the future as
     `write_feature_set(examples_beside=...)` with the same changed_examples."""
     written, lists, refs = changed_examples
-    carried = example_builds(carried_from) if carried_from is not None else []
-    rows = _example_rows(build_id, set_id, clip_ids, lists, written, batch_features,
-                         None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS})
+    rows = _example_rows(build_id, set_id, clip_ids, lists, written, batch_features, refs, _carried(carried_from))
     return beside(lambda: _write_examples(connect(uri), rows))
 
 
+def _carried(carried_from: dict[str, Any] | None) -> list[str]:
+    """The builds whose example rows a merged build reads (`example_builds` of the row it merged into)."""
+    return example_builds(carried_from) if carried_from is not None else []
+
+
 def _example_rows(build_id: str, set_id: str, clip_ids: list[str], lists: dict[str, Any],
-                  written: dict[str, np.ndarray], batch_features: int, refs: dict[str, tuple] | None):
-    """A build's `examples` rows (`_example_batches`, `_buffered`), or None when it rewrites none."""
+                  written: dict[str, np.ndarray], batch_features: int, refs: Any, carried: list[str]):
+    """A build's `examples` rows (`_example_batches`, `_buffered`; refs per sign as a merge gives them, positions in
+    `carried`, or None), or None when it rewrites none."""
     if not any(len(features) for features in written.values()):
         return None
+    chained = None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS}
     return _buffered(EXAMPLES_SCHEMA, _example_batches(build_id, set_id, clip_ids, lists, written, batch_features,
-                                                       refs))
+                                                       chained))
 
 
 def _write_examples(db, rows: pa.Table | pa.RecordBatchReader | None):
@@ -507,13 +512,12 @@ def write_feature_set(
             chain = [build_id]
         else:
             written, lists, refs = changed_examples
-            carried = example_builds(carried_from) if carried_from is not None else []
+            carried = _carried(carried_from)
             any_written = any(len(features) for features in written.values())
             chain = [*carried, build_id] if any_written or not carried else carried
         if examples_beside is None:
-            examples = _write_examples(db, _example_rows(
-                build_id, set_id, mining.clip_ids, lists, written, batch_features,
-                None if refs is None else {sign: (carried, *refs[sign]) for sign in SIGNS}))
+            examples = _write_examples(db, _example_rows(build_id, set_id, mining.clip_ids, lists, written,
+                                                         batch_features, refs, carried))
         else:
             examples_beside.result()
             examples = db.open_table(EXAMPLES)
